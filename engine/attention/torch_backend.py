@@ -1,0 +1,147 @@
+"""Paged attention in plain torch: the reference for every other backend, and the CPU path.
+
+The functional ops below are what kernels in other backends must match, argument for
+argument (see ``engine.attention.base`` for shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+
+
+def write_kv_slots(
+    kv_layer: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_block_ids: torch.Tensor,
+    slot_offsets: torch.Tensor,
+) -> None:
+    """kv_layer[b, 0, o] = key[i]; kv_layer[b, 1, o] = value[i] for each token i."""
+    kv_layer[slot_block_ids, 0, slot_offsets] = key.to(kv_layer.dtype)
+    kv_layer[slot_block_ids, 1, slot_offsets] = value.to(kv_layer.dtype)
+
+
+def gather_context(
+    kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[seq_len, num_kv_heads, head_dim]`` of one sequence."""
+    block_size = kv_layer.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_layer[block_table[:num_blocks].long()]  # [n, 2, bs, H, D]
+    key = blocks[:, 0].flatten(0, 1)[:seq_len]
+    value = blocks[:, 1].flatten(0, 1)[:seq_len]
+    return key, value
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: ``query`` [B, Hq, D] over each sequence's first
+    ``seq_lens[b]`` cached tokens -> [B, Hq, D]."""
+    batch, _, head_dim = query.shape
+    if batch == 0:
+        return query.new_empty(query.shape)
+    block_size = kv_layer.shape[2]
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    max_blocks = (max_seq_len + block_size - 1) // block_size
+    blocks = kv_layer[block_tables[:, :max_blocks].long()]  # [B, M, 2, bs, H, D]
+    key = blocks[:, :, 0].flatten(1, 2).transpose(1, 2)  # [B, H, T, D]
+    value = blocks[:, :, 1].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(key.shape[2], device=query.device)
+    mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2).to(key.dtype),
+        key,
+        value,
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2).to(query.dtype)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    query_lens_cpu: list[int] | None = None,
+    seq_lens_cpu: list[int] | None = None,
+) -> torch.Tensor:
+    """Chunks of new tokens over cached context: sequence ``i``'s queries
+    ``query[query_start_loc[i]:query_start_loc[i+1]]`` are the LAST tokens of its
+    ``seq_lens[i]``-token context, attending causally -> same shape as ``query``."""
+    if query_lens_cpu is None:
+        query_lens_cpu = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    if seq_lens_cpu is None:
+        seq_lens_cpu = seq_lens.tolist()
+    out = torch.empty_like(query)
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(query_lens_cpu, seq_lens_cpu, strict=True)):
+        key, value = gather_context(kv_layer, block_tables[i], seq_len)
+        q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, q, D]
+        k = key.transpose(0, 1).unsqueeze(0)
+        v = value.transpose(0, 1).unsqueeze(0)
+        if q_len == seq_len:
+            o = F.scaled_dot_product_attention(
+                q.to(k.dtype), k, v, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            # Query j sits at absolute position seq_len - q_len + j.
+            rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
+            cols = torch.arange(seq_len, device=query.device)[None, :]
+            o = F.scaled_dot_product_attention(
+                q.to(k.dtype), k, v, attn_mask=cols <= rows, scale=scale, enable_gqa=True
+            )
+        out[start : start + q_len] = o[0].transpose(0, 1).to(query.dtype)
+        start += q_len
+    return out
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference backend: gathers blocks with torch indexing and calls SDPA."""
+
+    name = "torch"
+
+    def write_kv(
+        self, kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        write_kv_slots(kv_layer, key, value, meta.slot_block_ids, meta.slot_offsets)
+
+    def attend(
+        self, query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        n_dec = meta.num_decodes
+        if meta.num_prefills == 0:
+            return paged_decode_attention(
+                query, kv_layer, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                meta.max_decode_seq_len or None,
+            )
+        out = torch.empty_like(query)
+        if n_dec:
+            out[:n_dec] = paged_decode_attention(
+                query[:n_dec], kv_layer, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                meta.max_decode_seq_len or None,
+            )
+        out[n_dec:] = paged_prefill_attention(
+            query[n_dec:],
+            kv_layer,
+            meta.prefill_query_start_loc,
+            meta.prefill_seq_lens,
+            meta.prefill_block_tables,
+            scale,
+            meta.prefill_query_lens_cpu,
+            meta.prefill_seq_lens_cpu,
+        )
+        return out

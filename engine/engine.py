@@ -1,0 +1,455 @@
+"""The engine step loop (schedule -> run -> sample -> apply) and the offline ``LLM`` API.
+
+``Engine`` is what workers drive: ``add_request``, ``step``, ``abort``, plus the two hooks
+of disaggregated serving. Prefill role: ``add_request(..., prefill_only=True)`` stops after
+the first token and keeps the request's blocks referenced (their ids are in the outputs)
+until ``release``. Decode role: ``reserve`` allocates blocks for a prompt whose KV will be
+written from outside, and ``commit_kv`` admits it, with its first token, into the decode
+batch. Not thread-safe: one thread owns an engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import get_attention_backend
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig, KVCacheSpec, ModelConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.kv_events import KVEvent
+from engine.model.builtin import resolve_model
+from engine.model.loader import load_model, load_model_config
+from engine.outputs import RequestMetrics, RequestOutput, StopChecker
+from engine.runner import ModelRunner
+from engine.sampling import Sampler, SamplingParams, TokenLogprobs
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Upper bound on auto-sized caches: the blocks all running sequences could use, twice over
+# (the rest keeps prefixes cached).
+_AUTO_BLOCKS_HEADROOM = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Blocks reserved for a prompt whose KV arrives from outside. The first
+    ``num_cached_tokens`` tokens' KV is already in this engine's cache: only blocks from
+    index ``num_cached_tokens // block_size`` on need writing."""
+
+    request_id: str
+    block_ids: list[int]
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_awaiting_kv: int
+    num_prefilled_held: int
+    num_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    prefill_tokens_computed: int
+    num_preemptions: int
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    seq: Sequence
+    stop: StopChecker
+    metrics: RequestMetrics
+    reported_tokens: int = 0
+    reported_logprobs: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return device
+
+
+class Engine:
+    """One model, one KV cache, one scheduler."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.config = config
+        self.device = resolve_device(config.device)
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = dtype
+        self.model_path = resolve_model(config.model)
+        self.model_config: ModelConfig = load_model_config(self.model_path)
+        self.model = load_model(self.model_path, dtype, self.device)
+        self.tokenizer = Tokenizer(self.model_path) if config.detokenize else None
+        mc = self.model_config
+        self.kv_spec = KVCacheSpec(
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=config.cache.block_size,
+            dtype=dtype,
+        )
+        sched = config.scheduler
+        model_len = min(sched.max_model_len or mc.max_position_embeddings,
+                        mc.max_position_embeddings)
+        num_blocks = config.cache.num_blocks or self._auto_num_blocks(model_len)
+        self.num_blocks = num_blocks
+        self.max_model_len = min(model_len, num_blocks * config.cache.block_size)
+        self.pool = BlockPool(num_blocks, config.cache.block_size,
+                              config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(sched, self.kv)
+        backend = get_attention_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device, backend)
+        self.sampler = Sampler()
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self._requests: dict[str, _Request] = {}
+        self._order = itertools.count()
+        self.num_preemptions = 0
+        logger.info(
+            "engine ready: %s %s on %s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
+            mc.architecture, dtype, self.device, num_blocks, self.kv_spec.block_size,
+            num_blocks * self.kv_spec.block_bytes / 2**20, backend.name,
+        )
+
+    def _auto_num_blocks(self, model_len: int) -> int:
+        cache = self.config.cache
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.memory_fraction)
+        else:
+            budget = cache.cpu_cache_bytes
+        by_memory = budget // self.kv_spec.block_bytes
+        per_seq = -(-model_len // cache.block_size)
+        useful = per_seq * self.config.scheduler.max_num_seqs * _AUTO_BLOCKS_HEADROOM
+        num = min(by_memory, useful)
+        if num < per_seq:
+            raise ValueError(
+                f"KV cache of {budget} bytes holds {by_memory} blocks; one sequence of "
+                f"{model_len} tokens needs {per_seq}"
+            )
+        return int(num)
+
+    # ------------------------------------------------------------------ requests
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams,
+        prefill_only: bool,
+        arrival_time: float | None,
+    ) -> Sequence:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (detokenize=True)")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens; the model's length is {self.max_model_len}, "
+                "which leaves no room for output"
+            )
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        elif n + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"length of {self.max_model_len} tokens"
+            )
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            arrival_order=next(self._order),
+            prefill_only=prefill_only,
+        )
+        seq.max_len = n + (1 if prefill_only else max_tokens)
+        detok = None
+        if self.tokenizer is not None and not prefill_only:
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids)
+        self._requests[request_id] = _Request(
+            seq, StopChecker(seq, detok, self.eos_token_ids), RequestMetrics(seq.arrival_time)
+        )
+        return seq
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        *,
+        prefill_only: bool = False,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Bad input raises ``ValueError`` with the reason.
+
+        ``prefill_only``: compute the prompt's KV and the first token, then hold the blocks
+        (status PREFILLED) until ``release``."""
+        seq = self._new_sequence(request_id, prompt, params or SamplingParams(), prefill_only,
+                                 arrival_time)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free all it holds. False if unknown."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        seq = req.seq
+        self.scheduler.remove(seq)
+        self.kv.free(seq)
+        self.sampler.forget(request_id)
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_reason is None:
+            seq.finish_reason = FinishReason.ABORT
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """Free a prefilled request's blocks (prefill role, after its KV was sent)."""
+        return self.abort(request_id)
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+    ) -> Reservation | None:
+        """Decode role: reserve blocks for a prompt whose KV will be written from outside,
+        reusing this engine's own cached prefix blocks. None if the blocks are not free now
+        (the caller queues or refuses); ValueError for bad input."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, False, None)
+        prefix = self.kv.match_prefix(seq)
+        n = seq.num_tokens
+        if not self.kv.allocate(seq, n - prefix.num_tokens, prefix):
+            del self._requests[request_id]
+            return None
+        seq.status = SequenceStatus.AWAITING_KV
+        seq.num_computed_tokens = prefix.num_tokens
+        seq.num_cached_tokens = prefix.num_tokens
+        self.kv.record_lookup(n, prefix.num_tokens)
+        return Reservation(request_id, list(seq.block_ids), prefix.num_tokens)
+
+    def commit_kv(
+        self, request_id: str, first_token_id: int, first_logprobs: TokenLogprobs | None = None
+    ) -> RequestOutput:
+        """Decode role: every reserved block now holds the prompt's KV; admit the request
+        with the first token sampled by the prefill side. Returns the first output."""
+        req = self._requests.get(request_id)
+        if req is None or req.seq.status is not SequenceStatus.AWAITING_KV:
+            raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
+        seq = req.seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.kv.cache_computed_blocks(seq)
+        self.sampler.skip_draw(request_id, seq.params, self.device,
+                               self.model_config.vocab_size)
+        seq.status = SequenceStatus.RUNNING
+        finished = self._append(req, first_token_id, first_logprobs)
+        if not finished:
+            self.scheduler.add_running(seq)
+        return self._output(req, finished)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ------------------------------------------------------------------ step loop
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that got a new
+        token or finished (prefill-only requests also report chunk progress)."""
+        batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
+        if batch.is_empty:
+            return []
+        now = time.monotonic()
+        for seq, _ in batch.prefills:
+            metrics = self._requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        result = self.runner.execute(batch)
+        for seq in batch.decodes:
+            seq.num_computed_tokens += 1
+            if seq.num_computed_tokens % self.kv.block_size == 0:
+                self.kv.cache_computed_blocks(seq)
+        for seq, n in batch.prefills:
+            seq.num_computed_tokens += n
+            self.kv.cache_computed_blocks(seq)
+        outputs: list[RequestOutput] = []
+        if result.sampled:
+            tokens, logprobs = self.sampler.sample(
+                result.logits,
+                [s.request_id for s in result.sampled],
+                [s.params for s in result.sampled],
+            )
+            for seq, tok, lp in zip(result.sampled, tokens, logprobs, strict=True):
+                req = self._requests[seq.request_id]
+                finished = self._append(req, tok, lp)
+                outputs.append(self._output(req, finished))
+        sampled = set(map(id, result.sampled))
+        for seq, _ in batch.prefills:
+            if seq.prefill_only and id(seq) not in sampled:
+                outputs.append(self._output(self._requests[seq.request_id], False))
+        return outputs
+
+    def _append(self, req: _Request, token_id: int, lp: TokenLogprobs | None) -> bool:
+        """Add a sampled token; apply stop rules; on finish, free or hold the blocks."""
+        seq = req.seq
+        seq.token_ids.append(token_id)
+        if lp is not None:
+            seq.output_logprobs.append(lp)
+        now = time.monotonic()
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        if seq.prefill_only:
+            seq.finish_reason = FinishReason.PREFILL_DONE
+        elif not req.stop.append(token_id):
+            return False
+        self.scheduler.remove(seq)
+        req.metrics.finished_time = now
+        if seq.prefill_only:
+            seq.status = SequenceStatus.PREFILLED  # blocks stay held until release()
+        else:
+            seq.status = SequenceStatus.FINISHED
+            self.kv.free(seq)
+            self.sampler.forget(seq.request_id)
+        return True
+
+    def _output(self, req: _Request, finished: bool) -> RequestOutput:
+        seq = req.seq
+        new_tokens = seq.output_token_ids[req.reported_tokens :]
+        req.reported_tokens = seq.num_output_tokens
+        new_lps = seq.output_logprobs[req.reported_logprobs :]
+        req.reported_logprobs = len(seq.output_logprobs)
+        if finished and seq.status is SequenceStatus.FINISHED:
+            del self._requests[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            new_token_ids=new_tokens,
+            text=req.stop.text,
+            delta_text=req.stop.take_delta(finished),
+            finished=finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+            num_computed_tokens=seq.num_computed_tokens,
+            block_ids=list(seq.block_ids) if seq.prefill_only else [],
+            logprobs=list(seq.output_logprobs),
+            new_logprobs=new_lps,
+            metrics=req.metrics,
+        )
+
+    # ------------------------------------------------------------------ introspection
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.pool.take_events()
+
+    def stats(self) -> EngineStats:
+        statuses = [r.seq.status for r in self._requests.values()]
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_awaiting_kv=statuses.count(SequenceStatus.AWAITING_KV),
+            num_prefilled_held=statuses.count(SequenceStatus.PREFILLED),
+            num_blocks=self.num_blocks,
+            num_used_blocks=self.pool.num_used_blocks,
+            num_cached_blocks=self.pool.num_cached_blocks,
+            prefix_queried_tokens=self.kv.queried_tokens,
+            prefix_hit_tokens=self.kv.hit_tokens,
+            prefill_tokens_computed=self.scheduler.prefill_tokens_computed,
+            num_preemptions=self.num_preemptions,
+        )
+
+
+class LLM:
+    """Offline generation: prefill and decode in one process.
+
+    >>> llm = LLM(model="tiny")
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    """
+
+    def __init__(self, model: str = "tiny", dtype: str = "auto", device: str = "auto",
+                 **engine_kwargs: object) -> None:
+        from engine.config import CacheConfig, SchedulerConfig
+
+        cache_keys = {"block_size", "num_blocks", "enable_prefix_caching", "cpu_cache_bytes",
+                      "memory_fraction"}
+        sched_keys = {"max_num_batched_tokens", "max_num_seqs", "max_model_len"}
+        unknown = set(engine_kwargs) - cache_keys - sched_keys - {"attention_backend"}
+        if unknown:
+            raise TypeError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
+        cache = CacheConfig(**{k: v for k, v in engine_kwargs.items() if k in cache_keys})
+        sched = SchedulerConfig(**{k: v for k, v in engine_kwargs.items() if k in sched_keys})
+        backend = engine_kwargs.get("attention_backend")
+        self.engine = Engine(EngineConfig(
+            model=model, dtype=dtype, device=device, cache=cache, scheduler=sched,
+            attention_backend=backend if isinstance(backend, str) else None,
+        ))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Seq[int] | Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (
+            prompts and isinstance(prompts, Seq) and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompt_list = list(prompts)  # type: ignore[arg-type]
+        if isinstance(params, SamplingParams) or params is None:
+            param_list = [params or SamplingParams()] * len(prompt_list)
+        else:
+            param_list = list(params)
+            if len(param_list) != len(prompt_list):
+                raise ValueError(
+                    f"{len(prompt_list)} prompts but {len(param_list)} sampling params"
+                )
+        ids = [f"llm-{next(self._ids)}" for _ in prompt_list]
+        try:
+            for rid, prompt, p in zip(ids, prompt_list, param_list, strict=True):
+                self.engine.add_request(rid, prompt, p)
+            done: dict[str, RequestOutput] = {}
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [done[rid] for rid in ids]

@@ -1,0 +1,129 @@
+"""Runs one scheduled batch: builds the flattened input tensors, runs the model, returns the
+logits of every sequence whose next token is due.
+
+The runner owns the KV cache tensor (see ``engine.config.KVCacheSpec`` for its layout). It
+reads sequences but never changes them: the engine applies the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.config import KVCacheSpec
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class RunResult:
+    """Logits ``[len(sampled), vocab]`` (float32) for the sequences whose token is due."""
+
+    sampled: list[Sequence]
+    logits: torch.Tensor
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32,
+                        device=device)
+
+
+class ModelRunner:
+    """Owns the model and the KV cache of one engine. Not thread-safe."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: KVCacheSpec,
+        num_blocks: int,
+        device: torch.device,
+        backend: AttentionBackend,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.backend = backend
+        self.kv_cache = torch.zeros(
+            spec.shape(num_blocks), dtype=TORCH_DTYPES[spec.dtype], device=device
+        )
+
+    def build_inputs(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
+        """input ids, positions, attention metadata, rows of the hidden states to sample
+        from, and the sequences those rows belong to."""
+        bs = self.spec.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        for seq in batch.decodes:
+            pos = seq.num_computed_tokens
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slot_blocks.append(seq.block_ids[pos // bs])
+            slot_offsets.append(pos % bs)
+            decode_tables.append(seq.block_ids)
+            decode_lens.append(pos + 1)
+            sample_rows.append(len(ids) - 1)
+            sampled.append(seq)
+
+        prefill_tables: list[list[int]] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        for seq, n in batch.prefills:
+            start = seq.num_computed_tokens
+            end = start + n
+            ids.extend(seq.token_ids[start:end])
+            rng = range(start, end)
+            positions.extend(rng)
+            table = seq.block_ids
+            slot_blocks.extend(table[p // bs] for p in rng)
+            slot_offsets.extend(p % bs for p in rng)
+            prefill_tables.append(table)
+            q_lens.append(n)
+            seq_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(seq)
+
+        dev = self.device
+        starts = [0]
+        for q in q_lens:
+            starts.append(starts[-1] + q)
+        meta = AttentionMetadata(
+            slot_block_ids=torch.tensor(slot_blocks, dtype=torch.int64, device=dev),
+            slot_offsets=torch.tensor(slot_offsets, dtype=torch.int64, device=dev),
+            num_decodes=len(batch.decodes),
+            decode_block_tables=_padded(decode_tables, dev),
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev),
+            prefill_query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            prefill_seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            prefill_block_tables=_padded(prefill_tables, dev),
+            prefill_query_lens_cpu=q_lens,
+            prefill_seq_lens_cpu=seq_lens,
+            max_decode_seq_len=max(decode_lens, default=0),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return input_ids, pos_t, meta, sample_rows, sampled
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> RunResult:
+        input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if not rows:
+            return RunResult([], hidden.new_empty((0, 0), dtype=torch.float32))
+        if len(rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        return RunResult(sampled, self.model.compute_logits(hidden))
