@@ -237,7 +237,9 @@ class KVCacheSpec:
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything an engine needs. ``model`` is a checkpoint folder or a built-in name
-    ('tiny', 'small'); ``dtype``/``device`` 'auto' pick bf16 on CUDA, fp32 on CPU."""
+    ('tiny', 'small'); ``dtype``/``device`` 'auto' pick bf16 on CUDA, fp32 on CPU.
+    ``cuda_graphs``: replay decode steps as CUDA graphs (CUDA with the Triton attention
+    backend only; ignored elsewhere)."""
 
     model: str = "tiny"
     dtype: str = "auto"
@@ -246,6 +248,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str | None = None
     detokenize: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto":

@@ -117,7 +117,10 @@ class Engine:
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(sched, self.kv)
         backend = get_attention_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device, backend)
+        self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device, backend,
+                                  cuda_graphs=config.cuda_graphs,
+                                  max_num_seqs=sched.max_num_seqs,
+                                  max_model_len=self.max_model_len)
         self.sampler = Sampler()
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -276,6 +279,11 @@ class Engine:
         if not finished:
             self.scheduler.add_running(seq)
         return self._output(req, finished)
+
+    def request_status(self, request_id: str) -> str | None:
+        """'waiting', 'running', 'awaiting_kv' or 'prefilled'; None if unknown or done."""
+        req = self._requests.get(request_id)
+        return None if req is None else req.seq.status.value
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -13,6 +13,7 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.config import KVCacheSpec
+from engine.cuda_graphs import DecodeGraphRunner, capture_decode_graphs, graphs_supported
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -34,7 +35,15 @@ def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
 
 
 class ModelRunner:
-    """Owns the model and the KV cache of one engine. Not thread-safe."""
+    """Owns the model and the KV cache of one engine. Not thread-safe.
+
+    ``kv_cache`` holds exactly the pool's ``num_blocks`` blocks. With ``cuda_graphs`` on a
+    CUDA device and the Triton backend, decode-only batches of up to ``max_num_seqs``
+    (at most 256) sequences replay CUDA graphs captured here (see ``engine.cuda_graphs``);
+    their padding rows write one extra block allocated just past ``kv_cache``, which no
+    sequence ever owns. Elsewhere ``cuda_graphs`` is ignored. ``max_model_len`` (default: the
+    model's and the pool's limit) bounds the contexts the graphs are captured for.
+    """
 
     def __init__(
         self,
@@ -43,14 +52,27 @@ class ModelRunner:
         num_blocks: int,
         device: torch.device,
         backend: AttentionBackend,
+        *,
+        cuda_graphs: bool = True,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
         self.device = device
         self.backend = backend
-        self.kv_cache = torch.zeros(
-            spec.shape(num_blocks), dtype=TORCH_DTYPES[spec.dtype], device=device
+        use_graphs = cuda_graphs and graphs_supported(device, backend)
+        storage = torch.zeros(
+            spec.shape(num_blocks + int(use_graphs)),
+            dtype=TORCH_DTYPES[spec.dtype],
+            device=device,
         )
+        self.kv_cache = storage[:num_blocks] if use_graphs else storage
+        self.graphs: DecodeGraphRunner | None = None
+        if use_graphs:
+            self.graphs = capture_decode_graphs(
+                model, backend, storage, spec.block_size, max_num_seqs, max_model_len
+            )
 
     def build_inputs(
         self, batch: ScheduledBatch
@@ -113,6 +135,7 @@ class ModelRunner:
             prefill_query_lens_cpu=q_lens,
             prefill_seq_lens_cpu=seq_lens,
             max_decode_seq_len=max(decode_lens, default=0),
+            decode_seq_lens_cpu=decode_lens,
         )
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
@@ -120,6 +143,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunResult:
+        if self.graphs is not None and not batch.prefills and self.graphs.can_run(batch.decodes):
+            # Logits of the padding rows too: every matmul of the step sees the padded row
+            # count, as in the graph (the LM head's weight read costs the same either way).
+            logits = self.model.compute_logits(self.graphs.run(batch.decodes))
+            return RunResult(list(batch.decodes), logits[: len(batch.decodes)])
         input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         if not rows:

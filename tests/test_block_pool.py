@@ -16,7 +16,6 @@ from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 

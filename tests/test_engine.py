@@ -152,7 +152,6 @@ def test_disaggregated_hooks_match_colocated(reference) -> None:
         assert prefill.stats().num_prefilled_held == 1
         skip = reservation.num_cached_tokens // 8
         src = torch.tensor(first.block_ids[skip:])
-        dst = torch.tensor(reservation.block_ids[skip:])
         # Block sizes differ (8 vs 16): copy token slots through a flat per-token view.
         src_kv = prefill.runner.kv_cache[src].transpose(1, 3).flatten(0, 1)
         dst_tokens = decode.runner.kv_cache.transpose(1, 3)  # [blocks, bs, 2, layers, ...]

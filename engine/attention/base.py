@@ -35,8 +35,8 @@ class AttentionMetadata:
     prefill_seq_lens: ``[num_prefills]`` int32: context length including the chunk; the
         chunk holds the LAST ``query_len`` tokens of that context.
     prefill_block_tables: ``[num_prefills, max_blocks]`` int32, padded with 0.
-    prefill_query_lens_cpu / prefill_seq_lens_cpu: the same lengths as Python ints, so that
-        host-side loops need no device sync.
+    prefill_query_lens_cpu / prefill_seq_lens_cpu / decode_seq_lens_cpu: the same lengths
+        as Python ints, so that host-side loops need no device sync (the last is optional).
     """
 
     slot_block_ids: torch.Tensor
@@ -50,6 +50,7 @@ class AttentionMetadata:
     prefill_query_lens_cpu: list[int]
     prefill_seq_lens_cpu: list[int]
     max_decode_seq_len: int = 0
+    decode_seq_lens_cpu: list[int] | None = None
 
     @property
     def num_prefills(self) -> int:
@@ -63,7 +64,11 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def write_kv(
-        self, kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+        self,
+        kv_layer: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> None:
         """Store ``key``/``value`` (``[num_tokens, num_kv_heads, head_dim]``) in their slots."""
 

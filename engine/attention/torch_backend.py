@@ -30,10 +30,43 @@ def gather_context(
     """Keys and values ``[seq_len, num_kv_heads, head_dim]`` of one sequence."""
     block_size = kv_layer.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = kv_layer[block_table[:num_blocks].long()]  # [n, 2, bs, H, D]
-    key = blocks[:, 0].flatten(0, 1)[:seq_len]
-    value = blocks[:, 1].flatten(0, 1)[:seq_len]
+    table = block_table[:num_blocks].long()
+    # Index keys and values separately: each gather is one contiguous copy, and the
+    # flatten after it is a view.
+    key = kv_layer[:, 0][table].flatten(0, 1)[:seq_len]
+    value = kv_layer[:, 1][table].flatten(0, 1)[:seq_len]
     return key, value
+
+
+# A decode bucket holds sequences whose context is at least this share of the bucket's
+# longest: padding never more than doubles the gathered keys, and a batch of similar
+# lengths stays one bucket.
+DECODE_BUCKET_RATIO = 0.75
+
+
+def _decode_group(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+) -> torch.Tensor:
+    batch = query.shape[0]
+    block_size = kv_layer.shape[2]
+    max_blocks = (max_seq_len + block_size - 1) // block_size
+    tokens = max_blocks * block_size
+    table = block_tables[:, :max_blocks].long()
+    heads, head_dim = kv_layer.shape[3], kv_layer.shape[4]
+    key = kv_layer[:, 0][table].view(batch, tokens, heads, head_dim).transpose(1, 2)
+    value = kv_layer[:, 1][table].view(batch, tokens, heads, head_dim).transpose(1, 2)
+    positions = torch.arange(tokens, device=query.device)
+    mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2).to(key.dtype), key, value, attn_mask=mask, scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2).to(query.dtype)
 
 
 def paged_decode_attention(
@@ -43,30 +76,37 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int | None = None,
+    seq_lens_cpu: list[int] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: ``query`` [B, Hq, D] over each sequence's first
-    ``seq_lens[b]`` cached tokens -> [B, Hq, D]."""
-    batch, _, head_dim = query.shape
+    ``seq_lens[b]`` cached tokens -> [B, Hq, D].
+
+    Sequences are gathered in buckets of similar context length, so a batch mixing short
+    and long contexts does not pad every sequence to the longest."""
+    batch = query.shape[0]
     if batch == 0:
         return query.new_empty(query.shape)
-    block_size = kv_layer.shape[2]
+    if seq_lens_cpu is None:
+        seq_lens_cpu = seq_lens.tolist()
     if max_seq_len is None:
-        max_seq_len = int(seq_lens.max())
-    max_blocks = (max_seq_len + block_size - 1) // block_size
-    blocks = kv_layer[block_tables[:, :max_blocks].long()]  # [B, M, 2, bs, H, D]
-    key = blocks[:, :, 0].flatten(1, 2).transpose(1, 2)  # [B, H, T, D]
-    value = blocks[:, :, 1].flatten(1, 2).transpose(1, 2)
-    positions = torch.arange(key.shape[2], device=query.device)
-    mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        query.unsqueeze(2).to(key.dtype),
-        key,
-        value,
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out.squeeze(2).to(query.dtype)
+        max_seq_len = max(seq_lens_cpu)
+    shortest = min(seq_lens_cpu)
+    if shortest >= DECODE_BUCKET_RATIO * max_seq_len:
+        return _decode_group(query, kv_layer, block_tables, seq_lens, scale, max_seq_len)
+    order = sorted(range(batch), key=lambda i: -seq_lens_cpu[i])
+    out = torch.empty_like(query)
+    start = 0
+    while start < batch:
+        longest = seq_lens_cpu[order[start]]
+        end = start + 1
+        while end < batch and seq_lens_cpu[order[end]] >= DECODE_BUCKET_RATIO * longest:
+            end += 1
+        rows = torch.tensor(order[start:end], device=query.device)
+        out[rows] = _decode_group(
+            query[rows], kv_layer, block_tables[rows], seq_lens[rows], scale, longest
+        )
+        start = end
+    return out
 
 
 def paged_prefill_attention(
@@ -115,7 +155,11 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def write_kv(
-        self, kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+        self,
+        kv_layer: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> None:
         write_kv_slots(kv_layer, key, value, meta.slot_block_ids, meta.slot_offsets)
 
@@ -125,14 +169,24 @@ class TorchAttentionBackend(AttentionBackend):
         n_dec = meta.num_decodes
         if meta.num_prefills == 0:
             return paged_decode_attention(
-                query, kv_layer, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                query,
+                kv_layer,
+                meta.decode_block_tables,
+                meta.decode_seq_lens,
+                scale,
                 meta.max_decode_seq_len or None,
+                meta.decode_seq_lens_cpu,
             )
         out = torch.empty_like(query)
         if n_dec:
             out[:n_dec] = paged_decode_attention(
-                query[:n_dec], kv_layer, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                query[:n_dec],
+                kv_layer,
+                meta.decode_block_tables,
+                meta.decode_seq_lens,
+                scale,
                 meta.max_decode_seq_len or None,
+                meta.decode_seq_lens_cpu,
             )
         out[n_dec:] = paged_prefill_attention(
             query[n_dec:],

@@ -1,0 +1,115 @@
+"""Runs an engine's step loop on its own thread, so that a server can talk to it.
+
+The engine is not thread-safe; the driver's thread is its only user. Other threads hand it
+work with ``call(fn)`` (``fn(engine)`` runs between two steps; the result comes back in a
+``concurrent.futures.Future``). After every step the driver passes the outputs to
+``on_outputs``, and on every turn of the loop, busy or idle, it calls ``on_tick`` (where a
+worker polls its KV transfers). Both hooks run on the driver's thread. An exception in a
+hook or a step is logged and stops the driver: ``error`` then holds it and every pending and
+later ``call`` fails with it, so nothing waits forever on a dead loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from engine.engine import Engine
+from engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDriver:
+    """Owns ``engine`` from ``start()`` until ``stop()``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_outputs: Callable[[list[RequestOutput]], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        idle_wait_s: float = 0.002,
+        name: str = "engine-driver",
+    ) -> None:
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._on_tick = on_tick
+        self._idle_wait_s = idle_wait_s
+        self._calls: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.error: BaseException | None = None
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
+        """Run ``fn(engine)`` on the driver thread between steps."""
+        fut: Future[T] = Future()
+        if self.error is not None:
+            fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+            return fut
+        self._calls.put((fn, fut))
+        return fut
+
+    def _run_calls(self, block: bool) -> None:
+        try:
+            item = self._calls.get(timeout=self._idle_wait_s) if block else self._calls.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as exc:  # the caller gets it; the loop goes on
+                    fut.set_exception(exc)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished()
+                self._run_calls(block=not busy)
+                if self._on_tick is not None:
+                    self._on_tick()
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    self.steps += 1
+                    if outputs and self._on_outputs is not None:
+                        self._on_outputs(outputs)
+        except BaseException as exc:
+            logger.exception("engine loop failed")
+            self.error = exc
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        reason = self.error or RuntimeError("engine loop stopped")
+        while True:
+            try:
+                _, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(f"engine loop stopped: {reason!r}"))
