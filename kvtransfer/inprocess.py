@@ -1,0 +1,159 @@
+"""In-process backend: connectors in one process copy blocks with torch (tests, colocated use).
+
+Connectors meet through a ``LocalFabric`` the caller creates and passes to each of them (no
+process-wide registry). A write copies synchronously and its notice reaches the receiver's next
+``poll()``, so the contract, the leases and the completion checks are those of the NIXL backend.
+Not thread-safe: all connectors of one fabric are driven from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+from engine.config import KVCacheSpec
+from kvtransfer.base import (
+    FailureKind,
+    IncompatiblePeerError,
+    KVConnector,
+    KVTransferError,
+    PollResult,
+    TransferTarget,
+    check_compatible,
+)
+from kvtransfer.layout import check_kv_cache, checked_block_ids, peer_info
+from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
+
+BACKEND = "inprocess"
+
+
+class LocalFabric:
+    """The set of in-process connectors that can reach each other."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, InProcessConnector] = {}
+
+    def join(self, connector: InProcessConnector) -> None:
+        self._members[connector.agent_name] = connector
+
+    def leave(self, agent_name: str) -> None:
+        self._members.pop(agent_name, None)
+
+    def find(self, agent_name: str) -> InProcessConnector | None:
+        return self._members.get(agent_name)
+
+
+class InProcessConnector(KVConnector):
+    """Same contract as ``NixlConnector``; peers are found on ``fabric`` by agent name."""
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        spec: KVCacheSpec,
+        fabric: LocalFabric,
+        model: str,
+        lease_s: float = 30.0,
+        name: str = "kv",
+    ) -> None:
+        self.num_blocks = check_kv_cache(kv_cache, spec)
+        self.info = peer_info(spec, model)
+        self.agent_name = f"{name}-{uuid.uuid4().hex[:12]}"
+        self._kv = kv_cache
+        self._fabric = fabric
+        self._send = SendLedger(lease_s)
+        self._recv = ReceiveLedger(grace_s=lease_s)
+        self._dead: set[str] = set()
+        self._closed = False
+        fabric.join(self)
+
+    def describe(self) -> TransferTarget:
+        return TransferTarget(BACKEND, self.agent_name, "", 0, self.num_blocks, self.info)
+
+    def connect(self, target: TransferTarget) -> InProcessConnector:
+        """Find the live peer behind ``target`` and check compatibility (raises on failure)."""
+        peer = self._fabric.find(target.agent_name)
+        if peer is None:
+            raise KVTransferError(f"KV transfer peer {target.agent_name} is gone")
+        check_compatible(self.info, peer.info, target.agent_name)
+        return peer
+
+    def write_blocks(
+        self,
+        target: TransferTarget,
+        request_id: str,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+        *,
+        last: bool = False,
+        payload: bytes = b"",
+    ) -> int:
+        """See ``KVConnector.write_blocks``; returns -1 for a request already failed."""
+        self._require_open()
+        if target.backend != BACKEND:
+            raise ValueError(f"target backend {target.backend!r} is not {BACKEND!r}")
+        src = checked_block_ids(src_block_ids, self.num_blocks, "source")
+        dst = checked_block_ids(dst_block_ids, target.num_blocks, "destination")
+        if len(src) != len(dst):
+            raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+        if request_id in self._dead:
+            return -1
+        now = time.monotonic()
+        chunk = self._send.begin_write(request_id, last, now)
+        try:
+            peer = self.connect(target)
+        except IncompatiblePeerError as exc:
+            self._fail(request_id, FailureKind.INCOMPATIBLE, str(exc), now)
+            return chunk
+        except KVTransferError as exc:
+            self._fail(request_id, FailureKind.PEER_RESTARTED, str(exc), now)
+            return chunk
+        if len(src):
+            index = torch.from_numpy(dst.astype("int64")).to(peer._kv.device)
+            source = self._kv[torch.from_numpy(src.astype("int64")).to(self._kv.device)]
+            peer._kv.index_copy_(0, index, source.to(peer._kv.device))
+        notice = ChunkNotice(
+            request_id,
+            chunk,
+            len(dst),
+            block_digest(dst.tolist()),
+            total_chunks=chunk + 1 if last else None,
+            payload=payload,
+        )
+        peer._recv.on_notice(notice, now)
+        self._send.write_done(request_id)
+        return chunk
+
+    def expect(self, request_id: str, dst_block_ids: Sequence[int], lease_s: float) -> None:
+        self._require_open()
+        checked_block_ids(dst_block_ids, self.num_blocks, "expected")
+        self._recv.expect(request_id, dst_block_ids, lease_s, time.monotonic())
+
+    def abort(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
+        self._recv.fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
+
+    def poll(self) -> PollResult:
+        self._require_open()
+        now = time.monotonic()
+        for request_id in self._send.expired(now):
+            self._fail(request_id, FailureKind.TIMEOUT, "lease expired", now)
+        self._recv.check_leases(now)
+        sent, failed = self._send.drain()
+        received, failed_in = self._recv.drain()
+        return PollResult(sent=sent, received=received, failed=failed + failed_in)
+
+    def close(self) -> None:
+        self._closed = True
+        self._fabric.leave(self.agent_name)
+
+    def _fail(self, request_id: str, kind: FailureKind, message: str, now: float) -> None:
+        if self._send.fail(request_id, kind, message, now):
+            self._dead.add(request_id)
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"in-process connector {self.agent_name} is closed")

@@ -1,0 +1,50 @@
+"""How a connector's KV cache tensor maps to transferable blocks, and what peers compare.
+
+Shared by every backend; imports no transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from engine.config import KVCacheSpec, normalize_dtype
+from kvtransfer.base import PROTOCOL_VERSION, PeerInfo
+
+
+def peer_info(spec: KVCacheSpec, model: str) -> PeerInfo:
+    """The handshake identity of a cache laid out as ``spec`` holding ``model``'s KV."""
+    return PeerInfo(
+        protocol_version=PROTOCOL_VERSION,
+        model=model,
+        dtype=normalize_dtype(spec.dtype),
+        block_size=spec.block_size,
+        layout=spec.layout,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+    )
+
+
+def check_kv_cache(kv_cache: torch.Tensor, spec: KVCacheSpec) -> int:
+    """Validate ``kv_cache`` against ``spec`` and return its number of blocks."""
+    if kv_cache.dim() != 6 or tuple(kv_cache.shape) != spec.shape(kv_cache.shape[0]):
+        raise ValueError(
+            f"KV cache shape {tuple(kv_cache.shape)} does not match the spec "
+            f"{spec.shape(kv_cache.shape[0]) if kv_cache.dim() else '?'} ({spec.layout})"
+        )
+    if str(kv_cache.dtype).removeprefix("torch.") != normalize_dtype(spec.dtype):
+        raise ValueError(f"KV cache dtype {kv_cache.dtype} does not match spec {spec.dtype}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("KV cache tensor must be contiguous (one region per block)")
+    return int(kv_cache.shape[0])
+
+
+def checked_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> np.ndarray:
+    """``block_ids`` as int32 indices, each checked to lie in ``[0, num_blocks)``."""
+    ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+    if len(ids) and (ids.min() < 0 or ids.max() >= num_blocks):
+        raise ValueError(f"{what} block ids must be in [0, {num_blocks}), got {ids.tolist()}")
+    return ids.astype(np.int32)

@@ -1,0 +1,143 @@
+"""The connector contract on the in-process backend, and the completion ledger behind it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from engine.config import KVCacheSpec
+from kvtransfer.base import FailureKind, PeerInfo, Received, compatibility_problems
+from kvtransfer.inprocess import InProcessConnector, LocalFabric
+from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
+
+pytestmark = pytest.mark.timeout(30)
+
+SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
+
+
+def _pair(lease_s: float = 5.0, **receiver_spec: object):
+    fabric = LocalFabric()
+    torch.manual_seed(0)
+    src_cache = torch.randn(SPEC.shape(32))
+    spec_b = KVCacheSpec(**{**_spec_fields(SPEC), **receiver_spec})
+    dst_cache = torch.randn(spec_b.shape(16)).to(getattr(torch, spec_b.dtype))
+    sender = InProcessConnector(src_cache, SPEC, fabric, model="m", lease_s=lease_s)
+    receiver = InProcessConnector(dst_cache, spec_b, fabric, model="m", lease_s=lease_s)
+    return sender, receiver, src_cache, dst_cache
+
+
+def _spec_fields(spec: KVCacheSpec) -> dict[str, object]:
+    return {name: getattr(spec, name) for name in spec.__slots__}
+
+
+def test_chunks_land_exactly_and_complete_only_after_the_last() -> None:
+    sender, receiver, src, dst = _pair()
+    before = dst.clone()
+    receiver.expect("r", [9, 2, 14, 5], lease_s=5)
+    assert sender.write_blocks(receiver.describe(), "r", [30, 1], [9, 2]) == 0
+    assert receiver.poll().received == [] and sender.poll().sent == []
+    assert (
+        sender.write_blocks(receiver.describe(), "r", [7, 0], [14, 5], last=True, payload=b"42")
+        == 1
+    )
+    assert sender.poll().sent == ["r"]
+    assert receiver.poll().received == [Received("r", b"42")]
+    assert torch.equal(dst[[9, 2, 14, 5]], src[[30, 1, 7, 0]])
+    rest = [b for b in range(16) if b not in (9, 2, 14, 5)]
+    assert torch.equal(dst[rest], before[rest])
+
+
+def test_writes_not_covering_the_reservation_fail_as_mismatch() -> None:
+    sender, receiver, _, _ = _pair()
+    receiver.expect("r", [1, 2, 3], lease_s=5)
+    sender.write_blocks(receiver.describe(), "r", [0, 1], [1, 2], last=True)
+    failed = receiver.poll().failed
+    assert [(f.request_id, f.kind) for f in failed] == [("r", FailureKind.MISMATCH)]
+    assert receiver.poll().received == []
+
+
+def test_reservation_whose_writes_never_come_fails_at_its_lease() -> None:
+    sender, receiver, _, _ = _pair(lease_s=0.05)
+    receiver.expect("r", [1], lease_s=0.05)
+    sender.write_blocks(receiver.describe(), "r", [0], [1])  # never closed with last=True
+    time.sleep(0.06)
+    got = receiver.poll()
+    assert [f.kind for f in got.failed] == [FailureKind.TIMEOUT]
+    assert got.failed[0].reuse_after >= time.monotonic()  # grace for writes still draining
+    assert [f.kind for f in sender.poll().failed] == [FailureKind.TIMEOUT]
+    assert sender.write_blocks(receiver.describe(), "r", [0], [1], last=True) == -1
+
+
+def test_incompatible_peer_is_refused_naming_both_values() -> None:
+    sender, receiver, _, _ = _pair(dtype="bfloat16")
+    sender.write_blocks(receiver.describe(), "r", [0], [0], last=True)
+    (failure,) = sender.poll().failed
+    assert failure.kind is FailureKind.INCOMPATIBLE
+    assert "dtype: local 'float32' vs peer 'bfloat16'" in failure.message
+
+
+def test_closed_peer_fails_the_write_and_abort_is_reported_once() -> None:
+    sender, receiver, _, _ = _pair()
+    target = receiver.describe()
+    receiver.expect("r", [0], lease_s=5)
+    receiver.abort("r")
+    assert [f.kind for f in receiver.poll().failed] == [FailureKind.ABORTED]
+    receiver.close()
+    sender.write_blocks(target, "r2", [0], [0], last=True)
+    assert [f.kind for f in sender.poll().failed] == [FailureKind.PEER_RESTARTED]
+
+
+def test_invalid_arguments_raise_value_error() -> None:
+    sender, receiver, _, _ = _pair()
+    target = receiver.describe()
+    with pytest.raises(ValueError, match="destination block ids"):
+        sender.write_blocks(target, "r", [0], [16])
+    with pytest.raises(ValueError, match="2 source blocks but 1"):
+        sender.write_blocks(target, "r", [0, 1], [0])
+    sender.write_blocks(target, "r", [0], [0], last=True)
+    with pytest.raises(ValueError, match="after its last write"):
+        sender.write_blocks(target, "r", [1], [1])
+    with pytest.raises(ValueError, match="duplicate"):
+        receiver.expect("x", [1, 1], lease_s=1)
+    with pytest.raises(ValueError, match="does not match the spec"):
+        InProcessConnector(torch.zeros(4, 2), SPEC, LocalFabric(), model="m")
+
+
+def test_receive_ledger_accepts_out_of_order_and_early_notices() -> None:
+    ledger = ReceiveLedger(grace_s=1.0)
+    ids = [5, 1, 9]
+    last = ChunkNotice("r", 1, 1, block_digest([9]), total_chunks=2, payload=b"t")
+    ledger.on_notice(last, now=0.0)  # arrives before expect() and before chunk 0
+    ledger.expect("r", ids, lease_s=10, now=0.0)
+    assert ledger.drain() == ([], [])
+    ledger.on_notice(ChunkNotice("r", 0, 2, block_digest([1, 5])), now=0.1)
+    assert ledger.drain() == ([Received("r", b"t")], [])
+
+
+def test_notice_round_trips_and_foreign_messages_are_ignored() -> None:
+    notice = ChunkNotice("req/1", 3, 7, block_digest(range(7)), total_chunks=4, payload=b"\x00")
+    assert ChunkNotice.decode(notice.encode()) == notice
+    assert ChunkNotice.decode(b"something else") is None
+    assert block_digest([1, 2, 3]) == block_digest([3, 1, 2]) != block_digest([1, 2, 4])
+
+
+def test_send_ledger_reports_sent_after_every_write_finished() -> None:
+    ledger = SendLedger(lease_s=1.0)
+    assert ledger.begin_write("r", last=False, now=0.0) == 0
+    assert ledger.begin_write("r", last=True, now=0.1) == 1
+    ledger.write_done("r")
+    assert ledger.drain() == ([], [])
+    ledger.write_done("r")
+    assert ledger.drain() == (["r"], [])
+    assert ledger.expired(now=5.0) == []
+
+
+def test_compatibility_problems_name_both_sides() -> None:
+    a = PeerInfo(1, "m", "float32", 16, "L", 12, 4, 64)
+    b = PeerInfo(2, "m", "float32", 32, "L", 12, 4, 64)
+    assert compatibility_problems(a, b) == [
+        "protocol_version: local 1 vs peer 2",
+        "block_size: local 16 vs peer 32",
+    ]
