@@ -1,0 +1,66 @@
+"""pdserve client SDK: generate text from a pdserve router over gRPC (sync and asyncio).
+
+Needs only ``grpcio`` and ``protobuf``. Example::
+
+    from pdserve_client import Client, InvalidArgument
+
+    with Client("127.0.0.1:50051", api_key="secret", timeout=60) as client:
+        print(client.generate("The capital of France is", max_tokens=16).text)
+        for chunk in client.stream("Once upon a time", max_tokens=64, temperature=0.8):
+            print(chunk.text, end="", flush=True)      # break here cancels the request
+        try:
+            client.generate("", max_tokens=-1)
+        except InvalidArgument as err:
+            print("rejected:", err.message)
+
+``AsyncClient`` has the same methods as coroutines; its ``stream()`` is used with
+``async with client.stream(...) as chunks: async for chunk in chunks: ...``.
+"""
+
+from __future__ import annotations
+
+from .aio import AsyncClient, AsyncStream
+from .client import Client, Stream
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    PdserveError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from .types import (
+    Chunk,
+    Completion,
+    ModelInfo,
+    Stats,
+    Timing,
+    TokenLogprob,
+    TokenLogprobs,
+    Usage,
+    WorkerStats,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AsyncStream",
+    "Cancelled",
+    "Chunk",
+    "Client",
+    "Completion",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "ModelInfo",
+    "PdserveError",
+    "ResourceExhausted",
+    "Stats",
+    "Stream",
+    "Timing",
+    "TokenLogprob",
+    "TokenLogprobs",
+    "Unauthenticated",
+    "Unavailable",
+    "Usage",
+    "WorkerStats",
+]

@@ -1,0 +1,291 @@
+"""The synchronous pdserve client: one gRPC channel, thread-safe, closed by ``close()``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
+
+from ._common import (
+    DEFAULT_TARGET,
+    HEALTH_CHECK_METHOD,
+    HEALTH_SERVING,
+    ChannelConfig,
+    Deadline,
+    build_generate_request,
+    health_request_serializer,
+    health_response_deserializer,
+    is_retryable,
+    make_channel_config,
+    retry_delay,
+)
+from .errors import from_rpc_error
+from .types import Chunk, Completion, CompletionBuilder, ModelInfo, Stats
+
+T = TypeVar("T")
+
+
+class Stream:
+    """An iterator over one generation's ``Chunk``s.
+
+    Closing it (``close()``, leaving a ``with`` block, or dropping it after ``break``) cancels
+    the RPC so the server frees the request. The call is retried on UNAVAILABLE only until the
+    first chunk arrives, so a retry never duplicates tokens. Errors raise ``PdserveError``.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[float | None], Any],
+        config: ChannelConfig,
+        deadline: Deadline,
+    ) -> None:
+        self._start = start
+        self._config = config
+        self._deadline = deadline
+        self._call: Any = None
+        self._attempt = 0
+        self._received = False
+        self._closed = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        while True:
+            if self._closed:
+                raise StopIteration
+            if self._call is None:
+                if self._deadline.expired():
+                    self._closed = True
+                    raise self._deadline.expired_error()
+                self._call = self._start(self._deadline.remaining())
+            try:
+                msg = next(self._call)
+            except StopIteration:
+                self._closed = True
+                self._call = None
+                raise
+            except grpc.RpcError as err:
+                self._call = None
+                delay = None
+                if not self._received and is_retryable(err):
+                    delay = retry_delay(self._config, self._attempt, self._deadline)
+                if delay is None:
+                    self._closed = True
+                    raise from_rpc_error(err) from None
+                self._attempt += 1
+                time.sleep(delay)
+                continue
+            self._received = True
+            return Chunk.from_proto(msg)
+
+    def cancel(self) -> None:
+        """Cancel the RPC if it is still running; later iteration stops. Idempotent."""
+        self._closed = True
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        # Dropping an unfinished stream (``break`` out of a for loop) must free the request.
+        try:
+            self.cancel()
+        except Exception:
+            pass
+
+
+class Client:
+    """A blocking client for the pdserve router.
+
+    ``timeout`` is the default deadline in seconds for each call (retries and, for streams,
+    every token included); ``None`` means no deadline. Calls failing with UNAVAILABLE are
+    retried up to ``retries`` times with exponential backoff starting at ``backoff`` seconds.
+    ``api_key`` is sent as ``authorization: Bearer <key>``. ``root_certificates`` (PEM bytes or a
+    file path) implies TLS; ``tls=True`` alone trusts the system roots. One client may be shared
+    by threads; ``close()`` (or leaving a ``with`` block) ends every call in flight.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike[str] | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        self._config = make_channel_config(
+            target, api_key, tls, root_certificates, timeout, retries, backoff
+        )
+        if self._config.credentials is not None:
+            self._channel = grpc.secure_channel(target, self._config.credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK_METHOD,
+            request_serializer=health_request_serializer,
+            response_deserializer=health_response_deserializer,
+        )
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled. Idempotent."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self._config.timeout if timeout is None else timeout)
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            if deadline.expired():
+                raise deadline.expired_error()
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=self._config.metadata)
+            except grpc.RpcError as err:
+                delay = retry_delay(self._config, attempt, deadline) if is_retryable(err) else None
+                if delay is None:
+                    raise from_rpc_error(err) from None
+                attempt += 1
+                time.sleep(delay)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        request_id: str = "",
+        priority: int = 0,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> Stream:
+        """Start a generation and return its chunks as they are produced.
+
+        ``prompt`` is text or token ids; unset sampling options take the server's defaults
+        (see ``SamplingParams`` in the .proto). The RPC starts on the first ``next()``.
+        """
+        request = build_generate_request(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            request_id=request_id,
+            priority=priority,
+            model=model,
+        )
+        metadata = self._config.metadata
+
+        def start(remaining: float | None) -> Any:
+            return self._stub.Generate(request, timeout=remaining, metadata=metadata)
+
+        return Stream(start, self._config, self._deadline(timeout))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        request_id: str = "",
+        priority: int = 0,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> Completion:
+        """Run a generation to the end and return it whole; arguments as for ``stream()``."""
+        builder = CompletionBuilder()
+        with self.stream(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            request_id=request_id,
+            priority=priority,
+            model=model,
+            timeout=timeout,
+        ) as chunks:
+            for chunk in chunks:
+                builder.add(chunk)
+        return builder.build()
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the service serves."""
+        resp = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [ModelInfo.from_proto(m) for m in resp.models]
+
+    def tokenize(self, text: str, *, model: str = "", timeout: float | None = None) -> list[int]:
+        """Token ids of ``text`` under the model's tokenizer (``model=""``: the default)."""
+        request = pb.TokenizeRequest(text=text, model=model)
+        return list(self._unary(self._stub.Tokenize, request, timeout).token_ids)
+
+    def stats(self, *, timeout: float | None = None) -> Stats:
+        """Router, balancer and worker statistics."""
+        return Stats.from_proto(self._unary(self._stub.GetStats, pb.GetStatsRequest(), timeout))
+
+    def health(self, *, timeout: float | None = None) -> bool:
+        """True if the standard health service reports the server (service ``""``) SERVING.
+
+        False when it reports anything else or cannot be reached; other failures (for example
+        UNAUTHENTICATED) raise ``PdserveError``. Not retried.
+        """
+        deadline = self._deadline(timeout)
+        try:
+            status = self._health("", timeout=deadline.remaining(), metadata=self._config.metadata)
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False
+            raise from_rpc_error(err) from None
+        return status == HEALTH_SERVING

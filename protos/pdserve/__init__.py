@@ -1,0 +1,1 @@
+"""pdserve protobuf packages, one subpackage per API version."""
