@@ -1,0 +1,107 @@
+"""What the router and a decode worker say to each other.
+
+Calls (reserve, abort, stats) go through Ray; generated tokens come back over ZMQ: after
+every decode step the worker pushes ONE message per router holding the new tokens of all
+that router's requests (``encode_batch``), so the per-token cost does not grow with the
+number of streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from engine.sampling import SamplingParams, TokenLogprobs
+from kvtransfer.base import TransferTarget
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """Sampling as plain fields (a ``SamplingParams`` without stop strings: the router
+    applies those, since it owns the text)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    reply_to: str  # the router's ZMQ PULL endpoint for this request's tokens
+    lease_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """Blocks reserved on the decode worker. Blocks ``[0, num_cached_tokens //
+    block_size)`` already hold the prompt's KV there; the prefill side writes the rest."""
+
+    request_id: str
+    target: TransferTarget
+    block_ids: list[int]
+    num_cached_tokens: int
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """New tokens of one request after one step; ``finish_reason`` set on its last record;
+    ``error`` set (and nothing else) if the request failed on the worker."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[Any] | None = None  # [token, logprob, [[token, logprob], ...]] per token
+    error: str | None = None
+
+
+def resolve_host(host: str) -> str:
+    """The address to bind side channels to: ``"auto"`` means this node's IP as Ray sees it
+    (so that peers on other nodes reach it); anything else is used as given."""
+    if host != "auto":
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def encode_batch(records: list[TokenRecord]) -> bytes:
+    return msgpack.packb(
+        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error] for r in records]
+    )
+
+
+def decode_batch(raw: bytes) -> list[TokenRecord]:
+    return [TokenRecord(*fields) for fields in msgpack.unpackb(raw)]
+
+
+def sampling_params(spec: SamplingSpec) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+        top_k=spec.top_k, min_p=spec.min_p, seed=spec.seed,
+        stop_token_ids=spec.stop_token_ids, ignore_eos=spec.ignore_eos, logprobs=spec.logprobs,
+    )
+
+
+def logprobs_to_wire(lps: list[TokenLogprobs]) -> list[Any] | None:
+    if not lps:
+        return None
+    return [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in lps]
+
+
+def logprobs_from_wire(raw: list[Any] | None) -> TokenLogprobs | None:
+    if not raw:
+        return None
+    token, logprob, top = raw
+    return TokenLogprobs(int(token), float(logprob), tuple((int(t), float(p)) for t, p in top))

@@ -1,0 +1,190 @@
+"""The decode worker: reserves blocks for prompts, receives their KV, decodes, streams.
+
+One ``Engine`` in the decode role, driven by an ``EngineDriver`` thread, and one KV connector
+around the engine's cache. Admission control lives here: ``reserve`` refuses (returns None)
+when the blocks are not free, so a full pool makes the router wait or reject instead of
+freezing. A reservation becomes a running sequence only when the connector reports every
+block landed; if its transfer fails or its lease expires, the blocks are freed once no late
+write can reach them (``reuse_after``) and the router is told.
+
+Used as a Ray actor (``router.cluster`` wraps it); every public method is async, so Ray runs
+them on the actor's event loop while the engine runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import msgpack
+import zmq
+
+from decode_worker.protocol import (
+    ReserveRequest,
+    ReserveResult,
+    TokenRecord,
+    encode_batch,
+    logprobs_from_wire,
+    logprobs_to_wire,
+    resolve_host,
+    sampling_params,
+)
+from engine.config import EngineConfig
+from engine.driver import EngineDriver
+from engine.engine import Engine
+from engine.outputs import RequestOutput
+from kvtransfer.nixl import NixlConfig, NixlConnector
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeWorker:
+    """Ray actor body. Not for concurrent use outside Ray's actor model."""
+
+    def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
+                 lease_s: float = 30.0) -> None:
+        self.worker_id = worker_id
+        self.engine = Engine(replace(config, detokenize=False))
+        self.connector = NixlConnector(
+            self.engine.runner.kv_cache, self.engine.kv_spec,
+            NixlConfig(model=str(self.engine.model_config.architecture),
+                       host=resolve_host(host),
+                       name=worker_id, lease_s=lease_s),
+        )
+        self._ctx = zmq.Context.instance()
+        self._sockets: dict[str, zmq.Socket] = {}  # driver thread only
+        self._reply_to: dict[str, str] = {}
+        self._aborted: set[str] = set()
+        self._deferred_free: list[tuple[float, str]] = []
+        self._outbox: dict[str, list[TokenRecord]] = {}
+        self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
+                                   name=f"{worker_id}-loop")
+        self.driver.start()
+        logger.info("%s ready (pid %d), kv agent %s", worker_id, os.getpid(),
+                    self.connector.agent_name)
+
+    # ------------------------------------------------------------------ Ray methods
+
+    async def ping(self) -> str:
+        if not self.driver.alive:
+            raise RuntimeError(f"{self.worker_id}: engine loop stopped: {self.driver.error!r}")
+        return self.worker_id
+
+    async def info(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "pid": os.getpid(),
+                "block_size": self.engine.kv_spec.block_size,
+                "num_blocks": self.engine.num_blocks,
+                "max_model_len": self.engine.max_model_len}
+
+    async def reserve(self, req: ReserveRequest) -> ReserveResult | None:
+        """Reserve blocks for ``req``'s prompt, or None if they are not free now.
+        ValueError for a request the engine refuses."""
+        return await asyncio.wrap_future(self.driver.call(lambda e: self._reserve(e, req)))
+
+    async def abort(self, request_id: str) -> bool:
+        return await asyncio.wrap_future(self.driver.call(lambda e: self._abort(e, request_id)))
+
+    async def stats(self) -> dict[str, Any]:
+        s = await asyncio.wrap_future(self.driver.call(lambda e: e.stats()))
+        return {"worker_id": self.worker_id, "role": "decode", "steps": self.driver.steps,
+                **asdict(s)}
+
+    async def shutdown(self) -> None:
+        self.driver.stop()
+        self.connector.close()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+
+    # ------------------------------------------------------------------ driver thread
+
+    def _reserve(self, engine: Engine, req: ReserveRequest) -> ReserveResult | None:
+        rid = req.request_id
+        reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling))
+        if reservation is None:
+            return None
+        bs = engine.kv_spec.block_size
+        skip = reservation.num_cached_tokens // bs
+        self.connector.expect(rid, reservation.block_ids[skip:], req.lease_s)
+        self._reply_to[rid] = req.reply_to
+        return ReserveResult(rid, self.connector.describe(), reservation.block_ids,
+                             reservation.num_cached_tokens, bs)
+
+    def _abort(self, engine: Engine, rid: str) -> bool:
+        self._reply_to.pop(rid, None)
+        self._aborted.add(rid)
+        if any(r == rid for _, r in self._deferred_free):
+            return True
+        seq_status = engine.request_status(rid)
+        if seq_status == "awaiting_kv":
+            # Writes may still land in its blocks: free them after the failure report's
+            # reuse_after (the next poll reports the abort).
+            self.connector.abort(rid)
+            return True
+        self._aborted.discard(rid)
+        return engine.abort(rid)
+
+    def _on_tick(self) -> None:
+        engine = self.engine
+        result = self.connector.poll()
+        for rec in result.received:
+            rid = rec.request_id
+            token, lps = msgpack.unpackb(rec.payload)
+            out = engine.commit_kv(rid, int(token), logprobs_from_wire(lps))
+            self._queue(out)
+        now = time.monotonic()
+        for failure in result.failed:
+            rid = failure.request_id
+            self._deferred_free.append((failure.reuse_after, rid))
+            reply_to = self._reply_to.pop(rid, None)
+            if reply_to is not None and rid not in self._aborted:
+                logger.warning("%s: KV for %s failed: %s", self.worker_id, rid, failure.message)
+                self._outbox.setdefault(reply_to, []).append(
+                    TokenRecord(rid, [], error=f"{failure.kind.value}: {failure.message}"))
+        if self._deferred_free:
+            due = [r for t, r in self._deferred_free if t <= now]
+            self._deferred_free = [(t, r) for t, r in self._deferred_free if t > now]
+            for rid in due:
+                engine.abort(rid)
+                self._aborted.discard(rid)
+        self._flush()
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._queue(out)
+        self._flush()
+
+    def _queue(self, out: RequestOutput) -> None:
+        reply_to = self._reply_to.get(out.request_id)
+        if reply_to is None:
+            if not out.finished:
+                self.engine.abort(out.request_id)  # nobody listens any more
+            return
+        self._outbox.setdefault(reply_to, []).append(TokenRecord(
+            out.request_id, out.new_token_ids,
+            out.finish_reason if out.finished else None,
+            logprobs_to_wire(out.new_logprobs),
+        ))
+        if out.finished:
+            del self._reply_to[out.request_id]
+
+    def _flush(self) -> None:
+        for endpoint, records in self._outbox.items():
+            if not records:
+                continue
+            sock = self._sockets.get(endpoint)
+            if sock is None:
+                sock = self._ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 100_000)
+                sock.connect(endpoint)
+                self._sockets[endpoint] = sock
+            try:
+                sock.send(encode_batch(records), zmq.NOBLOCK)
+            except zmq.Again:
+                logger.error("%s: router %s is not reading; dropped %d records",
+                             self.worker_id, endpoint, len(records))
+        self._outbox.clear()

@@ -1,0 +1,235 @@
+"""The prefill worker: computes prompts' KV with chunked prefill and streams the blocks.
+
+One ``Engine`` in the prefill role, driven by an ``EngineDriver`` thread, and one KV
+connector. After every engine step, the blocks a request completed are written into the
+decode worker's reserved blocks (so transfer overlaps the rest of the prefill); the first
+sampled token travels with the last write. The request's blocks stay referenced until the
+connector reports every write done (or failed): only then are they released, into this
+worker's prefix cache. The ``prefill`` call answers when the decode side holds every block.
+With ``stream_kv=False`` every block is written once, with the first token, after the last
+chunk (no overlap; kept to measure what streaming saves, see ``bench/service.py``).
+
+Used as a Ray actor (``router.cluster`` wraps it); public methods are async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import msgpack
+
+from decode_worker.protocol import logprobs_to_wire, resolve_host, sampling_params
+from engine.config import EngineConfig
+from engine.driver import EngineDriver
+from engine.engine import Engine
+from engine.kv_events import KVEvent
+from engine.outputs import RequestOutput
+from kvtransfer.nixl import NixlConfig, NixlConnector
+from prefill_worker.protocol import PrefillRequest, PrefillResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    req: PrefillRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[PrefillResult]
+    arrival: float
+    next_block: int
+    num_blocks: int
+    writes_started: bool = False
+    first_token: int = -1
+    first_logprobs: list[Any] | None = None
+    num_cached_tokens: int = 0
+    first_token_time: float = 0.0
+    aborted: bool = False  # by the router: nobody waits for the result
+    expired: bool = False  # missed its write deadline: the router should retry
+
+
+class PrefillWorker:
+    """Ray actor body."""
+
+    def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
+                 lease_s: float = 30.0, *, stream_kv: bool = True) -> None:
+        self.worker_id = worker_id
+        self.stream_kv = stream_kv
+        self.engine = Engine(replace(config, detokenize=False))
+        self.connector = NixlConnector(
+            self.engine.runner.kv_cache, self.engine.kv_spec,
+            NixlConfig(model=str(self.engine.model_config.architecture),
+                       host=resolve_host(host),
+                       name=worker_id, lease_s=lease_s),
+        )
+        self._jobs: dict[str, _Job] = {}
+        self._event_batches = 0
+        self.prefill_tokens = 0
+        self.prefill_seconds = 0.0
+        self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
+                                   name=f"{worker_id}-loop")
+        self.driver.start()
+        logger.info("%s ready (pid %d), kv agent %s", worker_id, os.getpid(),
+                    self.connector.agent_name)
+
+    # ------------------------------------------------------------------ Ray methods
+
+    async def ping(self) -> str:
+        if not self.driver.alive:
+            raise RuntimeError(f"{self.worker_id}: engine loop stopped: {self.driver.error!r}")
+        return self.worker_id
+
+    async def info(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "pid": os.getpid(),
+                "block_size": self.engine.kv_spec.block_size,
+                "num_blocks": self.engine.num_blocks,
+                "max_model_len": self.engine.max_model_len}
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        """Prefill ``req`` and write its KV into the target; answers when every block
+        landed (ok) or the transfer failed (error). ValueError for a refused request."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[PrefillResult] = loop.create_future()
+        await asyncio.wrap_future(self.driver.call(lambda e: self._start(e, req, loop, fut)))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.driver.call(lambda e: self._abort(e, req.request_id))
+            raise
+
+    async def abort(self, request_id: str) -> bool:
+        return await asyncio.wrap_future(self.driver.call(lambda e: self._abort(e, request_id)))
+
+    async def stats(self) -> dict[str, Any]:
+        s = await asyncio.wrap_future(self.driver.call(lambda e: e.stats()))
+        rate = self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        return {"worker_id": self.worker_id, "role": "prefill", "steps": self.driver.steps,
+                "pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate, **asdict(s)}
+
+    async def kv_events(self) -> tuple[str, int, list[KVEvent]]:
+        """Prefix-cache events since the last call, as (incarnation, batch number, events)
+        for the router's prefix index; batch numbers count up from 0 per incarnation."""
+        events = await asyncio.wrap_future(self.driver.call(lambda e: e.take_kv_events()))
+        seq = self._event_batches
+        self._event_batches += 1
+        return self.connector.agent_name, seq, events
+
+    async def kv_snapshot(self) -> tuple[str, int, list[int]]:
+        """Every cached block hash, as of the last batch ``kv_events`` returned."""
+        def take(engine: Engine) -> list[int]:
+            return engine.pool.cached_hashes()
+
+        hashes = await asyncio.wrap_future(self.driver.call(take))
+        return self.connector.agent_name, self._event_batches - 1, hashes
+
+    async def shutdown(self) -> None:
+        self.driver.stop()
+        self.connector.close()
+
+    # ------------------------------------------------------------------ driver thread
+
+    def _start(self, engine: Engine, req: PrefillRequest, loop: asyncio.AbstractEventLoop,
+               fut: asyncio.Future[PrefillResult]) -> None:
+        rid = req.request_id
+        params = replace(sampling_params(req.sampling), max_tokens=1)
+        engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True)
+        bs = engine.kv_spec.block_size
+        num_blocks = -(-len(req.prompt_token_ids) // bs)
+        if len(req.dst_block_ids) < num_blocks:
+            engine.abort(rid)
+            raise ValueError(f"{rid}: {num_blocks} destination blocks needed, "
+                             f"{len(req.dst_block_ids)} given")
+        self._jobs[rid] = _Job(req, loop, fut, time.monotonic(), req.skip_blocks, num_blocks)
+
+    def _abort(self, engine: Engine, rid: str) -> bool:
+        job = self._jobs.get(rid)
+        if job is None:
+            return engine.abort(rid)
+        job.aborted = True
+        if job.writes_started:
+            self.connector.abort(rid)  # source blocks are released when poll reports it
+        else:
+            engine.abort(rid)
+            self._resolve(job, PrefillResult(rid, False, error="aborted", retryable=False))
+        return True
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        bs = self.engine.kv_spec.block_size
+        now = time.monotonic()
+        for out in outputs:
+            job = self._jobs.get(out.request_id)
+            if job is None or job.aborted or job.expired:
+                continue
+            if not (out.finished or self.stream_kv):
+                continue  # not streaming: every block goes with the last write
+            upto = job.num_blocks if out.finished else out.num_computed_tokens // bs
+            payload = b""
+            if out.finished:
+                job.first_token = out.token_ids[0]
+                wire = logprobs_to_wire(out.logprobs)
+                job.first_logprobs = wire[0] if wire else None
+                job.num_cached_tokens = out.num_cached_tokens
+                job.first_token_time = now
+                computed = len(job.req.prompt_token_ids) - out.num_cached_tokens
+                self.prefill_tokens += computed
+                self.prefill_seconds += now - job.arrival
+                payload = msgpack.packb([job.first_token, job.first_logprobs])
+            if upto <= job.next_block and not out.finished:
+                continue
+            if time.time() > job.req.write_deadline:
+                self._expire(job)
+                continue
+            src = out.block_ids[job.next_block:upto]
+            dst = job.req.dst_block_ids[job.next_block:upto]
+            self.connector.write_blocks(job.req.target, out.request_id, src, dst,
+                                        last=out.finished, payload=payload)
+            job.writes_started = True
+            job.next_block = max(job.next_block, upto)
+
+    def _expire(self, job: _Job) -> None:
+        """The decode side's lease is over: write nothing more, fail the job."""
+        rid = job.req.request_id
+        logger.warning("%s: %s missed its write deadline; not writing", self.worker_id, rid)
+        job.expired = True
+        if job.writes_started:
+            self.connector.abort(rid)  # released when poll reports the failure
+            return
+        self.engine.abort(rid)
+        self._resolve(job, PrefillResult(rid, False, error="timeout: reservation lease over"))
+
+    def _on_tick(self) -> None:
+        result = self.connector.poll()
+        now = time.monotonic()
+        for rid in result.sent:
+            job = self._jobs.get(rid)
+            self.engine.release(rid)
+            if job is not None:
+                self._resolve(job, PrefillResult(
+                    rid, True, job.first_token, job.first_logprobs, job.num_cached_tokens,
+                    prefill_s=job.first_token_time - job.arrival,
+                    transfer_tail_s=now - job.first_token_time,
+                ))
+        for failure in result.failed:
+            rid = failure.request_id
+            job = self._jobs.get(rid)
+            self.engine.release(rid)
+            if job is not None:
+                logger.warning("%s: KV transfer of %s failed: %s", self.worker_id, rid,
+                               failure.message)
+                self._resolve(job, PrefillResult(
+                    rid, False, error=f"{failure.kind.value}: {failure.message}",
+                    retryable=job.expired or not job.aborted,
+                ))
+
+    def _resolve(self, job: _Job, result: PrefillResult) -> None:
+        self._jobs.pop(job.req.request_id, None)
+
+        def settle() -> None:
+            if not job.future.done():
+                job.future.set_result(result)
+
+        job.loop.call_soon_threadsafe(settle)

@@ -1,0 +1,220 @@
+"""Start or attach Ray, create the prefill and decode pools, watch them, replace the dead.
+
+Workers are named Ray actors (``pdserve-prefill-0``, ``pdserve-decode-1`` in the
+``pdserve`` namespace). The monitor pings every worker; one that does not answer is marked
+dead (its in-flight requests are failed over by the router through ``on_death``) and a new
+actor with a new KV agent takes its place. The router's only state here is soft: handles,
+liveness and the latest stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from decode_worker.worker import DecodeWorker
+from engine.config import EngineConfig
+from prefill_worker.worker import PrefillWorker
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "pdserve"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """How many workers of each role, and where Ray places them."""
+
+    engine: EngineConfig
+    num_prefill: int = 1
+    num_decode: int = 1
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    kv_host: str = "127.0.0.1"
+    lease_s: float = 30.0
+    stream_kv: bool = True  # prefill writes KV chunk by chunk; False: all blocks at the end
+    ping_interval_s: float = 0.5
+    ping_timeout_s: float = 10.0
+    start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError(
+                f"need at least one prefill and one decode worker, got {self.num_prefill} + "
+                f"{self.num_decode}"
+            )
+
+
+@dataclass(slots=True, eq=False)
+class WorkerHandle:
+    """The router's view of one worker (one incarnation of it)."""
+
+    worker_id: str
+    role: str
+    actor: Any
+    generation: int = 0
+    alive: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+DeathCallback = Callable[[WorkerHandle], Awaitable[None]]
+
+
+class Cluster:
+    """Owns the worker pools of one router process."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.workers: dict[str, WorkerHandle] = {}
+        self._started_ray = False
+        self._monitor: asyncio.Task[None] | None = None
+        self._replacing: set[str] = set()
+        self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self) -> None:
+        """Attach to ``ray_address`` (or RAY_ADDRESS), else start a local Ray."""
+        if ray.is_initialized():
+            return
+        address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, runtime_env=env,
+                     log_to_driver=True)
+        else:
+            cfg = self.config
+            logical_cpus = max(os.cpu_count() or 1,
+                               int((cfg.num_prefill + cfg.num_decode) * cfg.cpus_per_worker) + 1)
+            ray.init(num_cpus=logical_cpus, namespace=NAMESPACE, runtime_env=env,
+                     include_dashboard=False, log_to_driver=True)
+            self._started_ray = True
+
+    async def start(self) -> None:
+        """Create every worker and wait until all are ready."""
+        self.connect()
+        handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
+        handles += [self._create("decode", i) for i in range(self.config.num_decode)]
+        await asyncio.gather(*(self._wait_ready(h) for h in handles))
+
+    def _create(self, role: str, index: int, generation: int = 0) -> WorkerHandle:
+        cfg = self.config
+        worker_id = f"{role}-{index}"
+        cls = PrefillWorker if role == "prefill" else DecodeWorker
+        resources = cfg.prefill_resources if role == "prefill" else cfg.decode_resources
+        actor_cls = ray.remote(cls).options(
+            name=f"pdserve-{self.instance}-{worker_id}-g{generation}",
+            namespace=NAMESPACE,
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker,
+            resources=dict(resources) or None,
+            max_restarts=0,
+            max_concurrency=1000,
+        )
+        extra = {"stream_kv": cfg.stream_kv} if role == "prefill" else {}
+        actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s, **extra)
+        handle = WorkerHandle(worker_id, role, actor, generation)
+        self.workers[worker_id] = handle
+        return handle
+
+    async def _wait_ready(self, handle: WorkerHandle) -> None:
+        handle.info = await asyncio.wait_for(handle.actor.info.remote(),
+                                             self.config.start_timeout_s)
+        handle.alive = True
+        logger.info("worker %s (generation %d) ready: %s", handle.worker_id,
+                    handle.generation, handle.info)
+
+    def run_monitor(self, on_death: DeathCallback) -> None:
+        self._monitor = asyncio.get_running_loop().create_task(self._watch(on_death))
+
+    async def shutdown(self) -> None:
+        """Stop the monitor and every worker; leave no pdserve actor behind."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for handle in self.workers.values():
+            try:
+                await asyncio.wait_for(handle.actor.shutdown.remote(), 5.0)
+            except Exception:  # dying anyway
+                pass
+            ray.kill(handle.actor, no_restart=True)
+            handle.alive = False
+        if self._started_ray:
+            ray.shutdown()
+
+    # ------------------------------------------------------------------ queries
+
+    def pool(self, role: str) -> list[WorkerHandle]:
+        return [h for h in self.workers.values() if h.role == role and h.alive]
+
+    @property
+    def block_size(self) -> int:
+        return self.config.engine.cache.block_size
+
+    def max_model_len(self) -> int:
+        lens = [h.info.get("max_model_len", 0) for h in self.workers.values() if h.info]
+        return min(lens) if lens else 0
+
+    # ------------------------------------------------------------------ monitoring
+
+    async def _watch(self, on_death: DeathCallback) -> None:
+        while True:
+            await asyncio.sleep(self.config.ping_interval_s)
+            checks = [h for h in self.workers.values() if h.alive]
+            results = await asyncio.gather(*(self._probe(h) for h in checks))
+            for handle, ok in zip(checks, results, strict=True):
+                if not ok and handle.alive:
+                    handle.alive = False
+                    logger.error("worker %s died; failing over and replacing it",
+                                 handle.worker_id)
+                    await on_death(handle)
+                    asyncio.get_running_loop().create_task(self._replace(handle))
+
+    async def _probe(self, handle: WorkerHandle) -> bool:
+        """Liveness from ``ping`` (answered by the actor's event loop, never queued behind
+        an engine step), then fresh stats if they come in time: a worker slow to report
+        under load keeps its last stats instead of being declared dead."""
+        try:
+            await asyncio.wait_for(handle.actor.ping.remote(), self.config.ping_timeout_s)
+        except (ray.exceptions.RayError, asyncio.TimeoutError, RuntimeError) as exc:
+            logger.warning("worker %s failed its liveness check: %r", handle.worker_id, exc)
+            return False
+        try:
+            handle.stats = await asyncio.wait_for(handle.actor.stats.remote(),
+                                                  self.config.ping_timeout_s)
+        except asyncio.TimeoutError:
+            logger.info("worker %s: stats late; keeping the last ones", handle.worker_id)
+        except ray.exceptions.RayError as exc:
+            logger.warning("worker %s failed to report stats: %r", handle.worker_id, exc)
+            return False
+        return True
+
+    async def _replace(self, dead: WorkerHandle) -> None:
+        if dead.worker_id in self._replacing:
+            return
+        self._replacing.add(dead.worker_id)
+        try:
+            ray.kill(dead.actor, no_restart=True)
+            index = int(dead.worker_id.rsplit("-", 1)[1])
+            while True:
+                handle = self._create(dead.role, index, dead.generation + 1)
+                try:
+                    await self._wait_ready(handle)
+                    return
+                except Exception as exc:
+                    logger.error("replacing %s failed: %r; retrying", dead.worker_id, exc)
+                    ray.kill(handle.actor, no_restart=True)
+                    dead = handle
+                    await asyncio.sleep(1.0)
+        finally:
+            self._replacing.discard(dead.worker_id)

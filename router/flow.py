@@ -1,0 +1,348 @@
+"""One request's path through the pools: reserve on a decode worker, prefill on a prefill
+worker (KV streamed into the reservation), then stream the decode worker's tokens.
+
+The router owns the text: it detokenizes, applies stop strings, and counts what it has
+sent. That is what makes failover exact: if the decode worker dies mid-stream, the request
+resumes on another one from the prompt plus the tokens already sent, so the client sees no
+gap and no duplicate. A prefill worker dying, or a KV transfer failing, retries the attempt
+on another worker; nothing decodes from KV that did not fully land (the decode worker
+admits a request only when its connector reports every block received).
+
+Every attempt has its own id (``<request id>.<n>``): late messages of an abandoned attempt
+cannot reach the next one, and every exit path aborts the attempt on both workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import ray
+
+from decode_worker.protocol import (
+    ReserveRequest,
+    ReserveResult,
+    SamplingSpec,
+    TokenRecord,
+    logprobs_from_wire,
+)
+from engine.hashing import hash_blocks
+from engine.outputs import StopChecker
+from engine.sampling import SamplingParams, TokenLogprobs
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from prefill_worker.protocol import PrefillRequest, PrefillResult
+from router.balancer import (
+    Balancer,
+    LoadView,
+    NoWorkerAvailableError,
+    PrefillChoice,
+    RouteRequest,
+    WorkerLoad,
+)
+from router.cluster import Cluster, WorkerHandle
+from router.stream import TokenInbox
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request that cannot be served; ``code`` names the gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class FlowConfig:
+    lease_s: float = 30.0
+    admission_timeout_s: float = 30.0
+    max_waiting: int = 256  # requests waiting for a decode reservation; past it: overload
+    max_attempts: int = 4
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one step added to a request's output (the last one has ``finish_reason``)."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
+"""Told of every prefill attempt: the balancer's choice, the result (None if the worker
+died or the attempt was abandoned) and how many KV blocks it was to write."""
+
+
+class _Attempt:
+    def __init__(self, attempt_id: str, decode: WorkerHandle) -> None:
+        self.id = attempt_id
+        self.decode = decode
+        self.prefill: WorkerHandle | None = None
+        self.reservation: ReserveResult | None = None
+        self.reserved_at = 0.0  # time.time() when the reservation was confirmed
+        self.decode_died = asyncio.Event()
+        self.done = False
+
+
+class Flow:
+    """Runs requests for the router; owns the balancer's view of load."""
+
+    def __init__(self, cluster: Cluster, inbox: TokenInbox, tokenizer: Tokenizer,
+                 balancer: Balancer, eos_ids: tuple[int, ...], config: FlowConfig) -> None:
+        self.cluster = cluster
+        self.inbox = inbox
+        self.tokenizer = tokenizer
+        self.balancer = balancer
+        self.eos_ids = eos_ids
+        self.config = config
+        self.prefill_view = LoadView()
+        self.decode_view = LoadView()
+        self._attempts: dict[str, _Attempt] = {}
+        self._waiting = 0
+        self.failovers = 0
+        self.on_prefill: PrefillObserver | None = None
+
+    # ------------------------------------------------------------------ load
+
+    def refresh_loads(self) -> None:
+        """Install the workers' latest stats (called after each monitor round)."""
+        max_seqs = self.cluster.config.engine.scheduler.max_num_seqs
+        prefill, decode = [], []
+        for h in self.cluster.workers.values():
+            s = h.stats
+            if h.role == "prefill":
+                prefill.append(WorkerLoad(
+                    h.worker_id, pending_prefill_tokens=0,
+                    prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)),
+                    alive=h.alive))
+            else:
+                total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
+                used = int(s.get("num_used_blocks", 0))
+                decode.append(WorkerLoad(
+                    h.worker_id, free_blocks=total - used, total_blocks=total,
+                    running_seqs=int(s.get("num_running", 0)) + int(s.get("num_awaiting_kv", 0)),
+                    max_running_seqs=max_seqs, alive=h.alive))
+        self.prefill_view.update(prefill)
+        self.decode_view.update(decode)
+
+    def _alive(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
+        alive = {h.worker_id for h in self.cluster.workers.values() if h.alive}
+        return [ld for ld in loads if ld.worker_id in alive]
+
+    # ------------------------------------------------------------------ failures
+
+    def on_worker_death(self, handle: WorkerHandle) -> None:
+        for attempt in list(self._attempts.values()):
+            if attempt.decode.worker_id == handle.worker_id:
+                attempt.decode_died.set()
+                self.inbox.inject(TokenRecord(attempt.id, [], error="decode worker died"))
+
+    # ------------------------------------------------------------------ one request
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       max_len: int, arrival: float) -> AsyncIterator[Delta]:
+        seq = Sequence(request_id, prompt, params, arrival, 0)
+        seq.max_len = max_len
+        stop = StopChecker(seq, IncrementalDetokenizer(self.tokenizer, prompt), self.eos_ids)
+        timing: dict[str, float] = {}
+        cached_tokens = 0
+        failures = 0
+        attempt_no = 0
+        while True:
+            attempt_no += 1
+            attempt = await self._admit(f"{request_id}.{attempt_no}", seq, params, timing, arrival)
+            queue = self.inbox.open(attempt.id)
+            try:
+                result = await self._prefill(attempt, seq, params)
+                if result is None or not result.ok:
+                    failures += 1
+                    if result is not None and not result.retryable:
+                        raise RequestError("internal", f"prefill failed: {result.error}")
+                    if failures >= self.config.max_attempts:
+                        raise RequestError("unavailable", "prefill kept failing: "
+                                           + (result.error if result else "worker died"))
+                    self.failovers += 1
+                    continue
+                if attempt_no == 1 or not timing.get("prefill_s"):
+                    timing["prefill_s"] = result.prefill_s
+                    timing["transfer_s"] = result.transfer_tail_s
+                    cached_tokens = result.num_cached_tokens
+                while True:
+                    record = await queue.get()
+                    if record.error is not None:
+                        logger.warning("%s: %s; resuming after %d tokens", attempt.id,
+                                       record.error, seq.num_output_tokens)
+                        break
+                    delta = self._apply(seq, stop, record)
+                    if "first_token_s" not in timing and delta.token_ids:
+                        timing["first_token_s"] = time.monotonic() - arrival
+                    if delta.finish_reason is not None:
+                        attempt.done = record.finish_reason is not None
+                        timing["total_s"] = time.monotonic() - arrival
+                        delta.prompt_tokens = seq.num_prompt_tokens
+                        delta.completion_tokens = seq.num_output_tokens
+                        delta.cached_tokens = cached_tokens
+                        delta.timing = timing
+                        yield delta
+                        return
+                    if delta.token_ids or delta.text:
+                        yield delta
+                failures += 1
+                self.failovers += 1
+                if failures >= self.config.max_attempts:
+                    raise RequestError("unavailable", "decode kept failing")
+            finally:
+                self.inbox.close_request(attempt.id)
+                self._attempts.pop(attempt.id, None)
+                if not attempt.done:
+                    self._abort(attempt)
+
+    def _apply(self, seq: Sequence, stop: StopChecker, record: TokenRecord) -> Delta:
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
+        finished = False
+        for i, token in enumerate(record.token_ids):
+            seq.token_ids.append(token)
+            tokens.append(token)
+            if record.logprobs:
+                lp = logprobs_from_wire(record.logprobs[i])
+                if lp is not None:
+                    logprobs.append(lp)
+            if stop.append(token):
+                finished = True
+                break
+        reason = None
+        if finished:
+            assert seq.finish_reason is not None
+            reason = seq.finish_reason.value
+        elif record.finish_reason is not None:
+            reason = record.finish_reason  # the worker stopped for a reason we did not see
+        return Delta(tokens, stop.take_delta(reason is not None), logprobs, reason,
+                     seq.stop_reason)
+
+    def _abort(self, attempt: _Attempt) -> None:
+        for handle in (attempt.decode, attempt.prefill):
+            if handle is not None and handle.alive:
+                handle.actor.abort.remote(attempt.id)
+
+    # ------------------------------------------------------------------ admission
+
+    def _spec(self, seq: Sequence, params: SamplingParams) -> SamplingSpec:
+        return SamplingSpec(
+            max_tokens=seq.max_len - seq.num_tokens, temperature=params.temperature,
+            top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
+            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs,
+        )
+
+    def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:
+        hashes = hash_blocks(seq.token_ids, self.cluster.block_size)
+        return RouteRequest(attempt_id, tuple(hashes), seq.num_tokens)
+
+    async def _admit(self, attempt_id: str, seq: Sequence, params: SamplingParams,
+                     timing: dict[str, float], arrival: float) -> _Attempt:
+        """Reserve blocks on a decode worker, waiting (bounded) while the pool is full."""
+        if self._waiting >= self.config.max_waiting:
+            raise RequestError("resource_exhausted",
+                               f"{self._waiting} requests already wait for decode capacity; "
+                               "retry later")
+        self._waiting += 1
+        try:
+            route = self._route(attempt_id, seq)
+            deadline = time.monotonic() + self.config.admission_timeout_s
+            delay = 0.005
+            while True:
+                choice = self.balancer.choose_decode(route, self._alive(self.decode_view.current()))
+                if choice is not None:
+                    handle = self.cluster.workers[choice.worker_id]
+                    res = await self._reserve(handle, attempt_id, seq, params)
+                    if res is not None:
+                        self.decode_view.add_decode(handle.worker_id, choice.blocks_to_reserve)
+                        attempt = _Attempt(attempt_id, handle)
+                        attempt.reservation = res
+                        attempt.reserved_at = time.time()
+                        self._attempts[attempt_id] = attempt
+                        timing.setdefault("queue_s", time.monotonic() - arrival)
+                        return attempt
+                if not self.cluster.pool("decode"):
+                    raise RequestError("unavailable", "no decode worker is alive")
+                if time.monotonic() > deadline:
+                    raise RequestError(
+                        "resource_exhausted",
+                        f"no decode capacity for {self.config.admission_timeout_s:.0f}s "
+                        f"(prompt of {seq.num_tokens} tokens); retry later")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        finally:
+            self._waiting -= 1
+
+    async def _reserve(self, handle: WorkerHandle, attempt_id: str, seq: Sequence,
+                       params: SamplingParams) -> ReserveResult | None:
+        req = ReserveRequest(attempt_id, list(seq.token_ids), self._spec(seq, params),
+                             self.inbox.endpoint, self.config.lease_s)
+        try:
+            return await handle.actor.reserve.remote(req)
+        except ValueError as exc:
+            raise RequestError("invalid_argument", str(exc)) from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            if isinstance(cause, ValueError):
+                raise RequestError("invalid_argument", str(cause)) from None
+            logger.warning("reserve on %s failed: %r", handle.worker_id, exc)
+            return None
+        except ray.exceptions.RayError as exc:
+            logger.warning("reserve on %s failed: %r", handle.worker_id, exc)
+            return None
+
+    async def _prefill(self, attempt: _Attempt, seq: Sequence,
+                       params: SamplingParams) -> PrefillResult | None:
+        """Run the prefill; None if the prefill or the decode worker died meanwhile."""
+        res = attempt.reservation
+        assert res is not None
+        route = self._route(attempt.id, seq)
+        try:
+            choice = self.balancer.choose_prefill(route, self._alive(self.prefill_view.current()))
+        except NoWorkerAvailableError:
+            raise RequestError("unavailable", "no prefill worker is alive") from None
+        handle = self.cluster.workers[choice.worker_id]
+        attempt.prefill = handle
+        self.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens)
+        skip = res.num_cached_tokens // res.block_size
+        # Writes must start well inside the decode side's lease (see PrefillRequest).
+        deadline = attempt.reserved_at + 0.9 * self.config.lease_s
+        req = PrefillRequest(attempt.id, list(seq.token_ids), self._spec(seq, params), res.target,
+                             res.block_ids, skip, deadline)
+        call = asyncio.ensure_future(handle.actor.prefill.remote(req))
+        died = asyncio.ensure_future(attempt.decode_died.wait())
+        try:
+            await asyncio.wait({call, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        result: PrefillResult | None = None
+        if not call.done():
+            call.cancel()
+        else:
+            try:
+                result = call.result()
+            except ray.exceptions.RayError as exc:
+                logger.warning("prefill of %s on %s failed: %r", attempt.id, handle.worker_id,
+                               exc)
+        if result is not None and result.ok:
+            self.balancer.observe_ttft(attempt.id, result.prefill_s)
+        if self.on_prefill is not None:
+            num_blocks = -(-seq.num_tokens // res.block_size)
+            self.on_prefill(choice, result, num_blocks - skip)
+        return result

@@ -1,0 +1,289 @@
+"""The OpenAI-compatible HTTP front, served by the router process beside gRPC.
+
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as
+server-sent events when ``stream`` is true), ``GET /health`` and ``GET /metrics``
+(Prometheus text). Every generation goes through ``Router.prepare`` and ``Router.run``,
+the same validation and request path as gRPC; errors come back in OpenAI's error shape
+with the matching status (400 bad input, 401 bad key, 429 overload, 503 no workers).
+
+aiohttp's ``web`` server runs on the router's own asyncio loop (no second thread or
+process, no copy of the router's state). With ``handler_cancellation`` a client that
+disconnects cancels its handler task; the request generator is closed on every exit path
+(``contextlib.aclosing``), so ``Flow`` aborts the request on every worker at once, as a
+gRPC cancel does. ``/v1/*`` needs ``Authorization: Bearer KEY`` when the router has an API
+key; ``/health`` and ``/metrics`` do not (scrapers and probes hold no key).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from engine.sampling import TokenLogprobs
+from router import openai_types as oai
+from router.flow import Delta, RequestError
+from router.metrics import CONTENT_TYPE
+from router.validation import Prepared
+
+if TYPE_CHECKING:
+    from router.server import Router
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+def _error(code: str, message: str) -> web.Response:
+    return _json(*oai.error_body(code, message))
+
+
+def _sse(obj: dict[str, Any] | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+class HttpFront:
+    """The aiohttp application of one ``Router``; ``start`` binds, ``stop`` drains."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._token_text: dict[int, str] = {}
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve on ``host:port`` (0: any free port); returns the bound port."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=10.0)
+        await site.start()
+        return int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # unknown route, wrong method
+            if exc.status < 400:
+                raise
+            code = "not_found" if exc.status == 404 else "invalid_argument"
+            status, body = oai.error_body(code, f"{request.method} {request.path}: {exc.reason}")
+            return _json(exc.status, body)
+
+    def _authorized(self, request: web.Request) -> bool:
+        key = self.router.config.api_key
+        return not key or request.headers.get("Authorization") == f"Bearer {key}"
+
+    def _token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.router.tokenizer.decode(
+                [token_id], skip_special_tokens=False)
+        return text
+
+    async def _body(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError("invalid_argument", "the request body is not JSON") from None
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.router.healthy():
+            return _json(200, {"status": "ok"})
+        return _error("unavailable", "no live prefill or decode worker")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.router.metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error("unauthenticated", "missing or wrong API key "
+                                             "('Authorization: Bearer KEY')")
+        r = self.router
+        return _json(200, {"object": "list", "data": [{
+            "id": r.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
+            "max_model_len": r.cluster.max_model_len()}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrival = time.monotonic()
+        router = self.router
+        if not self._authorized(request):
+            router.count_refused("unauthenticated")
+            return _error("unauthenticated", "missing or wrong API key "
+                                             "('Authorization: Bearer KEY')")
+        try:
+            body = await self._body(request)
+            parsed = oai.parse_chat(body) if chat else oai.parse_completion(body)
+            if parsed.messages is not None:
+                router.validator.check_model(parsed.model)
+                prompt: str | list[int] | None = router.tokenizer.apply_chat_template(
+                    parsed.messages)
+            else:
+                prompt = parsed.prompt
+            prepared = router.prepare(parsed.model, prompt, parsed.args)
+        except RequestError as exc:
+            router.count_refused(exc.code)
+            return _error(exc.code, exc.message)
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        reply = _Reply(self, parsed, prepared, chat, rid)
+        deltas = router.run(rid, prepared, arrival)
+        if parsed.stream:
+            return await self._stream(request, reply, deltas)
+        try:
+            async with aclosing(deltas) as stream:
+                async for delta in stream:
+                    reply.add(delta)
+        except RequestError as exc:
+            return _error(exc.code, exc.message)
+        return _json(200, reply.whole())
+
+    async def _stream(self, request: web.Request, reply: _Reply,
+                      deltas: AsyncIterator[Delta]) -> web.StreamResponse:
+        """Stream ``deltas`` as SSE chunks. The first delta is awaited before the response
+        starts, so that an admission error still gets its HTTP status."""
+        async with aclosing(deltas) as stream:  # type: ignore[type-var]
+            try:
+                first = await anext(stream)
+            except RequestError as exc:
+                return _error(exc.code, exc.message)
+            except StopAsyncIteration:
+                first = None
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache",
+                                                   "X-Request-Id": reply.rid})
+            await response.prepare(request)
+            try:
+                opening = reply.first_chunk()
+                if opening is not None:
+                    await response.write(_sse(opening))
+                if first is not None:
+                    for chunk in reply.chunks(first):
+                        await response.write(_sse(chunk))
+                async for delta in stream:
+                    for chunk in reply.chunks(delta):
+                        await response.write(_sse(chunk))
+                if reply.parsed.include_usage:
+                    await response.write(_sse(reply.usage_chunk()))
+            except RequestError as exc:  # after the headers: report it in the stream
+                await response.write(_sse(oai.error_body(exc.code, exc.message)[1]))
+            except ConnectionResetError:
+                logger.info("%s: client went away mid-stream", reply.rid)
+                return response
+            await response.write(_sse("[DONE]"))
+            await response.write_eof()
+        return response
+
+
+class _Reply:
+    """Accumulates one request's deltas into OpenAI response bodies or stream chunks."""
+
+    def __init__(self, front: HttpFront, parsed: oai.ParsedRequest, prepared: Prepared,
+                 chat: bool, rid: str) -> None:
+        self.front = front
+        self.parsed = parsed
+        self.chat = chat
+        self.rid = rid
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+        self.model = front.router.model_name
+        self.prompt_ids = prepared.prompt
+        self.want_logprobs = parsed.args.logprobs is not None
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self._offset = 0
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.usage = oai.usage(delta.prompt_tokens, delta.completion_tokens,
+                                   delta.cached_tokens)
+
+    def _logprobs(self, lps: list[TokenLogprobs]) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        if self.chat:
+            return oai.chat_logprobs(lps, self.front._token)
+        out = oai.completion_logprobs(lps, self.front._token, self._offset)
+        self._offset += sum(len(t) for t in out["tokens"])
+        return out
+
+    def _choice(self, text: str | None, finish: str | None, lps: list[TokenLogprobs],
+                ids: list[int], *, delta: bool, role: bool = False) -> dict[str, Any]:
+        token_ids = ids if self.parsed.return_token_ids else None
+        if self.chat:
+            return oai.chat_choice(text, finish, self._logprobs(lps), token_ids, delta=delta,
+                                   role=role)
+        return oai.completion_choice(text or "", finish, self._logprobs(lps), token_ids)
+
+    def _extra(self) -> dict[str, Any] | None:
+        return {"prompt_token_ids": self.prompt_ids} if self.parsed.return_token_ids else None
+
+    def whole(self) -> dict[str, Any]:
+        """The non-streamed response."""
+        choice = self._choice("".join(self.text), self.finish_reason, self.logprobs,
+                              self.token_ids, delta=False)
+        return oai.envelope(self.id, self.object, self.created, self.model, [choice],
+                            self.usage, with_usage=True, extra=self._extra())
+
+    def first_chunk(self) -> dict[str, Any] | None:
+        """The opening chunk: the assistant role (chat) or, for completions, the prompt's
+        token ids if asked for (else none)."""
+        if not (self.chat or self.parsed.return_token_ids):
+            return None
+        choice = self._choice("", None, [], [], delta=True, role=True)
+        return self._chunk([choice], extra=self._extra())
+
+    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        """The stream chunk of one delta (none if it carries nothing)."""
+        self.add(delta)
+        if not (delta.token_ids or delta.text or delta.finish_reason):
+            return []
+        choice = self._choice(delta.text, delta.finish_reason, delta.logprobs,
+                              delta.token_ids, delta=True)
+        return [self._chunk([choice])]
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
+        return self._chunk([], usage_body=self.usage)
+
+    def _chunk(self, choices: list[dict[str, Any]], usage_body: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return oai.envelope(self.id, obj, self.created, self.model, choices, usage_body,
+                            with_usage=self.parsed.include_usage, extra=extra)

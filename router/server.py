@@ -1,0 +1,363 @@
+"""The router: pdserve's only public entry point, an asyncio gRPC server.
+
+It authenticates, validates and tokenizes each request (bad input: INVALID_ARGUMENT with a
+message), hands it to ``Flow`` (admission, balancing, streaming, failover), and streams
+``GenerateResponse`` messages back. Client cancel, deadline or disconnect cancels the
+handler, and ``Flow`` aborts the request on every worker. The standard health service and
+server reflection are served beside ``pdserve.v1.Generation``.
+
+The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on
+the same event loop and goes through the same ``Router.prepare`` (validation) and
+``Router.run`` (the request path, with its metrics): no second implementation of either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from decode_worker.protocol import resolve_host
+from engine.config import KVCacheSpec
+from engine.model.loader import load_model_config
+from engine.tokenizer import Tokenizer
+from prefill_worker.protocol import PrefillResult
+from protos.pdserve.v1 import generation_pb2 as pb
+from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
+from router.balancer import PrefillChoice, make_balancer
+from router.cluster import Cluster, PoolConfig, WorkerHandle
+from router.flow import Delta, Flow, FlowConfig, RequestError
+from router.metrics import RouterMetrics, WorkerSample
+from router.prefix_index import PrefixIndex
+from router.stream import TokenInbox
+from router.validation import Prepared, SamplingArgs, Validator
+
+logger = logging.getLogger(__name__)
+
+_CODES = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    pools: PoolConfig
+    host: str = "127.0.0.1"
+    port: int = 50051
+    api_key: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    balancer: str = "prefix_aware"
+    model_name: str = ""
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    events_interval_s: float = 0.1
+    http_port: int | None = None
+    """The OpenAI-compatible HTTP front (and /metrics) on ``host``: None = off, 0 = any free
+    port (``Router.http_port`` tells which)."""
+
+
+class Router(pb_grpc.GenerationServicer):
+    """Serves ``pdserve.v1.Generation`` over the worker pools of ``cluster``."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        engine_cfg = config.pools.engine
+        from engine.model.builtin import resolve_model
+
+        self.model_path = resolve_model(engine_cfg.model)
+        self.model_config = load_model_config(self.model_path)
+        self.model_name = config.model_name or (
+            engine_cfg.model if engine_cfg.model in ("tiny", "small") else self.model_path.name)
+        self.tokenizer = Tokenizer(self.model_path)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.cluster = Cluster(config.pools)
+        self.index = PrefixIndex(engine_cfg.cache.block_size)
+        self.balancer = make_balancer(config.balancer, self.index)
+        self.inbox: TokenInbox | None = None
+        self.flow: Flow | None = None
+        self._eos = tuple(sorted(eos))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._active: set[str] = set()
+        self.requests_total = 0
+        self.outcomes: dict[str, int] = {}
+        self.http_port: int | None = None
+        self.validator = Validator(
+            self.model_name, self.tokenizer, self.model_config.vocab_size,
+            lambda: self.cluster.max_model_len() or self.model_config.max_position_embeddings)
+        self.metrics = RouterMetrics(
+            policy=self.balancer.name, balancer=self.balancer,
+            workers=lambda: [WorkerSample(h.worker_id, h.role, h.alive, h.stats)
+                             for h in self.cluster.workers.values()],
+            failovers=lambda: self.flow.failovers if self.flow is not None else 0,
+            running=lambda: len(self._active))
+        dtype = engine_cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if engine_cfg.device.startswith("cuda") else "float32"
+        mc = self.model_config
+        self._block_bytes = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                        engine_cfg.cache.block_size, dtype).block_bytes
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.cluster.start()
+        self.inbox = TokenInbox(resolve_host(self.config.pools.kv_host))
+        self.inbox.start()
+        self.flow = Flow(self.cluster, self.inbox, self.tokenizer, self.balancer, self._eos,
+                         self.config.flow)
+        self.flow.on_prefill = self._on_prefill
+        for h in self.cluster.pool("prefill"):
+            self.index.add_worker(h.worker_id)
+        self.cluster.run_monitor(self._on_death)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._feed_index()))
+        self._tasks.append(loop.create_task(self._refresh_loads()))
+        await self._probe_all()
+
+    async def _probe_all(self) -> None:
+        for h in self.cluster.workers.values():
+            h.stats = await h.actor.stats.remote()
+        assert self.flow is not None
+        self.flow.refresh_loads()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.cluster.shutdown()
+        if self.inbox is not None:
+            await self.inbox.close()
+
+    def _on_prefill(self, choice: PrefillChoice, result: PrefillResult | None,
+                    blocks: int) -> None:
+        ok = None if result is None or (not result.ok and not result.retryable) else result.ok
+        self.metrics.on_prefill(
+            choice.predicted_ttft_s, choice.cached_tokens, ok,
+            actual_ttft_s=result.prefill_s if result else 0.0,
+            transfer_s=result.transfer_tail_s if result else 0.0,
+            bytes_written=blocks * self._block_bytes)
+
+    def healthy(self) -> bool:
+        """True while both pools have a live worker (the service can answer)."""
+        return bool(self.cluster.pool("prefill")) and bool(self.cluster.pool("decode"))
+
+    async def _on_death(self, handle: WorkerHandle) -> None:
+        if self.flow is not None:
+            self.flow.on_worker_death(handle)
+
+    async def _refresh_loads(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.pools.ping_interval_s)
+            if self.flow is not None:
+                self.flow.refresh_loads()
+
+    async def _feed_index(self) -> None:
+        """Pull each prefill worker's KV events into the prefix index; resync on gaps."""
+        while True:
+            await asyncio.sleep(self.config.events_interval_s)
+            for h in self.cluster.pool("prefill"):
+                try:
+                    incarnation, seq_no, events = await h.actor.kv_events.remote()
+                    self.index.apply_events(h.worker_id, seq_no, events, incarnation)
+                    if self.index.needs_resync(h.worker_id):
+                        inc, snap_seq, hashes = await h.actor.kv_snapshot.remote()
+                        self.index.snapshot(h.worker_id, snap_seq, hashes, inc)
+                except Exception as exc:  # the monitor handles dead workers
+                    logger.debug("KV events of %s unavailable: %r", h.worker_id, exc)
+
+    # ------------------------------------------------------------------ the request path
+
+    def prepare(self, model: str, prompt: str | Sequence[int] | None,
+                args: SamplingArgs) -> Prepared:
+        """Validate and tokenize a request of either front (``RequestError`` if bad)."""
+        return self.validator.prepare(model, prompt, args)
+
+    def count_refused(self, outcome: str) -> None:
+        """Count a request a front refused before ``run`` (bad input, bad key)."""
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.metrics.requests.labels(outcome).inc()
+
+    async def run(self, rid: str, prepared: Prepared, arrival: float) -> AsyncIterator[Delta]:
+        """The one request path of every front: ``Flow.generate`` plus the bookkeeping and
+        metrics. Raises ``RequestError``; cancelling the caller (or closing this generator)
+        aborts the request on every worker. Close it with ``contextlib.aclosing`` when the
+        caller may stop early, so that the abort is immediate."""
+        if rid in self._active:
+            self.count_refused("invalid_argument")
+            raise RequestError("invalid_argument", f"request id {rid!r} is in flight")
+        assert self.flow is not None
+        self._active.add(rid)
+        self.requests_total += 1
+        timer = self.metrics.track(len(prepared.prompt), arrival)
+        outcome = "error"
+        queue_s = None
+        try:
+            async for delta in self.flow.generate(rid, prepared.prompt, prepared.params,
+                                                  prepared.max_len, arrival):
+                timer.on_tokens(len(delta.token_ids))
+                if delta.finish_reason is not None:
+                    outcome = delta.finish_reason
+                    queue_s = delta.timing.get("queue_s")
+                yield delta
+        except RequestError as exc:
+            outcome = exc.code
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome == "error":  # not closed after its last delta
+                outcome = "cancelled"
+            raise
+        finally:
+            self._active.discard(rid)
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            timer.finish(outcome, queue_s)
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.config.api_key:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get("authorization") != f"Bearer {self.config.api_key}":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong API key (metadata 'authorization: Bearer KEY')")
+
+    def _validate(self, request: pb.GenerateRequest) -> Prepared:
+        kind = request.WhichOneof("prompt")
+        prompt: str | list[int] | None = None
+        if kind == "text":
+            prompt = request.text
+        elif kind == "token_ids":
+            prompt = list(request.token_ids.ids)
+        s = request.sampling
+        args = SamplingArgs(
+            max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+            temperature=s.temperature if s.HasField("temperature") else None,
+            top_p=s.top_p if s.HasField("top_p") else None,
+            top_k=s.top_k, min_p=s.min_p,
+            seed=s.seed if s.HasField("seed") else None,
+            stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            logprobs=s.logprobs if s.HasField("logprobs") else None,
+        )
+        return self.prepare(request.model, prompt, args)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await self._authorize(context)
+        arrival = time.monotonic()
+        rid = request.request_id or uuid.uuid4().hex
+        try:
+            prepared = self._validate(request)
+        except RequestError as exc:
+            self.count_refused(exc.code)
+            await context.abort(_CODES[exc.code], exc.message)
+        try:
+            async for delta in self.run(rid, prepared, arrival):
+                yield self._response(rid, delta)
+        except RequestError as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+
+    @staticmethod
+    def _response(rid: str, delta: Delta) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
+        for lp in delta.logprobs:
+            msg.logprobs.append(pb.TokenLogprobs(
+                token_id=lp.token_id, logprob=lp.logprob,
+                top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+        if delta.finish_reason is not None:
+            msg.finish_reason = delta.finish_reason
+            if delta.stop_reason is not None:
+                msg.stop_reason = str(delta.stop_reason)
+            msg.usage.CopyFrom(pb.Usage(prompt_tokens=delta.prompt_tokens,
+                                        completion_tokens=delta.completion_tokens,
+                                        cached_tokens=delta.cached_tokens))
+            msg.timing.CopyFrom(pb.Timing(**{k: v for k, v in delta.timing.items()
+                                             if k in pb.Timing.DESCRIPTOR.fields_by_name}))
+        return msg
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        await self._authorize(context)
+        return pb.ListModelsResponse(models=[pb.ModelInfo(
+            id=self.model_name, max_model_len=self.cluster.max_model_len(),
+            vocab_size=self.model_config.vocab_size, dtype=self.config.pools.engine.dtype)])
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+        await self._authorize(context)
+        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext):
+        await self._authorize(context)
+        workers = []
+        for h in self.cluster.workers.values():
+            s = h.stats
+            workers.append(pb.WorkerStats(
+                worker_id=h.worker_id, role=h.role, alive=h.alive,
+                running=int(s.get("num_running", 0)), waiting=int(s.get("num_waiting", 0)),
+                kv_blocks_total=int(s.get("num_blocks", 0)),
+                kv_blocks_used=int(s.get("num_used_blocks", 0)),
+                prefix_queried_tokens=int(s.get("prefix_queried_tokens", 0)),
+                prefix_hit_tokens=int(s.get("prefix_hit_tokens", 0)),
+                prefill_tokens_computed=int(s.get("prefill_tokens_computed", 0))))
+        metrics = self.metrics.samples()
+        return pb.GetStatsResponse(workers=workers, requests_total=self.requests_total,
+                                   requests_running=len(self._active), metrics=metrics)
+
+
+async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
+                on_ready: Callable[[Router, int], None] | None = None) -> None:
+    """Start the pools, the gRPC server and (``config.http_port`` not None) the HTTP front;
+    run until ``stop`` is set, then drain. ``on_ready(router, port)`` is called once both
+    accept requests (``router.http_port`` is the HTTP front's port)."""
+    from router.http import HttpFront
+
+    router = Router(config)
+    await router.start()
+    http: HttpFront | None = None
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(router, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert and config.tls_key:
+        creds = grpc.ssl_server_credentials([(config.tls_key, config.tls_cert)])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    if config.http_port is not None:
+        http = HttpFront(router)
+        router.http_port = await http.start(config.host, config.http_port)
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    front = f", OpenAI HTTP on {config.host}:{router.http_port}" if http is not None else ""
+    print(f"pdserve: serving {router.model_name!r} on {config.host}:{bound}{front} "
+          f"({config.pools.num_prefill} prefill + {config.pools.num_decode} decode workers)",
+          flush=True)
+    if on_ready is not None:
+        on_ready(router, bound)
+    try:
+        if stop is None:
+            await server.wait_for_termination()
+        else:
+            await stop.wait()
+    finally:
+        for name in ("", names[0]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if http is not None:
+            await http.stop()
+        await server.stop(grace=10.0)
+        await router.stop()

@@ -1,0 +1,129 @@
+"""A real pdserve service (Ray actors, NIXL, gRPC on 127.0.0.1) run inside a test process.
+
+The router's event loop runs on a background thread so that tests can drive it with the
+blocking SDK and still reach the router's objects (to kill a worker, read its stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from router.cluster import PoolConfig
+from router.flow import FlowConfig
+from router.server import Router, RouterConfig, serve
+
+
+class ServiceThread:
+    """Starts ``serve`` on a thread; ``stop()`` drains it and removes its actors."""
+
+    def __init__(self, model: str = "tiny", prefill: int = 1, decode: int = 1, *,
+                 api_key: str | None = None, lease_s: float = 30.0,
+                 max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
+                 admission_timeout_s: float = 30.0, max_waiting: int = 256,
+                 http: bool = False) -> None:
+        if not ray.is_initialized():
+            ray.init(num_cpus=16, namespace="pdserve", include_dashboard=False,
+                     log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        engine = EngineConfig(
+            model=model, dtype="float32", device="cpu",
+            cache=CacheConfig(block_size=16, num_blocks=num_blocks),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
+        )
+        self.config = RouterConfig(
+            pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,
+                             lease_s=lease_s, ping_interval_s=0.2),
+            port=0, api_key=api_key, http_port=0 if http else None,
+            flow=FlowConfig(lease_s=lease_s, admission_timeout_s=admission_timeout_s,
+                            max_waiting=max_waiting),
+        )
+        self.router: Router | None = None
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(180) or self._error is not None:
+            raise RuntimeError(f"service did not start: {self._error!r}")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible front (``http=True``), e.g. for ``/v1``."""
+        assert self.router is not None and self.router.http_port is not None
+        return f"http://127.0.0.1:{self.router.http_port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        def ready(router: Router, port: int) -> None:
+            self.router, self.port = router, port
+            self._ready.set()
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await serve(self.config, stop=self._stop, on_ready=ready)
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run a coroutine function on the router's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
+
+    def worker_stats(self) -> dict[str, dict[str, Any]]:
+        assert self.router is not None
+        workers = list(self.router.cluster.workers.values())
+
+        async def fetch() -> dict[str, dict[str, Any]]:
+            return {h.worker_id: await h.actor.stats.remote() for h in workers if h.alive}
+
+        return self.call(fetch)
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Wait until every worker holds no referenced block; return their stats."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.worker_stats()
+            busy = {w: s["num_used_blocks"] for w, s in stats.items() if s["num_used_blocks"]}
+            if not busy or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+
+_SHARED: dict[tuple[object, ...], ServiceThread] = {}
+SHARED_API_KEY = "shared-test-key"
+
+
+def shared_service(model: str = "tiny", *, api_key: str | None = SHARED_API_KEY,
+                   http: bool = True) -> ServiceThread:
+    """One service per test process for these settings, stopped at exit: starting one costs
+    tens of seconds on a 2-core machine, so the HTTP, metrics and bench tests share it (each
+    test measures what it needs as before/after differences)."""
+    key = (model, api_key, http)
+    service = _SHARED.get(key)
+    if service is None:
+        service = _SHARED[key] = ServiceThread(model, 1, 1, api_key=api_key, http=http)
+        atexit.register(service.stop)
+    return service
