@@ -1,0 +1,395 @@
+"""The Helm chart (deploy/helm/pdserve), rendered and linted by Helm itself, offline.
+
+`helm-python-sdk` embeds Helm v4 as a library: no binary, no cluster. Every variant is
+rendered and linted; every RayCluster is validated against KubeRay's real CRD schema (from
+the shared folder beside the repository, made strict so that a misspelt field fails instead
+of being pruned), and every core object and every pod template with `kubernetes-validate`
+(strict). Then the values are checked where they land.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "deploy" / "helm" / "pdserve"
+SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+KUBE_VERSION = "1.33.0"
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gpus": {
+        "prefill": {"replicas": 3, "gpusPerPod": 2},
+        "decode": {"replicas": 2, "gpusPerPod": 1},
+    },
+    "tls_api_key": {
+        "tls": {"enabled": True, "secretName": "pdserve-tls"},
+        "apiKey": {"enabled": True, "secretName": "pdserve-key", "secretKey": "token"},
+    },
+    "pvc_model": {
+        "model": {"source": "pvc", "path": "/models/llama", "pvc": {"claimName": "weights"}},
+    },
+    "host_path_model": {
+        "model": {"source": "hostPath", "path": "/models/llama",
+                  "hostPath": {"path": "/mnt/nvme/models"}},
+    },
+    "url_model": {
+        "model": {"source": "url", "path": "/models/llama",
+                  "url": {"uri": "s3://bucket/llama/",
+                          "envFrom": [{"secretRef": {"name": "s3-creds"}}]}},
+    },
+    "service_monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "autoscaling": {
+        "autoscaling": {"enabled": True},
+        "prefill": {"replicas": 2, "minReplicas": 1, "maxReplicas": 8},
+        "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 4},
+    },
+    "placement": {
+        "prefill": {"nodeSelector": {"pool": "prefill-h100"},
+                    "tolerations": [{"key": "prefill", "operator": "Exists",
+                                     "effect": "NoSchedule"}]},
+        "decode": {"nodeSelector": {"pool": "decode-a100"},
+                   "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                       "nodeSelectorTerms": [{"matchExpressions": [
+                           {"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}}},
+    },
+    "grpc_probe_load_balancer": {"router": {"probe": "grpc"}, "service": {"type": "LoadBalancer"}},
+    "router_options": {"router": {"extraArgs": ["--max-num-seqs", "256"],
+                                  "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}]},
+                       "ray": {"auth": {"mode": "disabled"}, "upgradeStrategy": "None"}},
+}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Render with release `demo` in namespace `serving`; objects grouped by kind."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, text in chart.render(values, name="demo", namespace="serving").items():
+        if name.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                out.setdefault(doc["kind"], []).append(doc)
+    return out
+
+
+def raycluster(chart: helm.Chart, values: dict[str, Any]) -> dict[str, Any]:
+    (rc,) = render(chart, values)["RayCluster"]
+    return rc
+
+
+def groups(rc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """head, prefill and decode group specs."""
+    spec = rc["spec"]
+    return {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+
+
+def router_args(rc: dict[str, Any]) -> list[str]:
+    script = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["args"][0]
+    command = script[script.index("exec pdserve serve"):].replace("\\\n", " ")
+    return command.split()[1:]
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def _strict(schema: Any) -> Any:
+    """The CRD schema with unknown fields refused (the API server would silently prune them)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def raycluster_validator() -> jsonschema.Draft7Validator:
+    crd_path = SCHEMAS / "ray.io_rayclusters.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
+    crd = yaml.safe_load(crd_path.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
+
+
+def validate_all(objects: dict[str, list[dict[str, Any]]],
+                 validator: jsonschema.Draft7Validator) -> None:
+    for kind, docs in objects.items():
+        for doc in docs:
+            if kind == "RayCluster":
+                errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+                assert not errors, "\n".join(
+                    f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+                for name, group in groups(doc).items():
+                    pod = {"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": f"{name}-pod",
+                                        **group["template"].get("metadata", {})},
+                           "spec": group["template"]["spec"]}
+                    kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+            elif kind == "ServiceMonitor":  # a Prometheus Operator CRD: no schema here
+                assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            else:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def merged(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        out = _deep_merge(out, part)
+    return out
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
+    return out
+
+
+# ---------------------------------------------------------------------------- every variant
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_renders_lints_and_validates(chart, raycluster_validator, variant: str) -> None:
+    values = VARIANTS[variant]
+    objects = render(chart, values)
+    assert set(objects) >= {"RayCluster", "Service"}
+    validate_all(objects, raycluster_validator)
+    report = helm.lint(CHART, values, strict=True, namespace="serving",
+                       kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+# ---------------------------------------------------------------------------- values land
+
+
+def test_default_is_a_cpu_smoke_test_with_one_worker_per_pool(chart) -> None:
+    rc = raycluster(chart, {})
+    g = groups(rc)
+    args = router_args(rc)
+    assert flag(args, "--device") == "cpu"
+    assert flag(args, "--model") == '"tiny"'
+    assert (flag(args, "--prefill-workers"), flag(args, "--decode-workers")) == ("1", "1")
+    assert flag(args, "--ray-address") == "auto"
+    assert (flag(args, "--port"), flag(args, "--http-port")) == ("50051", "8000")
+    assert "--prefill-resource" in args and flag(args, "--prefill-resource") == "pdserve_prefill=1"
+    assert flag(args, "--decode-resource") == "pdserve_decode=1"
+    assert rc["spec"]["authOptions"] == {"mode": "token"}
+    assert rc["spec"]["upgradeStrategy"] == {"type": "Recreate"}  # new pool sizes restart it
+    assert "enableInTreeAutoscaling" not in rc["spec"]
+    for role in ("prefill", "decode"):
+        assert g[role]["replicas"] == g[role]["minReplicas"] == g[role]["maxReplicas"] == 1
+        assert g[role]["rayStartParams"]["resources"] == f'"{{\\"pdserve_{role}\\": 1}}"'
+        limits = g[role]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert "nvidia.com/gpu" not in limits
+
+
+def test_gpus_and_replicas_land_in_each_pool(chart) -> None:
+    rc = raycluster(chart, VARIANTS["gpus"])
+    g = groups(rc)
+    args = router_args(rc)
+    assert flag(args, "--device") == "cuda"
+    assert (flag(args, "--prefill-workers"), flag(args, "--decode-workers")) == ("6", "2")
+    assert g["prefill"]["replicas"] == 3 and g["decode"]["replicas"] == 2
+    for role, gpus in (("prefill", 2), ("decode", 1)):
+        container = g[role]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert container["resources"]["requests"]["cpu"] == "2"  # the defaults stay
+        assert g[role]["rayStartParams"]["resources"] == f'"{{\\"pdserve_{role}\\": {gpus}}}"'
+    head = g["head"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+
+
+def test_tls_and_api_key_come_from_secrets(chart) -> None:
+    rc = raycluster(chart, VARIANTS["tls_api_key"])
+    pod = groups(rc)["head"]["template"]["spec"]
+    head = pod["containers"][0]
+    args = router_args(rc)
+    assert flag(args, "--tls-cert") == "/etc/pdserve/tls/tls.crt"
+    assert flag(args, "--tls-key") == "/etc/pdserve/tls/tls.key"
+    assert {"name": "tls", "secret": {"secretName": "pdserve-tls"}} in pod["volumes"]
+    assert {"name": "tls", "mountPath": "/etc/pdserve/tls", "readOnly": True} \
+        in head["volumeMounts"]
+    env = {e["name"]: e for e in head["env"]}
+    assert env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "pdserve-key",
+                                                                  "key": "token"}
+    assert "--api-key" not in args  # never on a command line
+    # The HTTP port stays plaintext (TLS covers gRPC), so the HTTP probes keep working.
+    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+
+
+def test_router_options_land(chart) -> None:
+    rc = raycluster(chart, VARIANTS["router_options"])
+    assert router_args(rc)[-3:] == ["'--max-num-seqs'", "'256'", "-v"]
+    head = groups(rc)["head"]["template"]["spec"]["containers"][0]
+    assert head["env"] == [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    assert "authOptions" not in rc["spec"]
+    assert rc["spec"]["upgradeStrategy"] == {"type": "None"}
+    assert "env" not in groups(raycluster(chart, {}))["head"]["template"]["spec"]["containers"][0]
+
+
+def test_probes_and_drain_on_the_router(chart) -> None:
+    head = groups(raycluster(chart, {}))["head"]
+    container = head["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe"):  # ready once both pools have a worker
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # Alive while the router answers: a lost worker must not restart the head.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
+    assert container["startupProbe"]["failureThreshold"] == 90
+    pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    assert "kill -TERM 1" in pre_stop
+    assert head["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == 50051 and ports["http"] == 8000
+
+    grpc = groups(raycluster(chart, VARIANTS["grpc_probe_load_balancer"]))["head"]
+    assert grpc["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"] == {"port": 50051}
+
+
+def test_service_exposes_grpc_and_http_on_the_head(chart) -> None:
+    objects = render(chart, VARIANTS["grpc_probe_load_balancer"])
+    (svc,) = objects["Service"]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "demo-pdserve",
+                                       "ray.io/node-type": "head"}
+    assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+        ("grpc", 50051, "grpc"), ("http", 8000, "http")}
+
+
+@pytest.mark.parametrize("variant", ["pvc_model", "host_path_model", "url_model"])
+def test_model_source_reaches_every_pod(chart, variant: str) -> None:
+    rc = raycluster(chart, VARIANTS[variant])
+    assert flag(router_args(rc), "--model") == '"/models/llama"'
+    for name, group in groups(rc).items():
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "model"]
+        mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model"]
+        assert [m["mountPath"] for m in mounts] == ["/models"], name
+        if variant == "pvc_model":
+            assert volume["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+        elif variant == "host_path_model":
+            assert volume["hostPath"] == {"path": "/mnt/nvme/models", "type": "Directory"}
+        else:
+            assert "emptyDir" in volume
+            (init,) = pod["initContainers"]
+            env = {e["name"]: e.get("value") for e in init["env"]}
+            assert env == {"MODEL_URL": "s3://bucket/llama/", "MODEL_DIR": "/models/llama"}
+            assert init["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+            assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+
+
+def test_node_selectors_tolerations_and_affinity_land_in_their_pool(chart) -> None:
+    g = groups(raycluster(chart, VARIANTS["placement"]))
+    prefill, decode = g["prefill"]["template"]["spec"], g["decode"]["template"]["spec"]
+    assert prefill["nodeSelector"] == {"pool": "prefill-h100"}
+    assert prefill["tolerations"][0]["key"] == "prefill"
+    assert "affinity" not in prefill
+    assert decode["nodeSelector"] == {"pool": "decode-a100"}
+    assert "tolerations" not in decode
+    assert decode["affinity"]["nodeAffinity"]
+    assert "nodeSelector" not in g["head"]["template"]["spec"]
+
+
+def test_autoscaling_sets_bounds_per_pool(chart) -> None:
+    rc = raycluster(chart, VARIANTS["autoscaling"])
+    assert rc["spec"]["enableInTreeAutoscaling"] is True
+    assert rc["spec"]["autoscalerOptions"] == {"upscalingMode": "Default",
+                                               "idleTimeoutSeconds": 120}
+    g = groups(rc)
+    assert (g["prefill"]["minReplicas"], g["prefill"]["replicas"],
+            g["prefill"]["maxReplicas"]) == (1, 2, 8)
+    assert (g["decode"]["minReplicas"], g["decode"]["maxReplicas"]) == (1, 4)
+
+
+def test_service_monitor_scrapes_metrics_on_the_http_port(chart) -> None:
+    objects = render(chart, VARIANTS["service_monitor"])
+    (sm,) = objects["ServiceMonitor"]
+    (svc,) = objects["Service"]
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "http"
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    selected = sm["spec"]["selector"]["matchLabels"]
+    assert selected.items() <= svc["metadata"]["labels"].items()
+    assert "ServiceMonitor" not in render(chart, {})
+
+
+def test_notes_tell_how_to_reach_the_service(chart) -> None:
+    notes = chart.render(VARIANTS["tls_api_key"], name="demo", namespace="serving")
+    text = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    assert "port-forward svc/demo-pdserve 50051:50051 8000:8000" in text
+    assert "pdserve generate" in text and "--tls" in text and "PDSERVE_API_KEY" in text
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"prefill": {"replicas": -1}}, r"prefill.*replicas.*minimum"),
+    ({"decode": {"gpusPerPod": -2}}, r"decode.*gpusPerPod.*minimum"),
+    ({"model": {"source": "s3"}}, r"model.*source"),
+    ({"tls": {"enabled": True}}, r"tls.*secretName"),
+    ({"apiKey": {"enabled": True}}, r"apiKey.*secretName"),
+    ({"model": {"source": "pvc", "path": "/models/x"}}, r"claimName"),
+    ({"router": {"grpcPort": 70000}}, r"grpcPort.*maximum"),
+    ({"prefill": {"replica": 2}}, r"replica"),  # a misspelt key
+])
+def test_schema_refuses_bad_values_with_a_clear_message(chart, values, message) -> None:
+    with pytest.raises(helm.HelmValuesError, match=f"(?is){message}"):
+        chart.validate_schema(chart.merge_values(values))
+    with pytest.raises(helm.HelmError, match=f"(?is){message}"):
+        chart.render(values, name="demo")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"prefill": {"gpusPerPod": 1}}, "both 0 (CPU) or both > 0"),
+    ({"tls": {"enabled": True, "secretName": "t"}, "router": {"probe": "grpc"}},
+     "gRPC probes speak plaintext"),
+    ({"model": {"source": "pvc", "path": "/data/x", "pvc": {"claimName": "w"}}},
+     "must lie under model.mountPath"),
+    ({"model": {"path": "/models/llama"}}, "model.source=builtin takes"),
+    ({"autoscaling": {"enabled": True}, "prefill": {"replicas": 9, "maxReplicas": 4}},
+     "prefill.replicas (9) must lie within"),
+])
+def test_inconsistent_values_fail_to_render_with_a_clear_message(chart, values, message) -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        chart.render(values, name="demo")
+
+
+# ---------------------------------------------------------------------------- the image
+
+
+def test_default_image_is_what_the_dockerfile_publishes(chart) -> None:
+    pyproject = (REPO / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M)[1]
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    cuda = re.search(r"^ARG CUDA_VERSION=(\d+)\.(\d+)", dockerfile, re.M)
+    ray = re.search(r"^ARG RAY_VERSION=(\S+)", dockerfile, re.M)
+    assert cuda and ray
+    assert chart.metadata["appVersion"] == version
+    assert chart.values["image"]["tag"] == f"{version}-cu{cuda[1]}{cuda[2]}"
+    assert chart.values["ray"]["version"] == ray[1]
+    assert f"{chart.values['image']['repository']}:{version}-cu" in dockerfile
