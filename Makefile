@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Extra options for `pdserve serve`, e.g. make run ARGS="--port 50052 --model small".
+ARGS ?=
 run: $(STAMP)
-	$(VENV)/bin/pdserve generate "The quick brown fox"
+	$(VENV)/bin/pdserve serve $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
