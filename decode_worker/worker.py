@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from dataclasses import asdict, replace
-from typing import Any
 
 import msgpack
 import zmq
 
+from decode_worker.base import EngineWorker
 from decode_worker.protocol import (
     ReserveRequest,
     ReserveResult,
@@ -30,72 +28,40 @@ from decode_worker.protocol import (
     encode_batch,
     logprobs_from_wire,
     logprobs_to_wire,
-    resolve_host,
     sampling_params,
 )
 from engine.config import EngineConfig
-from engine.driver import EngineDriver
 from engine.engine import Engine
 from engine.outputs import RequestOutput
-from kvtransfer.nixl import NixlConfig, NixlConnector
 
 logger = logging.getLogger(__name__)
 
 
-class DecodeWorker:
+class DecodeWorker(EngineWorker):
     """Ray actor body. Not for concurrent use outside Ray's actor model."""
+
+    role = "decode"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0) -> None:
-        self.worker_id = worker_id
-        self.engine = Engine(replace(config, detokenize=False))
-        self.connector = NixlConnector(
-            self.engine.runner.kv_cache, self.engine.kv_spec,
-            NixlConfig(model=str(self.engine.model_config.architecture),
-                       host=resolve_host(host),
-                       name=worker_id, lease_s=lease_s),
-        )
+        super().__init__(worker_id, config, host, lease_s)
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, zmq.Socket] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}
         self._aborted: set[str] = set()
         self._deferred_free: list[tuple[float, str]] = []
         self._outbox: dict[str, list[TokenRecord]] = {}
-        self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
-                                   name=f"{worker_id}-loop")
-        self.driver.start()
-        logger.info("%s ready (pid %d), kv agent %s", worker_id, os.getpid(),
-                    self.connector.agent_name)
+        self.start_driver()
 
     # ------------------------------------------------------------------ Ray methods
-
-    async def ping(self) -> str:
-        if not self.driver.alive:
-            raise RuntimeError(f"{self.worker_id}: engine loop stopped: {self.driver.error!r}")
-        return self.worker_id
-
-    async def info(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pid": os.getpid(),
-                "block_size": self.engine.kv_spec.block_size,
-                "num_blocks": self.engine.num_blocks,
-                "max_model_len": self.engine.max_model_len}
 
     async def reserve(self, req: ReserveRequest) -> ReserveResult | None:
         """Reserve blocks for ``req``'s prompt, or None if they are not free now.
         ValueError for a request the engine refuses."""
-        return await asyncio.wrap_future(self.driver.call(lambda e: self._reserve(e, req)))
-
-    async def abort(self, request_id: str) -> bool:
-        return await asyncio.wrap_future(self.driver.call(lambda e: self._abort(e, request_id)))
-
-    async def stats(self) -> dict[str, Any]:
-        s = await asyncio.wrap_future(self.driver.call(lambda e: e.stats()))
-        return {"worker_id": self.worker_id, "role": "decode", "steps": self.driver.steps,
-                **asdict(s)}
+        return await asyncio.wrap_future(self._driver.call(lambda e: self._reserve(e, req)))
 
     async def shutdown(self) -> None:
-        self.driver.stop()
-        self.connector.close()
+        await super().shutdown()
         for sock in self._sockets.values():
             sock.close(linger=0)
 

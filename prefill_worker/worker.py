@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
 
-from decode_worker.protocol import logprobs_to_wire, resolve_host, sampling_params
+from decode_worker.base import EngineWorker
+from decode_worker.protocol import logprobs_to_wire, sampling_params
 from engine.config import EngineConfig
-from engine.driver import EngineDriver
 from engine.engine import Engine
 from engine.kv_events import KVEvent
 from engine.outputs import RequestOutput
-from kvtransfer.nixl import NixlConfig, NixlConnector
 from prefill_worker.protocol import PrefillRequest, PrefillResult
 
 logger = logging.getLogger(__name__)
@@ -52,68 +50,43 @@ class _Job:
     expired: bool = False  # missed its write deadline: the router should retry
 
 
-class PrefillWorker:
+class PrefillWorker(EngineWorker):
     """Ray actor body."""
+
+    role = "prefill"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True) -> None:
-        self.worker_id = worker_id
+        super().__init__(worker_id, config, host, lease_s)
         self.stream_kv = stream_kv
-        self.engine = Engine(replace(config, detokenize=False))
-        self.connector = NixlConnector(
-            self.engine.runner.kv_cache, self.engine.kv_spec,
-            NixlConfig(model=str(self.engine.model_config.architecture),
-                       host=resolve_host(host),
-                       name=worker_id, lease_s=lease_s),
-        )
         self._jobs: dict[str, _Job] = {}
         self._event_batches = 0
         self.prefill_tokens = 0
         self.prefill_seconds = 0.0
-        self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
-                                   name=f"{worker_id}-loop")
-        self.driver.start()
-        logger.info("%s ready (pid %d), kv agent %s", worker_id, os.getpid(),
-                    self.connector.agent_name)
+        self.start_driver()
 
     # ------------------------------------------------------------------ Ray methods
-
-    async def ping(self) -> str:
-        if not self.driver.alive:
-            raise RuntimeError(f"{self.worker_id}: engine loop stopped: {self.driver.error!r}")
-        return self.worker_id
-
-    async def info(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pid": os.getpid(),
-                "block_size": self.engine.kv_spec.block_size,
-                "num_blocks": self.engine.num_blocks,
-                "max_model_len": self.engine.max_model_len}
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Prefill ``req`` and write its KV into the target; answers when every block
         landed (ok) or the transfer failed (error). ValueError for a refused request."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[PrefillResult] = loop.create_future()
-        await asyncio.wrap_future(self.driver.call(lambda e: self._start(e, req, loop, fut)))
+        await asyncio.wrap_future(self._driver.call(lambda e: self._start(e, req, loop, fut)))
         try:
             return await fut
         except asyncio.CancelledError:
-            self.driver.call(lambda e: self._abort(e, req.request_id))
+            self._driver.call(lambda e: self._abort(e, req.request_id))
             raise
 
-    async def abort(self, request_id: str) -> bool:
-        return await asyncio.wrap_future(self.driver.call(lambda e: self._abort(e, request_id)))
-
-    async def stats(self) -> dict[str, Any]:
-        s = await asyncio.wrap_future(self.driver.call(lambda e: e.stats()))
+    def _extra_stats(self) -> dict[str, Any]:
         rate = self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-        return {"worker_id": self.worker_id, "role": "prefill", "steps": self.driver.steps,
-                "pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate, **asdict(s)}
+        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate}
 
     async def kv_events(self) -> tuple[str, int, list[KVEvent]]:
         """Prefix-cache events since the last call, as (incarnation, batch number, events)
         for the router's prefix index; batch numbers count up from 0 per incarnation."""
-        events = await asyncio.wrap_future(self.driver.call(lambda e: e.take_kv_events()))
+        events = await asyncio.wrap_future(self._driver.call(lambda e: e.take_kv_events()))
         seq = self._event_batches
         self._event_batches += 1
         return self.connector.agent_name, seq, events
@@ -123,12 +96,8 @@ class PrefillWorker:
         def take(engine: Engine) -> list[int]:
             return engine.pool.cached_hashes()
 
-        hashes = await asyncio.wrap_future(self.driver.call(take))
+        hashes = await asyncio.wrap_future(self._driver.call(take))
         return self.connector.agent_name, self._event_batches - 1, hashes
-
-    async def shutdown(self) -> None:
-        self.driver.stop()
-        self.connector.close()
 
     # ------------------------------------------------------------------ driver thread
 
