@@ -72,12 +72,43 @@ class AttentionBackend(ABC):
     ) -> None:
         """Store ``key``/``value`` (``[num_tokens, num_kv_heads, head_dim]``) in their slots."""
 
-    @abstractmethod
     def attend(
         self, query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        """``query`` ``[num_tokens, num_heads, head_dim]`` -> output of the same shape.
+        """``query`` ``[num_tokens, num_heads, head_dim]`` -> output of the same shape
+        (contiguous): the batch's decodes, then its prefill chunks.
 
         ``num_heads`` is a multiple of ``num_kv_heads`` (GQA / MQA): query head ``h`` reads
         KV head ``h // (num_heads // num_kv_heads)``.
         """
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        n_dec = meta.num_decodes
+        if n_dec:
+            self.decode(query[:n_dec], kv_layer, meta, scale, out[:n_dec])
+        if meta.num_prefills:
+            self.prefill(query[n_dec:], kv_layer, meta, scale, out[n_dec:])
+        return out
+
+    @abstractmethod
+    def decode(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Write into ``out`` the attention of the ``meta.num_decodes`` single-token
+        decodes (``query`` holds just those rows)."""
+
+    @abstractmethod
+    def prefill(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Write into ``out`` the attention of the prefill chunks (``query`` holds just
+        their rows, back to back in ``meta.prefill_query_start_loc`` order)."""

@@ -40,44 +40,59 @@ class FlashAttnBackend(AttentionBackend):
     ) -> None:
         write_kv_slots(kv_layer, key, value, meta.slot_block_ids, meta.slot_offsets)
 
-    def attend(
-        self, query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
-    ) -> torch.Tensor:
+    @staticmethod
+    def _caches(kv_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block_size = kv_layer.shape[2]
         if kv_layer.dtype not in (torch.float16, torch.bfloat16) or block_size % 16:
             raise ValueError(
                 f"flash_attn needs an fp16/bf16 cache with block_size a multiple of 16, got "
                 f"{kv_layer.dtype} and block_size {block_size}; use the 'triton' backend"
             )
-        key_cache, value_cache = kv_layer[:, 0], kv_layer[:, 1]  # [blocks, bs, heads, dim]
-        out = torch.empty_like(query)
+        return kv_layer[:, 0], kv_layer[:, 1]  # [blocks, bs, heads, dim]
+
+    def decode(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        key_cache, value_cache = self._caches(kv_layer)
         n_dec = meta.num_decodes
-        if n_dec:
-            max_len = meta.max_decode_seq_len or int(meta.decode_seq_lens.max())
-            out[:n_dec] = self._run(
-                query[:n_dec],
-                key_cache,
-                value_cache,
-                scale,
-                torch.arange(n_dec + 1, dtype=torch.int32, device=query.device),
-                1,
-                meta.decode_seq_lens,
-                max_len,
-                meta.decode_block_tables,
-            )
-        if meta.num_prefills:
-            out[n_dec:] = self._run(
-                query[n_dec:],
-                key_cache,
-                value_cache,
-                scale,
-                meta.prefill_query_start_loc,
-                max(meta.prefill_query_lens_cpu),
-                meta.prefill_seq_lens,
-                max(meta.prefill_seq_lens_cpu),
-                meta.prefill_block_tables,
-            )
-        return out
+        max_len = meta.max_decode_seq_len or int(meta.decode_seq_lens.max())
+        out[:] = self._run(
+            query,
+            key_cache,
+            value_cache,
+            scale,
+            torch.arange(n_dec + 1, dtype=torch.int32, device=query.device),
+            1,
+            meta.decode_seq_lens,
+            max_len,
+            meta.decode_block_tables,
+        )
+
+    def prefill(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        key_cache, value_cache = self._caches(kv_layer)
+        out[:] = self._run(
+            query,
+            key_cache,
+            value_cache,
+            scale,
+            meta.prefill_query_start_loc,
+            max(meta.prefill_query_lens_cpu),
+            meta.prefill_seq_lens,
+            max(meta.prefill_seq_lens_cpu),
+            meta.prefill_block_tables,
+        )
 
     def _run(
         self,

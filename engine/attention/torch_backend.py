@@ -63,7 +63,11 @@ def _decode_group(
     positions = torch.arange(tokens, device=query.device)
     mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]
     out = F.scaled_dot_product_attention(
-        query.unsqueeze(2).to(key.dtype), key, value, attn_mask=mask, scale=scale,
+        query.unsqueeze(2).to(key.dtype),
+        key,
+        value,
+        attn_mask=mask,
+        scale=scale,
         enable_gqa=True,
     )
     return out.squeeze(2).to(query.dtype)
@@ -163,33 +167,34 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> None:
         write_kv_slots(kv_layer, key, value, meta.slot_block_ids, meta.slot_offsets)
 
-    def attend(
-        self, query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
-    ) -> torch.Tensor:
-        n_dec = meta.num_decodes
-        if meta.num_prefills == 0:
-            return paged_decode_attention(
-                query,
-                kv_layer,
-                meta.decode_block_tables,
-                meta.decode_seq_lens,
-                scale,
-                meta.max_decode_seq_len or None,
-                meta.decode_seq_lens_cpu,
-            )
-        out = torch.empty_like(query)
-        if n_dec:
-            out[:n_dec] = paged_decode_attention(
-                query[:n_dec],
-                kv_layer,
-                meta.decode_block_tables,
-                meta.decode_seq_lens,
-                scale,
-                meta.max_decode_seq_len or None,
-                meta.decode_seq_lens_cpu,
-            )
-        out[n_dec:] = paged_prefill_attention(
-            query[n_dec:],
+    def decode(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        out[:] = paged_decode_attention(
+            query,
+            kv_layer,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            scale,
+            meta.max_decode_seq_len or None,
+            meta.decode_seq_lens_cpu,
+        )
+
+    def prefill(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        out[:] = paged_prefill_attention(
+            query,
             kv_layer,
             meta.prefill_query_start_loc,
             meta.prefill_seq_lens,
@@ -198,4 +203,3 @@ class TorchAttentionBackend(AttentionBackend):
             meta.prefill_query_lens_cpu,
             meta.prefill_seq_lens_cpu,
         )
-        return out

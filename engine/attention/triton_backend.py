@@ -456,31 +456,40 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> None:
         triton_write_kv_slots(kv_layer, key, value, meta.slot_block_ids, meta.slot_offsets)
 
-    def attend(
-        self, query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
-    ) -> torch.Tensor:
-        n_dec = meta.num_decodes
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        if n_dec:
-            triton_paged_decode_attention(
-                query[:n_dec],
-                kv_layer,
-                meta.decode_block_tables,
-                meta.decode_seq_lens,
-                scale,
-                meta.max_decode_seq_len or None,
-                out=out[:n_dec],
-            )
-        if meta.num_prefills:
-            triton_paged_prefill_attention(
-                query[n_dec:],
-                kv_layer,
-                meta.prefill_query_start_loc,
-                meta.prefill_seq_lens,
-                meta.prefill_block_tables,
-                scale,
-                meta.prefill_query_lens_cpu,
-                meta.prefill_seq_lens_cpu,
-                out=out[n_dec:],
-            )
-        return out
+    def decode(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        triton_paged_decode_attention(
+            query,
+            kv_layer,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            scale,
+            meta.max_decode_seq_len or None,
+            out=out,
+        )
+
+    def prefill(
+        self,
+        query: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        triton_paged_prefill_attention(
+            query,
+            kv_layer,
+            meta.prefill_query_start_loc,
+            meta.prefill_seq_lens,
+            meta.prefill_block_tables,
+            scale,
+            meta.prefill_query_lens_cpu,
+            meta.prefill_seq_lens_cpu,
+            out=out,
+        )
