@@ -24,7 +24,7 @@ from kvtransfer.base import (
     TransferTarget,
     check_compatible,
 )
-from kvtransfer.layout import check_kv_cache, checked_block_ids, peer_info
+from kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
 from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
 BACKEND = "inprocess"
@@ -92,12 +92,7 @@ class InProcessConnector(KVConnector):
     ) -> int:
         """See ``KVConnector.write_blocks``; returns -1 for a request already failed."""
         self._require_open()
-        if target.backend != BACKEND:
-            raise ValueError(f"target backend {target.backend!r} is not {BACKEND!r}")
-        src = checked_block_ids(src_block_ids, self.num_blocks, "source")
-        dst = checked_block_ids(dst_block_ids, target.num_blocks, "destination")
-        if len(src) != len(dst):
-            raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+        src, dst = checked_write(BACKEND, target, src_block_ids, dst_block_ids, self.num_blocks)
         if request_id in self._dead:
             return -1
         now = time.monotonic()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.config import KVCacheSpec, normalize_dtype
-from kvtransfer.base import PROTOCOL_VERSION, PeerInfo
+from kvtransfer.base import PROTOCOL_VERSION, PeerInfo, TransferTarget
 
 
 def peer_info(spec: KVCacheSpec, model: str) -> PeerInfo:
@@ -48,3 +48,22 @@ def checked_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> n
     if len(ids) and (ids.min() < 0 or ids.max() >= num_blocks):
         raise ValueError(f"{what} block ids must be in [0, {num_blocks}), got {ids.tolist()}")
     return ids.astype(np.int32)
+
+
+def checked_write(
+    backend: str,
+    target: TransferTarget,
+    src_block_ids: Sequence[int],
+    dst_block_ids: Sequence[int],
+    num_blocks: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The arguments of a ``write_blocks`` call, checked: the target is of ``backend``, the
+    source ids lie in our ``num_blocks``, the destination ids in the target's, and they pair
+    up one to one. ``ValueError`` otherwise."""
+    if target.backend != backend:
+        raise ValueError(f"target backend {target.backend!r} is not {backend!r}")
+    src = checked_block_ids(src_block_ids, num_blocks, "source")
+    dst = checked_block_ids(dst_block_ids, target.num_blocks, "destination")
+    if len(src) != len(dst):
+        raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+    return src, dst

@@ -42,7 +42,7 @@ from kvtransfer.base import (
     TransferTarget,
 )
 from kvtransfer.handshake import HandshakeServer, KVRegion, PeerHello, fetch_peer
-from kvtransfer.layout import check_kv_cache, checked_block_ids, peer_info
+from kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
 from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
 logger = logging.getLogger(__name__)
@@ -235,12 +235,7 @@ class NixlConnector(KVConnector):
         """See ``KVConnector.write_blocks``. Returns -1 (and writes nothing) for a request
         already reported failed; its failure was or will be reported by ``poll()``."""
         self._require_open()
-        if target.backend != BACKEND:
-            raise ValueError(f"target backend {target.backend!r} is not {BACKEND!r}")
-        src = checked_block_ids(src_block_ids, self.num_blocks, "source")
-        dst = checked_block_ids(dst_block_ids, target.num_blocks, "destination")
-        if len(src) != len(dst):
-            raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+        src, dst = checked_write(BACKEND, target, src_block_ids, dst_block_ids, self.num_blocks)
         if request_id in self._dead:
             logger.debug("dropping write of failed request %s", request_id)
             return -1
