@@ -72,10 +72,16 @@ def test_counters_and_histograms_follow_real_traffic(svc) -> None:
     assert cached[0] == 0 and cached[1] == 80  # the repeat's full blocks, less the last token's
 
     svc.wait_idle()
-    wait_for(lambda: scrape(svc)['pdserve:prefix_cache_queries_total{role="prefill",'
-                                 'worker="prefill-0"}']
-             - before['pdserve:prefix_cache_queries_total{role="prefill",worker="prefill-0"}']
-             >= prompt_tokens)
+
+    def router_caught_up() -> bool:
+        # The router reads worker stats on its monitor's schedule: wait until its view has
+        # both the prefill worker's queries and the decode worker's release of every block.
+        now = scrape(svc)
+        queries = 'pdserve:prefix_cache_queries_total{role="prefill",worker="prefill-0"}'
+        return (now[queries] - before[queries] >= prompt_tokens
+                and now['pdserve:kv_blocks_used{role="decode",worker="decode-0"}'] == 0)
+
+    wait_for(router_caught_up)
     after = scrape(svc)
 
     def moved(name: str) -> float:
