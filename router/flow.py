@@ -87,9 +87,10 @@ died or the attempt was abandoned) and how many KV blocks it was to write."""
 
 
 class _Attempt:
-    def __init__(self, attempt_id: str, decode: WorkerHandle) -> None:
+    def __init__(self, attempt_id: str, decode: WorkerHandle, route: RouteRequest) -> None:
         self.id = attempt_id
         self.decode = decode
+        self.route = route  # the prompt's block hashes, computed once per attempt
         self.prefill: WorkerHandle | None = None
         self.reservation: ReserveResult | None = None
         self.reserved_at = 0.0  # time.time() when the reservation was confirmed
@@ -271,7 +272,7 @@ class Flow:
                     res = await self._reserve(handle, attempt_id, seq, params)
                     if res is not None:
                         self.decode_view.add_decode(handle.worker_id, choice.blocks_to_reserve)
-                        attempt = _Attempt(attempt_id, handle)
+                        attempt = _Attempt(attempt_id, handle, route)
                         attempt.reservation = res
                         attempt.reserved_at = time.time()
                         self._attempts[attempt_id] = attempt
@@ -312,7 +313,7 @@ class Flow:
         """Run the prefill; None if the prefill or the decode worker died meanwhile."""
         res = attempt.reservation
         assert res is not None
-        route = self._route(attempt.id, seq)
+        route = attempt.route
         try:
             choice = self.balancer.choose_prefill(route, self._alive(self.prefill_view.current()))
         except NoWorkerAvailableError:
