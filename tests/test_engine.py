@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -54,19 +55,21 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     _, model_cls = hf_classes(arch)
     model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
     prompts = make_prompts(model.config.vocab_size)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = model.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
-                return_dict_in_generate=True, pad_token_id=0,
-            )
-            tokens = out.sequences[0, len(prompt):].tolist()
-            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item()
-                        for step, t in zip(out.logits, tokens, strict=True)]
-            expected.append((tokens, logprobs))
-    return path, prompts, expected
+    return path, prompts, [hf_greedy(model, prompt) for prompt in prompts]
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int]) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens for ``prompt`` and each one's logprob."""
+    out = model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=0,
+    )
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item()
+                for step, t in zip(out.logits, tokens, strict=True)]
+    return tokens, logprobs
 
 
 def engine_for(path: Path, setup: str, **cache_kw) -> Engine:
@@ -129,6 +132,38 @@ def test_shared_prefix_computes_only_the_suffix(reference) -> None:
     (cold_out,) = run_all(cold, [second], tag="c")
     assert cold_out.token_ids == out.token_ids
     assert cold.stats().prefill_tokens_computed == len(second)
+
+
+def test_decodes_sharing_a_prefix_attend_it_once_and_match_transformers(
+    reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests on one cached 100-token system prompt decode in the same steps: the torch
+    backend attends their shared blocks once per layer (cascade), and every token and
+    logprob still equals transformers'."""
+    import engine.attention.torch_backend as torch_backend
+
+    calls: list[int] = []
+    real = torch_backend.cascade_decode_group
+
+    def counted(query, *args, **kwargs):
+        calls.append(query.shape[0])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "cascade_decode_group", counted)
+    path, _, _ = reference
+    rng = random.Random(11)
+    shared = [rng.randrange(3, 100) for _ in range(100)]
+    prompts = [shared + [rng.randrange(3, 100) for _ in range(n)] for n in (3, 1, 9, 17, 30)]
+    engine = engine_for(path, "whole")
+    outputs = run_all(engine, prompts[:1], tag="first") + run_all(engine, prompts[1:])
+    assert calls and max(calls) == 4  # the four later requests, in one group
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outputs, strict=True):
+        tokens, expected = hf_greedy(model, prompt)
+        assert out.token_ids == tokens
+        ours = [lp.logprob for lp in out.logprobs]
+        assert max(abs(a - b) for a, b in zip(ours, expected, strict=True)) < 1e-3
+    assert engine.stats().num_used_blocks == 0
 
 
 def test_disaggregated_hooks_match_colocated(reference) -> None:

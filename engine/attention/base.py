@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +38,8 @@ class AttentionMetadata:
     prefill_block_tables: ``[num_prefills, max_blocks]`` int32, padded with 0.
     prefill_query_lens_cpu / prefill_seq_lens_cpu / decode_seq_lens_cpu: the same lengths
         as Python ints, so that host-side loops need no device sync (the last is optional).
+    backend_plan: what a backend derives from this metadata once per step (set by the first
+        layer that needs it, reused by the others); ``None`` until then.
     """
 
     slot_block_ids: torch.Tensor
@@ -51,6 +54,7 @@ class AttentionMetadata:
     prefill_seq_lens_cpu: list[int]
     max_decode_seq_len: int = 0
     decode_seq_lens_cpu: list[int] | None = None
+    backend_plan: Any = None
 
     @property
     def num_prefills(self) -> int:

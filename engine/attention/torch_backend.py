@@ -10,6 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.cascade import (
+    attention_with_lse,
+    cascade_decode_group,
+    length_buckets,
+    shared_prefix_groups,
+)
 
 
 def write_kv_slots(
@@ -62,6 +68,14 @@ def _decode_group(
     value = kv_layer[:, 1][table].view(batch, tokens, heads, head_dim).transpose(1, 2)
     positions = torch.arange(tokens, device=query.device)
     mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]
+    if key.dtype != torch.float32 and key.device.type == "cpu":
+        # torch's CPU SDPA kernel runs a one-token bf16/fp16 query ~10x slower than fp32;
+        # plain float32 products are faster and round nothing before the softmax.
+        per_kv = query.shape[1] // heads
+        out, _ = attention_with_lse(
+            query.view(batch, heads, per_kv, head_dim), key, value, scale, mask
+        )
+        return out.view(query.shape).to(query.dtype)
     out = F.scaled_dot_product_attention(
         query.unsqueeze(2).to(key.dtype),
         key,
@@ -94,22 +108,15 @@ def paged_decode_attention(
         seq_lens_cpu = seq_lens.tolist()
     if max_seq_len is None:
         max_seq_len = max(seq_lens_cpu)
-    shortest = min(seq_lens_cpu)
-    if shortest >= DECODE_BUCKET_RATIO * max_seq_len:
+    if min(seq_lens_cpu) >= DECODE_BUCKET_RATIO * max_seq_len:
         return _decode_group(query, kv_layer, block_tables, seq_lens, scale, max_seq_len)
-    order = sorted(range(batch), key=lambda i: -seq_lens_cpu[i])
     out = torch.empty_like(query)
-    start = 0
-    while start < batch:
-        longest = seq_lens_cpu[order[start]]
-        end = start + 1
-        while end < batch and seq_lens_cpu[order[end]] >= DECODE_BUCKET_RATIO * longest:
-            end += 1
-        rows = torch.tensor(order[start:end], device=query.device)
+    for bucket in length_buckets(seq_lens_cpu, list(range(batch)), DECODE_BUCKET_RATIO):
+        rows = torch.tensor(bucket, device=query.device)
         out[rows] = _decode_group(
-            query[rows], kv_layer, block_tables[rows], seq_lens[rows], scale, longest
+            query[rows], kv_layer, block_tables[rows], seq_lens[rows], scale,
+            seq_lens_cpu[bucket[0]],
         )
-        start = end
     return out
 
 
@@ -154,9 +161,15 @@ def paged_prefill_attention(
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Reference backend: gathers blocks with torch indexing and calls SDPA."""
+    """Reference backend: gathers blocks with torch indexing and calls SDPA.
+
+    ``cascade`` (default on) attends shared prefixes once per decode step on the CPU; off,
+    every decode goes through ``paged_decode_attention``."""
 
     name = "torch"
+
+    def __init__(self, cascade: bool = True) -> None:
+        self.cascade = cascade
 
     def write_kv(
         self,
@@ -175,15 +188,38 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         out: torch.Tensor,
     ) -> None:
-        out[:] = paged_decode_attention(
-            query,
-            kv_layer,
-            meta.decode_block_tables,
-            meta.decode_seq_lens,
-            scale,
-            meta.max_decode_seq_len or None,
-            meta.decode_seq_lens_cpu,
-        )
+        """On the CPU, groups of sequences sharing a long prefix are attended in cascade
+        (``engine.attention.cascade``); everything else through the reference."""
+        lens = meta.decode_seq_lens_cpu
+        if lens is None:
+            lens = meta.decode_seq_lens.tolist()
+        tables = meta.decode_block_tables
+        if tables.device.type != "cpu" or not self.cascade:
+            out[:] = paged_decode_attention(
+                query, kv_layer, tables, meta.decode_seq_lens, scale,
+                meta.max_decode_seq_len or None, lens,
+            )
+            return
+        if meta.backend_plan is None:  # the same for every layer of the step
+            meta.backend_plan = shared_prefix_groups(tables, lens, kv_layer.shape[2])
+        groups, rest = meta.backend_plan
+        for group in groups:
+            rows = torch.tensor(group.rows)
+            out[rows] = cascade_decode_group(
+                query[rows], kv_layer, tables[rows], [lens[r] for r in group.rows], scale,
+                group.prefix_blocks, DECODE_BUCKET_RATIO,
+            )
+        if len(rest) == len(lens):
+            out[:] = paged_decode_attention(
+                query, kv_layer, tables, meta.decode_seq_lens, scale,
+                meta.max_decode_seq_len or None, lens,
+            )
+        elif rest:
+            rows = torch.tensor(rest)
+            out[rows] = paged_decode_attention(
+                query[rows], kv_layer, tables[rows], meta.decode_seq_lens[rows], scale,
+                None, [lens[r] for r in rest],
+            )
 
     def prefill(
         self,
