@@ -10,10 +10,10 @@ of the KV tensor allocates the padding block one past the block pool's ``num_blo
 
 Capture shapes. Every graph is captured with ``max_decode_seq_len`` = ``max_blocks_per_seq *
 block_size``, the longest context a sequence may reach: the Triton decode kernel derives its
-split count and split length on the host from that value, and a graph freezes them. The
-cost: a context shorter than that runs with the split layout of the longest one, i.e. on
-fewer parallel programs than eager decode would give it (worst at small batches with a long
-``max_model_len``). Results agree with eager decode up to rounding, not bit for bit.
+split count on the host from that value, and a graph freezes it. Each sequence then cuts
+its own context into that many splits on the device, so a short context still spreads over
+all the programs; it may get more splits than eager decode would give it, which changes
+the summation order only. Results agree with eager decode up to rounding, not bit for bit.
 
 Only the Triton backend is captured. The torch backend has no host syncs once
 ``max_decode_seq_len`` is given, but it gathers ``max_decode_seq_len`` tokens of K/V per
@@ -119,19 +119,31 @@ class DecodeBuffers:
     addresses across ``load`` calls, which is what lets a captured graph read new inputs.
     Block-table entries past a row's blocks may hold stale but valid block ids: kernels read
     a row only up to its ``seq_len``.
+
+    ``load`` never waits for the device: on CUDA its copies leave pinned host memory
+    asynchronously (the caching host allocator keeps each staging tensor alive until its
+    copy ran), so the host builds step ``n + 1`` while the device still runs step ``n``.
+    Block-table rows are copied only where they differ from what the row last received
+    (decode mostly appends a block every ``block_size`` steps, if at all).
     """
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.max_batch = max_batch
         self.max_blocks_per_seq = max_blocks_per_seq
         i32, i64 = torch.int32, torch.int64
-        # Rows: input ids, positions, slot blocks, slot offsets (one host-to-device copy).
-        self.tokens = torch.zeros((4, max_batch), dtype=i64, device=device)
+        # Rows: input ids, positions, slot blocks, slot offsets, seq lens (one copy).
+        self.tokens = torch.zeros((5, max_batch), dtype=i64, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
         self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=i32, device=device)
         self._no_prefill_loc = torch.zeros(1, dtype=i32, device=device)
         self._no_prefill_lens = torch.zeros(0, dtype=i32, device=device)
         self._no_prefill_tables = torch.zeros((0, 1), dtype=i32, device=device)
+        self._pin = torch.device(device).type == "cuda"
+        # The block ids each row of ``block_tables`` holds on the device, as last loaded.
+        self._tables: list[list[int]] = [[] for _ in range(max_batch)]
+
+    def _staged(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=self._pin)
 
     def load(self, padded: PaddedDecode) -> None:
         """Copy ``padded`` into the first ``padded.size`` rows."""
@@ -142,16 +154,36 @@ class DecodeBuffers:
                 f"decode batch of {size} rows x {width} blocks exceeds the buffers "
                 f"({self.max_batch} x {self.max_blocks_per_seq})"
             )
-        tokens = torch.tensor(
-            [padded.input_ids, padded.positions, padded.slot_block_ids, padded.slot_offsets],
-            dtype=torch.int64,
+        tokens = self._staged(
+            [
+                padded.input_ids,
+                padded.positions,
+                padded.slot_block_ids,
+                padded.slot_offsets,
+                padded.seq_lens,
+            ],
+            torch.int64,
         )
-        tables = torch.tensor(
-            [row + [0] * (width - len(row)) for row in padded.block_tables], dtype=torch.int32
-        )
-        self.tokens[:, :size].copy_(tokens)
-        self.seq_lens[:size].copy_(torch.tensor(padded.seq_lens, dtype=torch.int32))
-        self.block_tables[:size, :width].copy_(tables)
+        self.tokens[:, :size].copy_(tokens, non_blocking=True)
+        self.seq_lens[:size].copy_(self.tokens[4, :size])
+        flat: list[int] = []
+        values: list[int] = []
+        stride = self.max_blocks_per_seq
+        for i, row in enumerate(padded.block_tables):
+            held = self._tables[i]
+            if row == held:
+                continue
+            # Decode appends blocks: then only the new tail travels.
+            start = len(held) if len(held) < len(row) and row[: len(held)] == held else 0
+            flat.extend(range(i * stride + start, i * stride + len(row)))
+            values.extend(row[start:])
+            self._tables[i] = list(row)
+        if flat:
+            index = self._staged(flat, torch.int64).to(self.block_tables.device, non_blocking=True)
+            update = self._staged(values, torch.int32).to(
+                self.block_tables.device, non_blocking=True
+            )
+            self.block_tables.view(-1).index_copy_(0, index, update)
 
     def input_ids(self, size: int) -> torch.Tensor:
         return self.tokens[0, :size]

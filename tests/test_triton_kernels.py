@@ -1,4 +1,5 @@
-"""The Triton attention kernels against the torch reference ops, on random paged layouts.
+"""The Triton kernels against the torch reference ops: paged attention on random paged
+layouts, and the decoder's fused elementwise stages (``engine.model.triton_ops``).
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``,
 set by ``tests/conftest.py`` before triton is imported); the CUDA variants are marked ``gpu``.
@@ -280,3 +281,106 @@ def test_flash_attn_backend_matches_torch_backend() -> None:
     out = backend.attend(query, paged.kv_layer, meta, 128**-0.5)
     ref = TorchAttentionBackend().attend(query, paged.kv_layer, meta, 128**-0.5)
     assert rel_err(out, ref) < 1e-2
+
+
+# -- fused decoder stages ------------------------------------------------------------------
+
+
+def _randn(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FP32_BF16
+def test_fused_add_rms_norm_matches_torch(device: str, dtype: torch.dtype) -> None:
+    from engine.model import triton_ops
+    from engine.model.llama import rms_norm
+
+    gen = torch.Generator().manual_seed(11)
+    # 96 columns: not a power of two, so the row's tail is masked.
+    x, residual = _randn(gen, device, dtype, 5, 96), _randn(gen, device, dtype, 5, 96)
+    weight = 1 + 0.1 * _randn(gen, device, dtype, 96)
+    out, summed = triton_ops.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(summed, residual + x)  # rounded to the dtype as torch rounds
+    assert out.dtype == dtype
+    assert rel_err(out, rms_norm(residual + x, weight, 1e-5)) < TOLERANCE[dtype]
+    out, same = triton_ops.add_rms_norm(x, None, weight, 1e-5)
+    assert same is x
+    assert rel_err(out, rms_norm(x, weight, 1e-5)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FP32_BF16
+def test_fused_rotate_matches_apply_rope(device: str, dtype: torch.dtype) -> None:
+    from engine.config import RopeConfig
+    from engine.model import triton_ops
+    from engine.model.llama import apply_rope, rope_tables
+
+    gen = torch.Generator().manual_seed(12)
+    # q and k heads as a strided view of a fused projection (5 heads: a masked head block).
+    qkv = _randn(gen, device, dtype, 7, 7, 64)
+    qk = qkv[:, :5]
+    table = rope_tables(RopeConfig(theta=500000.0), 64, 40).to(device=device, dtype=dtype)
+    positions = torch.tensor([0, 3, 5, 9, 17, 30, 39], device=device)
+    cos, sin = table[positions].unsqueeze(1).chunk(2, dim=-1)
+    out = triton_ops.rotate(qk, cos, sin)
+    ref = apply_rope(qk, cos, sin)
+    assert out.shape == ref.shape and out.is_contiguous()
+    if dtype == torch.float32:
+        assert rel_err(out, ref) < 1e-6  # fp32 may contract a product into an FMA
+    else:  # every product and sum rounded where torch rounds
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@FP32_BF16
+def test_fused_silu_mul_matches_torch(device: str, dtype: torch.dtype) -> None:
+    from engine.model import triton_ops
+
+    gen = torch.Generator().manual_seed(13)
+    gate_up = 3 * _randn(gen, device, dtype, 3, 2 * 1100)  # two blocks, the second masked
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = triton_ops.silu_mul(gate_up)
+    assert out.shape == (3, 1100)
+    assert rel_err(out, torch.nn.functional.silu(gate) * up) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_with_fused_stages_matches_plain_torch(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole decoder (residual stream carried across layers) with the fused kernels,
+    against the same model on plain torch ops; bf16, prefill then one decode step."""
+    from engine.config import KVCacheSpec
+    from engine.model import llama, triton_ops
+    from engine.model.builtin import builtin_checkpoint
+    from engine.model.loader import load_model
+    from engine.runner import ModelRunner
+    from engine.sampling import SamplingParams
+    from engine.scheduler import ScheduledBatch
+    from engine.sequence import Sequence
+
+    model = load_model(builtin_checkpoint("tiny"), "bfloat16", device)
+    c = model.config
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 8, "bfloat16")
+    backend = get_attention_backend("torch", torch.device(device))
+    if device == "cpu":  # the CPU path is plain torch; run the kernels in the interpreter
+        monkeypatch.setattr(llama, "_fused", lambda x: triton_ops)
+    else:
+        assert llama._fused(model.embed_tokens) is triton_ops
+
+    def run() -> list[torch.Tensor]:
+        runner = ModelRunner(model, spec, 8, torch.device(device), backend, cuda_graphs=False)
+        seq = Sequence("r", list(range(3, 22)), SamplingParams(), 0.0, 0)
+        seq.block_ids = [5, 1, 6]
+        logits = [runner.execute(ScheduledBatch(prefills=[(seq, seq.num_tokens)])).logits]
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.append(7)
+        logits.append(runner.execute(ScheduledBatch(decodes=[seq])).logits)
+        return logits
+
+    with_fused = run()
+    monkeypatch.setattr(llama, "_fused", lambda x: None)
+    plain = run()
+    for have, want in zip(with_fused, plain, strict=True):
+        assert rel_err(have, want) < 2e-2

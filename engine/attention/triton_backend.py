@@ -33,8 +33,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DECODE_SPLIT_TOKENS = 512
-"""Decode contexts longer than this are split over several programs (split-K)."""
+DECODE_SPLIT_TOKENS = 64
+"""Decode contexts longer than this are split over several programs (split-K), as far as
+the batch leaves SMs idle: a short split keeps one program's chain of dependent loads
+(block table, then K and V) short, which is what bounds decode at small batches."""
 MAX_DECODE_SPLITS = 32
 
 
@@ -81,12 +83,14 @@ def _decode_kernel(
     qk_scale,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_cb, stride_ckv, stride_ct, stride_ch, stride_cd,
-    stride_bt, num_heads, split_len,
+    stride_bt, num_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One (sequence, kv head, split): the GQA group's query heads as the rows of one tile."""
+    """One (sequence, kv head, split): the GQA group's query heads as the rows of one tile.
+    Each sequence cuts its own context into ``NUM_SPLITS`` equal splits (whole ``BLOCK_N``
+    tiles), so a launch sized for a longer context still spreads a short one over them."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,6 +104,7 @@ def _decode_kernel(
     m = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
     cache = kv_ptr + kv_head * stride_ch + dims[None, :] * stride_cd
@@ -157,6 +162,41 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _prefill_tile_step(
+    q, m, l_sum, acc, start, hi, q_pos, cache, block_table, qk_scale,
+    stride_cb, stride_ckv, stride_ct,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online-softmax update of one query tile with keys ``start .. start + BLOCK_N``;
+    MASKED applies the causal and ``hi`` bounds (the tiles wholly below the query tile
+    need neither)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        valid = pos < hi
+        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
+    tok = cache + block[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_ct
+    if MASKED:
+        k = tl.load(tok, mask=valid[:, None], other=0.0)
+        v = tl.load(tok + stride_ckv, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(tok)
+        v = tl.load(tok + stride_ckv)
+    s = _mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    if MASKED:
+        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # Normalise by the weights as rounded for the P @ V product, not the exact ones.
+    p = tl.exp2(s - m_new[:, None]).to(v.dtype)
+    alpha = tl.exp2(m - m_new)
+    l_sum = l_sum * alpha + tl.sum(p.to(tl.float32), 1)
+    acc = acc * alpha[:, None] + _mma(p, v, PRECISION, UPCAST)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, kv_ptr, query_start_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
     qk_scale,
@@ -167,7 +207,9 @@ def _prefill_kernel(
     UPCAST: tl.constexpr,
 ):
     """One (query tile, query head, sequence): the tile's rows sit at absolute positions
-    ``seq_len - query_len + row`` and attend causally over the context up to themselves."""
+    ``seq_len - query_len + row`` and attend causally over the context up to themselves.
+    Key tiles below the tile's first position run unmasked; only the rest (the diagonal)
+    pay for the causal mask."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
@@ -188,24 +230,17 @@ def _prefill_kernel(
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     hi = tl.minimum(seq_len, context + (tile + 1) * BLOCK_M)
+    unmasked = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     cache = kv_ptr + (head // GROUP) * stride_ch + dims[None, :] * stride_cd
-    for start in range(0, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=valid,
-                        other=0).to(tl.int64)
-        tok = cache + block[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_ct
-        k = tl.load(tok, mask=valid[:, None], other=0.0)
-        v = tl.load(tok + stride_ckv, mask=valid[:, None], other=0.0)
-        s = _mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # Normalise by the weights as rounded for the P @ V product, not the exact ones.
-        p = tl.exp2(s - m_new[:, None]).to(v.dtype)
-        alpha = tl.exp2(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p.to(tl.float32), 1)
-        acc = acc * alpha[:, None] + _mma(p, v, PRECISION, UPCAST)
-        m = m_new
+    block_table = block_tables_ptr + seq * stride_bt
+    for start in range(0, unmasked, BLOCK_N):
+        m, l_sum, acc = _prefill_tile_step(
+            q, m, l_sum, acc, start, hi, q_pos, cache, block_table, qk_scale, stride_cb,
+            stride_ckv, stride_ct, BLOCK_N, BLOCK_SIZE, PRECISION, UPCAST, False)
+    for start in range(unmasked, hi, BLOCK_N):
+        m, l_sum, acc = _prefill_tile_step(
+            q, m, l_sum, acc, start, hi, q_pos, cache, block_table, qk_scale, stride_cb,
+            stride_ckv, stride_ct, BLOCK_N, BLOCK_SIZE, PRECISION, UPCAST, True)
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -273,6 +308,19 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+PREFILL_TILES_HEAD_DIM_128 = (64, 64, 4, 2)
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel at head_dim 128."""
+
+
+def prefill_tiles(head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for ``head_dim``."""
+    if head_dim <= 64:
+        return 64, 64, 4, 3
+    if head_dim <= 128:
+        return PREFILL_TILES_HEAD_DIM_128
+    return 32, 32, 4, 2
+
+
 def triton_write_kv_slots(
     kv_layer: torch.Tensor,
     key: torch.Tensor,
@@ -319,7 +367,8 @@ def triton_paged_decode_attention(
     when given, and returned).
 
     Contexts longer than ``split_tokens`` are cut into at most ``MAX_DECODE_SPLITS`` splits
-    that run in parallel; a second kernel merges their partial softmaxes."""
+    that run in parallel; a second kernel merges their partial softmaxes. ``max_seq_len``
+    only sizes the split count: each sequence divides its own context among the splits."""
     _check(query, kv_layer)
     batch, num_heads, head_dim = query.shape
     out = _output(query, out)
@@ -335,7 +384,6 @@ def triton_paged_decode_attention(
         # Split only as far as needed to give every SM a few programs.
         wanted = 4 * _num_sms(query.device.index or 0) // (batch * num_kv_heads)
         num_splits = max(1, min(num_splits, wanted))
-    split_len = math.ceil(max(max_seq_len, 1) / num_splits / block_n) * block_n
     if num_splits > 1:
         part_acc = torch.empty(
             (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
@@ -359,7 +407,6 @@ def triton_paged_decode_attention(
         *kv_layer.stride(),
         block_tables.stride(0),
         num_heads,
-        split_len,
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
@@ -412,8 +459,7 @@ def triton_paged_prefill_attention(
         return out
     if query_lens_cpu is None:
         query_lens_cpu = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
-    block_m = 64 if head_dim <= 128 else 32
-    block_n = 64 if head_dim <= 64 else 32
+    block_m, block_n, num_warps, num_stages = prefill_tiles(head_dim)
     num_tiles = triton.cdiv(max(query_lens_cpu), block_m)
     if num_tiles == 0:
         return out
@@ -436,7 +482,8 @@ def triton_paged_prefill_attention(
         BLOCK_SIZE=kv_layer.shape[2],
         PRECISION=_precision(kv_layer.dtype),
         UPCAST=INTERPRETED,
-        num_warps=4,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

@@ -10,12 +10,19 @@ the same ``inv_freq`` and cast to the model dtype, the ``rotate_half`` conventio
 Query, key and value projections are fused into one ``qkv_proj`` and gate / up into one
 ``gate_up_proj``; ``hf_tensor_shapes`` and ``load_hf_tensors`` map the checkpoint's
 Hugging Face names onto the fused parameters.
+
+The residual stream is carried beside each layer's output and added by the next norm
+(``add_rms_norm``), so that on CUDA the add, the norm, the rotation and the SwiGLU product
+each run as one fused Triton kernel (``engine.model.triton_ops``, same roundings). Other
+devices, or a missing ``triton``, take the plain torch ops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +86,50 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+@functools.cache
+def _load_triton_ops() -> ModuleType | None:
+    try:
+        from engine.model import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def _fused(x: torch.Tensor) -> ModuleType | None:
+    """The fused kernels for tensors on CUDA (when triton imports); None elsewhere."""
+    return _load_triton_ops() if x.is_cuda else None
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(s), s)`` for the residual stream ``s = x + residual`` (``s = x`` when
+    ``residual`` is None). ``x`` is ``[N, D]``."""
+    ops = _fused(x)
+    if ops is not None and x.stride(-1) == 1:
+        return ops.add_rms_norm(x, residual, weight, eps)
+    summed = x if residual is None else x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope``, as one kernel on CUDA (for head_dim a power of two)."""
+    ops = _fused(x)
+    head_dim = x.shape[-1]
+    if ops is not None and head_dim & (head_dim - 1) == 0 and x.stride(-1) == 1:
+        return ops.rotate(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` of the fused ``[gate | up]`` projection."""
+    ops = _fused(gate_up)
+    if ops is not None:
+        return ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
@@ -113,14 +164,18 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + hidden`` is the stream entering the layer (``hidden`` alone for the
+        first layer, ``residual`` None); returns ``(mlp output, stream after attention)``,
+        whose sum is the stream leaving it."""
         n = hidden.shape[0]
-        x = rms_norm(hidden, self.input_layernorm, self.eps)
+        x, residual = add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
         # q and k heads side by side: one norm and one rotation for both.
         qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
@@ -133,14 +188,14 @@ class DecoderLayer(nn.Module):
                 )
             )
             qk = rms_norm(qk, qk_weight, self.eps)
-        q, k = apply_rope(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
+        q, k = rotate(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
         backend.write_kv(kv_layer, k, v, meta)
         attn = backend.attend(q, kv_layer, meta, self.scale)
-        hidden = hidden + F.linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias)
+        attn_out = F.linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias)
 
-        x = rms_norm(hidden, self.post_attention_layernorm, self.eps)
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.down_proj)
+        x, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm, self.eps)
+        mlp_out = F.linear(silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return mlp_out, residual
 
 
 def has_o_bias(config: ModelConfig) -> bool:
@@ -196,9 +251,10 @@ class CausalLM(nn.Module):
         """
         hidden = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rope_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        residual = None
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, kv_cache[:, i], meta, backend)
-        return rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[:, i], meta, backend)
+        return add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, hidden]`` final hidden states -> ``[n, vocab]`` float32 logits."""
