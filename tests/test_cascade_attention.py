@@ -8,6 +8,7 @@ import torch
 
 from engine.attention.base import AttentionMetadata
 from engine.attention.cascade import (
+    CascadePlan,
     PrefixGroup,
     cascade_decode_group,
     length_buckets,
@@ -88,21 +89,35 @@ def test_shared_prefix_groups_share_only_blocks_before_every_newest_token() -> N
 SHAPES = [(16, 2, 5, 64), (8, 1, 8, 32), (4, 4, 1, 64)]
 
 
+# Tails (context after the shared prefix) in blocks + tokens: one token (the newest
+# alone), one full block plus one, and long ones in other buckets; or tails that all fit
+# one bucket.
+TAILS = {
+    "mixed": [(0, 1), (1, 1), (0, 3), (9, 0), (4, 2), (0, 2)],
+    "even": [(3, 1), (2, 5), (3, 0), (2, 2)],
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-kv{}-g{}-d{}".format(*s))
-def test_cascade_group_equals_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("tails", sorted(TAILS))
+def test_cascade_group_equals_reference(
+    dtype: torch.dtype, shape: tuple[int, ...], tails: str
+) -> None:
     block, kv_heads, per_kv, head_dim = shape
     gen = torch.Generator().manual_seed(sum(shape))
     prefix = 6
-    # Tails of one token (the newest alone), one full block plus one, and long ones that
-    # fall into different buckets.
-    lens = [prefix * block + t for t in (1, block + 1, 3, 9 * block, 4 * block + 2, 2)]
+    lens = [(prefix + blocks) * block + tokens for blocks, tokens in TAILS[tails]]
     kv_layer, tables, seq_lens = paged_batch(
         gen, dtype, block, kv_heads, head_dim, [(prefix, lens)]
     )
     query = torch.randn((len(lens), kv_heads * per_kv, head_dim), generator=gen).to(dtype)
     scale = head_dim**-0.5
-    out = cascade_decode_group(query, kv_layer, tables, seq_lens, scale, prefix, 0.75)
+    plan = CascadePlan.build(
+        PrefixGroup(list(range(len(lens))), prefix), tables, seq_lens, block, 0.75
+    )
+    assert len(plan.tails) == (4 if tails == "mixed" else 1)
+    out = cascade_decode_group(query, kv_layer, plan, scale)
     # The reference in float32 on the same (possibly bf16-rounded) keys and values.
     ref = paged_decode_attention(
         query.float(), kv_layer.float(), tables, torch.tensor(seq_lens), scale
@@ -139,8 +154,10 @@ def test_backend_decode_mixes_cascade_groups_and_plain_rows(dtype: torch.dtype) 
     )
     out = torch.full_like(query, float("nan"))
     TorchAttentionBackend(cascade=True).decode(query, kv_layer, meta, head_dim**-0.5, out)
-    groups, rest = meta.backend_plan
-    assert groups == [PrefixGroup([0, 1, 2, 3], 10), PrefixGroup([5, 6], 12)]
+    plans, rest = meta.backend_plan
+    assert [p.rows.tolist() for p in plans] == [[0, 1, 2, 3], [5, 6]]
+    assert [p.prefix_table.tolist() for p in plans] == [tables[:1, :10].tolist(),
+                                                         tables[5:6, :12].tolist()]
     assert sorted(rest) == [4, 7, 8]
     ref = paged_decode_attention(
         query.float(), kv_layer.float(), tables, meta.decode_seq_lens, head_dim**-0.5

@@ -108,63 +108,98 @@ def attention_with_lse(
     return out, (peak + total.log()).squeeze(-1)
 
 
-def _gather_blocks(kv_layer: torch.Tensor, table: torch.Tensor, side: int) -> torch.Tensor:
-    """Keys (side 0) or values (side 1) of ``table`` ``[N, W]`` -> ``[N, Hkv, W * block, D]``."""
+def gather_float(kv_layer: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the blocks in ``table`` ``[N, W]`` as float32
+    ``[N, Hkv, W * block, D]`` each, contiguous per head (what the products below read
+    without another copy): one gather of whole blocks, then one reordering copy that also
+    converts the dtype."""
     n, width = table.shape
     _, _, block_size, heads, head_dim = kv_layer.shape
-    gathered = kv_layer[:, side][table.long()]  # [N, W, block, Hkv, D], one contiguous copy
-    return gathered.view(n, width * block_size, heads, head_dim).transpose(1, 2)
+    blocks = kv_layer[table.long()]  # [N, W, 2, block, Hkv, D]
+    out = torch.empty((2, n, heads, width, block_size, head_dim), dtype=torch.float32)
+    out.copy_(blocks.permute(2, 0, 4, 1, 3, 5))
+    out = out.view(2, n, heads, width * block_size, head_dim)
+    return out[0], out[1]
+
+
+@dataclass(frozen=True, slots=True)
+class TailBucket:
+    """Rows of a cascade group whose tails (context after the shared prefix) are gathered
+    together: ``rows`` index the group, ``table`` ``[len(rows), W]`` holds their tail
+    blocks, ``valid`` ``[len(rows), 1, 1, W * block]`` which of those slots they hold."""
+
+    rows: torch.Tensor
+    table: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class CascadePlan:
+    """One group's work for a whole step (the same in every layer): ``rows`` of the decode
+    batch, the shared blocks ``prefix_table`` ``[1, P]``, and the tail buckets."""
+
+    rows: torch.Tensor
+    prefix_table: torch.Tensor
+    tails: list[TailBucket]
+
+    @classmethod
+    def build(
+        cls,
+        group: PrefixGroup,
+        block_tables: torch.Tensor,
+        seq_lens: list[int],
+        block_size: int,
+        bucket_ratio: float,
+    ) -> CascadePlan:
+        """``block_tables`` and ``seq_lens`` are the whole batch's; tails are bucketed by
+        block count, the unit a gather copies (tails of 33 and 64 tokens are one gather)."""
+        rows = torch.tensor(group.rows)
+        tables = block_tables[rows]
+        prefix = group.prefix_blocks
+        tails = [seq_lens[r] - prefix * block_size for r in group.rows]
+        tail_blocks = [-(-n // block_size) for n in tails]
+        buckets = []
+        for bucket in length_buckets(tail_blocks, list(range(len(tails))), bucket_ratio):
+            width = tail_blocks[bucket[0]]
+            bucket.sort()  # a single bucket then lists the group in order
+            index = torch.tensor(bucket)
+            positions = torch.arange(width * block_size)
+            lens = torch.tensor([tails[i] for i in bucket])
+            buckets.append(TailBucket(
+                rows=index,
+                table=tables[index, prefix : prefix + width],
+                valid=(positions[None, :] < lens[:, None])[:, None, None, :],
+            ))
+        return cls(rows, tables[:1, :prefix], buckets)
 
 
 def cascade_decode_group(
-    query: torch.Tensor,
-    kv_layer: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: list[int],
-    scale: float,
-    prefix_blocks: int,
-    bucket_ratio: float,
+    query: torch.Tensor, kv_layer: torch.Tensor, plan: CascadePlan, scale: float
 ) -> torch.Tensor:
-    """Decode attention for rows that all share ``block_tables[:, :prefix_blocks]``.
-
-    query ``[G, Hq, D]``; ``seq_lens`` include the newest token and exceed the prefix ->
-    ``[G, Hq, D]`` in the query's dtype. Tails are attended in buckets of similar length."""
+    """Decode attention of one cascade group: ``query`` ``[G, Hq, D]`` holds the group's
+    rows in ``plan.rows`` order -> ``[G, Hq, D]`` in the query's dtype."""
     group, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
+    num_kv_heads = kv_layer.shape[3]
     per_kv = num_heads // num_kv_heads
-    prefix_len = prefix_blocks * block_size
     q = query.view(group, num_kv_heads, per_kv, head_dim)
 
     # The shared prefix: every query of the group against one copy of its keys.
-    shared = block_tables[:1, :prefix_blocks]
     q_all = q.transpose(0, 1).reshape(1, num_kv_heads, group * per_kv, head_dim)
-    out_p, lse_p = attention_with_lse(
-        q_all, _gather_blocks(kv_layer, shared, 0), _gather_blocks(kv_layer, shared, 1), scale
-    )
+    out_p, lse_p = attention_with_lse(q_all, *gather_float(kv_layer, plan.prefix_table), scale)
     out_p = out_p.view(num_kv_heads, group, per_kv, head_dim).transpose(0, 1)
     lse_p = lse_p.view(num_kv_heads, group, per_kv).transpose(0, 1)
 
-    # Each sequence's own tail, in buckets of similar length.
-    out_t = torch.empty_like(out_p)
-    lse_t = torch.empty_like(lse_p)
-    tails = [n - prefix_len for n in seq_lens]
-    # Bucketed by blocks, the unit a gather copies: short tails of 33 and 64 tokens are
-    # both a few blocks, and one gather for both beats two.
-    tail_blocks = [-(-n // block_size) for n in tails]
-    for bucket in length_buckets(tail_blocks, list(range(group)), bucket_ratio):
-        width = tail_blocks[bucket[0]]
-        rows = torch.tensor(bucket)
-        table = block_tables[rows, prefix_blocks : prefix_blocks + width]
-        positions = torch.arange(width * block_size)
-        lens = torch.tensor([tails[i] for i in bucket])
-        valid = (positions[None, :] < lens[:, None])[:, None, None, :]
-        out_t[rows], lse_t[rows] = attention_with_lse(
-            q[rows],
-            _gather_blocks(kv_layer, table, 0),
-            _gather_blocks(kv_layer, table, 1),
-            scale,
-            valid,
-        )
+    # Each sequence's own tail.
+    if len(plan.tails) == 1:  # the whole group, in order
+        tail = plan.tails[0]
+        out_t, lse_t = attention_with_lse(q, *gather_float(kv_layer, tail.table), scale, tail.valid)
+    else:
+        out_t = torch.empty_like(out_p)
+        lse_t = torch.empty_like(lse_p)
+        for tail in plan.tails:
+            out_t[tail.rows], lse_t[tail.rows] = attention_with_lse(
+                q[tail.rows], *gather_float(kv_layer, tail.table), scale, tail.valid
+            )
 
     lse = torch.logaddexp(lse_p, lse_t)
     out = out_p.mul_((lse_p - lse).exp_().unsqueeze(-1))

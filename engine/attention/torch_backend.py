@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention.cascade import (
+    CascadePlan,
     attention_with_lse,
     cascade_decode_group,
     length_buckets,
@@ -201,14 +202,18 @@ class TorchAttentionBackend(AttentionBackend):
             )
             return
         if meta.backend_plan is None:  # the same for every layer of the step
-            meta.backend_plan = shared_prefix_groups(tables, lens, kv_layer.shape[2])
-        groups, rest = meta.backend_plan
-        for group in groups:
-            rows = torch.tensor(group.rows)
-            out[rows] = cascade_decode_group(
-                query[rows], kv_layer, tables[rows], [lens[r] for r in group.rows], scale,
-                group.prefix_blocks, DECODE_BUCKET_RATIO,
-            )
+            groups, rest = shared_prefix_groups(tables, lens, kv_layer.shape[2])
+            plans = [
+                CascadePlan.build(g, tables, lens, kv_layer.shape[2], DECODE_BUCKET_RATIO)
+                for g in groups
+            ]
+            meta.backend_plan = plans, rest
+        plans, rest = meta.backend_plan
+        for plan in plans:
+            if len(plans) == 1 and not rest:
+                out[:] = cascade_decode_group(query, kv_layer, plan, scale)
+            else:
+                out[plan.rows] = cascade_decode_group(query[plan.rows], kv_layer, plan, scale)
         if len(rest) == len(lens):
             out[:] = paged_decode_attention(
                 query, kv_layer, tables, meta.decode_seq_lens, scale,
