@@ -311,7 +311,9 @@ def test_captured_graph_decode_equals_eager_decode(
 @pytest.mark.parametrize("_", [pytest.param(None, marks=gpu)], ids=["cuda"])
 def test_triton_engine_greedy_equals_torch_engine(tmp_path: Path, _: None) -> None:
     """Acceptance: the engine's greedy output with the Triton backend (decode through CUDA
-    graphs, prefill chunked so that batches mix) equals the torch backend's (eager)."""
+    graphs, prefill chunked so that batches mix) equals the torch backend's (eager), and
+    both equal the CPU engine's (CUDA stores some weights input-major and fuses the norms,
+    rotation and SwiGLU; none of that may change a token)."""
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.engine import Engine
     from tests.checkpoints import make_hf_checkpoint
@@ -323,19 +325,21 @@ def test_triton_engine_greedy_equals_torch_engine(tmp_path: Path, _: None) -> No
     prompts = [[rng.randrange(3, 128) for _ in range(n)] for n in (1, 7, 16, 33, 100, 300)]
     params = SamplingParams(max_tokens=16, temperature=0.0)
     outputs = {}
-    for name in ("torch", "triton"):
+    for name, device in (("torch", "cuda"), ("triton", "cuda"), ("cpu", "cpu")):
         engine = Engine(
             EngineConfig(
                 model=str(path),
                 dtype="float32",
-                device="cuda",
+                device=device,
                 detokenize=False,
-                attention_backend=name,
+                attention_backend="torch" if name == "cpu" else name,
                 cache=CacheConfig(block_size=16, num_blocks=256),
                 scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16),
             )
         )
         assert (engine.runner.graphs is not None) == (name == "triton")
+        o_proj = engine.runner.model.layers[0].o_proj
+        assert o_proj.t().is_contiguous() == (device == "cuda")
         for i, prompt in enumerate(prompts):
             engine.add_request(f"r{i}", prompt, params)
         done = {}
@@ -343,4 +347,4 @@ def test_triton_engine_greedy_equals_torch_engine(tmp_path: Path, _: None) -> No
             done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
         outputs[name] = [done[f"r{i}"] for i in range(len(prompts))]
         del engine
-    assert outputs["triton"] == outputs["torch"]
+    assert outputs["triton"] == outputs["torch"] == outputs["cpu"]

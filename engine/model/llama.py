@@ -130,6 +130,21 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+INPUT_MAJOR = ("o_proj", "gate_up_proj", "down_proj")
+"""Weights stored input-major on CUDA: ``[in, out]`` contiguous, the parameter being its
+transposed ``[out, in]`` view, so ``F.linear`` runs cuBLAS's plain (NN) product. Measured on
+an H100 at 1-64 rows, that streams these three 2-11% faster than the ``[out, in]`` layout
+(o_proj 23.5 -> 20.9 us); the fused qkv projection is faster as it is."""
+
+
+def _empty_weight(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device | str, input_major: bool
+) -> torch.Tensor:
+    if input_major and len(shape) == 2:
+        return torch.empty(shape[::-1], dtype=dtype, device=device).t()
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
@@ -314,8 +329,10 @@ class CausalLM(nn.Module):
         and move the RoPE table there (computed in float32, then cast, as transformers does).
         """
         params = dict(self.named_parameters())
+        on_cuda = torch.device(device).type == "cuda"
         fresh = {
-            name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in params.items()
+            name: _empty_weight(p.shape, dtype, device, on_cuda and name.endswith(INPUT_MAJOR))
+            for name, p in params.items()
         }
         for hf_name, (ours, offset, shape) in self._hf_plan().items():
             fresh[ours][offset : offset + shape[0]].copy_(tensors[hf_name])
