@@ -79,6 +79,7 @@ class Cluster:
         self.workers: dict[str, WorkerHandle] = {}
         self._started_ray = False
         self._monitor: asyncio.Task[None] | None = None
+        self._on_death: DeathCallback | None = None
         self._replacing: set[str] = set()
         self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
 
@@ -136,7 +137,21 @@ class Cluster:
                     handle.generation, handle.info)
 
     def run_monitor(self, on_death: DeathCallback) -> None:
-        self._monitor = asyncio.get_running_loop().create_task(self._watch(on_death))
+        self._on_death = on_death
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    async def report_dead(self, handle: WorkerHandle, why: object) -> None:
+        """``handle``'s actor is gone (a call to it raised ``ActorDiedError``, or it failed
+        its liveness check): take it out of its pool now, fail over what it held, and start
+        a replacement. Later reports of the same death do nothing."""
+        if not handle.alive:
+            return
+        handle.alive = False
+        logger.error("worker %s died (%r); failing over and replacing it", handle.worker_id,
+                     why)
+        if self._on_death is not None:
+            await self._on_death(handle)
+        asyncio.get_running_loop().create_task(self._replace(handle))
 
     async def shutdown(self) -> None:
         """Stop the monitor and every worker; leave no pdserve actor behind."""
@@ -167,18 +182,14 @@ class Cluster:
 
     # ------------------------------------------------------------------ monitoring
 
-    async def _watch(self, on_death: DeathCallback) -> None:
+    async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.ping_interval_s)
             checks = [h for h in self.workers.values() if h.alive]
             results = await asyncio.gather(*(self._probe(h) for h in checks))
             for handle, ok in zip(checks, results, strict=True):
-                if not ok and handle.alive:
-                    handle.alive = False
-                    logger.error("worker %s died; failing over and replacing it",
-                                 handle.worker_id)
-                    await on_death(handle)
-                    asyncio.get_running_loop().create_task(self._replace(handle))
+                if not ok:
+                    await self.report_dead(handle, "liveness check failed")
 
     async def _probe(self, handle: WorkerHandle) -> bool:
         """Liveness from ``ping`` (answered by the actor's event loop, never queued behind

@@ -306,6 +306,8 @@ class Flow:
             return None
         except ray.exceptions.RayError as exc:
             logger.warning("reserve on %s failed: %r", handle.worker_id, exc)
+            if isinstance(exc, ray.exceptions.ActorDiedError):
+                await self.cluster.report_dead(handle, exc)
             return None
 
     async def _prefill(self, attempt: _Attempt, seq: Sequence,
@@ -341,6 +343,10 @@ class Flow:
             except ray.exceptions.RayError as exc:
                 logger.warning("prefill of %s on %s failed: %r", attempt.id, handle.worker_id,
                                exc)
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    # Out of the pool before the retry chooses again, not at the next
+                    # liveness check: a retry on the dead worker would fail at once.
+                    await self.cluster.report_dead(handle, exc)
         if result is not None and result.ok:
             self.balancer.observe_ttft(attempt.id, result.prefill_s)
         if self.on_prefill is not None:
