@@ -173,6 +173,22 @@ class CascadePlan:
         return cls(rows, tables[:1, :prefix], buckets)
 
 
+def plan_cascade(
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    block_size: int,
+    bucket_ratio: float,
+    min_prefix_tokens: int = CASCADE_MIN_PREFIX_TOKENS,
+) -> tuple[list[CascadePlan], list[int]]:
+    """A decode batch's cascade work for one step: a plan per shared-prefix group, and the
+    rows in no group (attended the plain way). ``block_tables`` must be on the host."""
+    groups, rest = shared_prefix_groups(block_tables, seq_lens, block_size, min_prefix_tokens)
+    plans = [
+        CascadePlan.build(g, block_tables, seq_lens, block_size, bucket_ratio) for g in groups
+    ]
+    return plans, rest
+
+
 def cascade_decode_group(
     query: torch.Tensor, kv_layer: torch.Tensor, plan: CascadePlan, scale: float
 ) -> torch.Tensor:

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention.cascade import (
-    CascadePlan,
     attention_with_lse,
     cascade_decode_group,
     length_buckets,
-    shared_prefix_groups,
+    plan_cascade,
 )
 
 
@@ -195,25 +194,16 @@ class TorchAttentionBackend(AttentionBackend):
         if lens is None:
             lens = meta.decode_seq_lens.tolist()
         tables = meta.decode_block_tables
-        if tables.device.type != "cpu" or not self.cascade:
-            out[:] = paged_decode_attention(
-                query, kv_layer, tables, meta.decode_seq_lens, scale,
-                meta.max_decode_seq_len or None, lens,
-            )
-            return
-        if meta.backend_plan is None:  # the same for every layer of the step
-            groups, rest = shared_prefix_groups(tables, lens, kv_layer.shape[2])
-            plans = [
-                CascadePlan.build(g, tables, lens, kv_layer.shape[2], DECODE_BUCKET_RATIO)
-                for g in groups
-            ]
-            meta.backend_plan = plans, rest
-        plans, rest = meta.backend_plan
+        if tables.device.type == "cpu" and self.cascade:
+            if meta.backend_plan is None:  # the same for every layer of the step
+                meta.backend_plan = plan_cascade(
+                    tables, lens, kv_layer.shape[2], DECODE_BUCKET_RATIO
+                )
+            plans, rest = meta.backend_plan
+        else:
+            plans, rest = [], list(range(len(lens)))
         for plan in plans:
-            if len(plans) == 1 and not rest:
-                out[:] = cascade_decode_group(query, kv_layer, plan, scale)
-            else:
-                out[plan.rows] = cascade_decode_group(query[plan.rows], kv_layer, plan, scale)
+            out[plan.rows] = cascade_decode_group(query[plan.rows], kv_layer, plan, scale)
         if len(rest) == len(lens):
             out[:] = paged_decode_attention(
                 query, kv_layer, tables, meta.decode_seq_lens, scale,
