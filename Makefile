@@ -3,16 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU build of torch; CUDA machines install their own torch first and skip this pin.
-TORCH_SPEC ?= torch==2.13.0
+# torch: a machine with an NVIDIA driver takes the default build from PyPI (CUDA); any other
+# machine takes the CPU build from PyTorch's CPU wheel index (PyPI's own torch for Linux is
+# the CUDA build, several GB). A CPU wheel of the same version that pip already finds
+# locally (a find-links folder in pip's configuration, as on CI) is used without download.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
 
 .PHONY: venv run test lint protos bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ./clients/python -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,7 +36,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 protos: $(STAMP)
-	$(PY) -m protos.generate
+	$(PY) -m pdserve.protos.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/*.egg-info

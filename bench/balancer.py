@@ -5,7 +5,7 @@ A request's prefill costs its uncached tokens over the worker's prefill rate, pl
 transfer of its whole prompt to a decode worker (not overlapped: a conservative bound).
 Requests arrive at the trace's timestamps. Workers publish ``BlockStored`` /
 ``BlockRemoved`` batches when a prefill finishes; every router's ``PrefixIndex`` is fed by
-those batches alone, and the REAL ``router.balancer`` code makes every choice.
+those batches alone, and the REAL ``pdserve.router.balancer`` code makes every choice.
 
 Routers see worker load through ``LoadView``: sampled every ``--load-interval`` seconds,
 drained at the measured rate and grown by their own routing in between. With ``--routers R``
@@ -24,7 +24,8 @@ token (32 layers x 8 KV heads x 128 dims x K,V x 2 bytes), so a 512-token block 
 and 1,000 blocks (62.5 GiB) are what the GPU holds beside the 16 GB of weights. One
 400 Gb/s NIC per GPU moves KV at ~381,000 tokens/s.
 
-Run: ``python -m bench.balancer [--trace conversation|synthetic|PATH] [--json P] [--plot P]``.
+Run: ``python -m pdserve.bench.balancer [--trace conversation|synthetic|PATH] [--json P]
+[--plot P]``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.trace import (
+from pdserve.bench.trace import (
     MOONCAKE_BLOCK_TOKENS,
     TRACES,
     BlockHasher,
@@ -50,8 +51,8 @@ from bench.trace import (
     read_mooncake,
     resolve_trace,
 )
-from engine.kv_events import BlockRemoved, BlockStored, KVEvent
-from router.balancer import (
+from pdserve.engine.kv_events import BlockRemoved, BlockStored, KVEvent
+from pdserve.router.balancer import (
     POLICIES,
     Balancer,
     BalancerConfig,
@@ -60,7 +61,7 @@ from router.balancer import (
     WorkerLoad,
     make_balancer,
 )
-from router.prefix_index import PrefixIndex
+from pdserve.router.prefix_index import PrefixIndex
 
 ORACLE = "oracle"
 METRIC_KEYS = ("hit_rate", "ttft_mean", "ttft_p99", "imbalance")
@@ -480,12 +481,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     d = SimConfig()
     c = d.cost
     p = argparse.ArgumentParser(
-        prog="python -m bench.balancer", description=__doc__.split("\n\n")[0] if __doc__ else ""
+        prog="python -m pdserve.bench.balancer",
+        description=__doc__.split("\n\n")[0] if __doc__ else "",
     )
     p.add_argument(
         "--trace",
         default="conversation",
-        help=f"trace path, or one of {', '.join(TRACES)} (../shared/data)",
+        help=f"trace path, or one of {', '.join(TRACES)} (shipped in bench/data)",
     )
     p.add_argument("--limit", type=int, default=None, help="replay only the first N rows")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies")

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.trace import shared_data_path
+from pdserve.bench.trace import data_path
 
 AZURE_CODE_TRACE = "azure_llm_inference_2023_code.csv"
-"""The Azure LLM inference trace (2023, code completion) in ``../shared/data``."""
+"""The Azure LLM inference trace (2023, code completion) shipped in ``bench/data``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +27,8 @@ class AzureRow:
 def read_azure(path: str | Path | None = None, limit: int | None = None) -> list[AzureRow]:
     """The first ``limit`` rows (all if None) of an Azure trace CSV, in file (arrival) order.
 
-    ``path`` None reads the shared code-completion trace."""
-    path = shared_data_path(AZURE_CODE_TRACE) if path is None else Path(path)
+    ``path`` None reads the shipped code-completion trace."""
+    path = data_path(AZURE_CODE_TRACE) if path is None else Path(path)
     rows: list[AzureRow] = []
     with open(path, encoding="utf-8", newline="") as f:
         for lineno, rec in enumerate(csv.DictReader(f), 2):

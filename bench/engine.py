@@ -22,7 +22,7 @@ last one finished; outputs are forced to their length (``ignore_eos``; ``min_new
 in transformers). Prefill MFU = prefill tokens/s x 2 x matmul parameters outside the
 embedding and LM head, over a matmul peak measured in the same run.
 
-Run: ``python -m bench.engine [--dtype float32 bfloat16] [--workloads a b c]
+Run: ``python -m pdserve.bench.engine [--dtype float32 bfloat16] [--workloads a b c]
 [--systems pdserve hf-static hf-cb] [--scale 0.25] [--json PATH]``; the results file is
 rewritten after every system, and ``--report PATH`` prints the tables of one.
 """
@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from bench.common import Progress, markdown_table, mean_median, read_azure
-from bench.trace import repo_root
+from pdserve.bench.common import Progress, markdown_table, mean_median, read_azure
+from pdserve.bench.trace import RESULTS_DIR
 
 SYSTEMS = ("pdserve", "hf-static", "hf-cb")
 WORKLOADS = ("a", "b", "c")
@@ -216,8 +216,8 @@ class TTFTResult:
 
 
 def make_engine(opts: BenchOptions, dtype: str, prefix_caching: bool = True) -> Any:
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.engine import Engine
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.engine import Engine
 
     return Engine(EngineConfig(
         model=opts.model, dtype=dtype, device="cpu",
@@ -236,7 +236,7 @@ def _warm_engine(opts: BenchOptions, dtype: str, prefix_caching: bool = True) ->
 
 
 def _params(max_tokens: int) -> Any:
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -638,7 +638,7 @@ def run_benchmark(opts: BenchOptions, progress: Progress | None = None,
     (if given) after every workload."""
     import transformers
 
-    progress = progress or Progress("bench.engine")
+    progress = progress or Progress("pdserve.bench.engine")
     torch.set_num_threads(opts.threads)
     result: dict[str, Any] = {
         "config": {
@@ -749,7 +749,8 @@ def _num(v: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
     """The command line; ``sizes`` overrides the workload shapes (tests shrink them)."""
-    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.engine",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -760,7 +761,7 @@ def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=str(repo_root() / "bench" / "results" / "engine.json"),
+    p.add_argument("--json", default=str(RESULTS_DIR / "engine.json"),
                    help="results file (default bench/results/engine.json)")
     p.add_argument("--report", metavar="PATH",
                    help="print the tables of an existing results file (even a partial one)"

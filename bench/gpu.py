@@ -22,7 +22,7 @@ created on the device (no checkpoint files):
 A configuration whose KV cache does not fit in free memory is reported as skipped (batch 256
 with 8k tokens needs 256 GiB of KV). Without CUDA the script prints why and exits with 2.
 
-Run: ``python -m bench.gpu [--json PATH] [--batches 1 8 64 256] [--contexts 1024 8192]
+Run: ``python -m pdserve.bench.gpu [--json PATH] [--batches 1 8 64 256] [--contexts 1024 8192]
 [--prompts 512 2048 8192] [--hf-batches 1 8 64] [--no-hf] [--no-eager]``.
 """
 
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from bench.common import Progress, markdown_table
-from engine.config import KVCacheSpec, ModelConfig, RopeConfig
+from pdserve.bench.common import Progress, markdown_table
+from pdserve.engine.config import KVCacheSpec, ModelConfig, RopeConfig
 
 LLAMA3_8B = ModelConfig(
     architecture="LlamaForCausalLM",
@@ -193,7 +193,7 @@ class _RandomTensors(Mapping[str, torch.Tensor]):
 
 def random_model(config: ModelConfig, device: str = "cuda") -> torch.nn.Module:
     """An engine ``CausalLM`` of ``config`` with random bf16 weights made on ``device``."""
-    from engine.model.llama import CausalLM
+    from pdserve.engine.model.llama import CausalLM
 
     model = CausalLM(config)
     tensors = _RandomTensors(model.hf_tensor_shapes(), device)
@@ -214,8 +214,8 @@ def _fits(num_blocks: int, spec: KVCacheSpec, device: torch.device) -> tuple[boo
 
 
 def _sequence(i: int, tokens: int, blocks: range) -> Any:
-    from engine.sampling import SamplingParams
-    from engine.sequence import Sequence
+    from pdserve.engine.sampling import SamplingParams
+    from pdserve.engine.sequence import Sequence
 
     seq = Sequence(f"s{i}", [3 + (i + t) % 1000 for t in range(tokens)], SamplingParams(), 0.0, i)
     seq.block_ids = list(blocks)
@@ -247,9 +247,9 @@ def measure_decode(
 ) -> DecodeRow:
     """Decode step time of ``batch`` sequences at ``context`` tokens each (the step's token
     is the ``context``-th); the same step is re-run, which rewrites the same slots."""
-    from engine.attention import get_attention_backend
-    from engine.runner import ModelRunner
-    from engine.scheduler import ScheduledBatch
+    from pdserve.engine.attention import get_attention_backend
+    from pdserve.engine.runner import ModelRunner
+    from pdserve.engine.scheduler import ScheduledBatch
 
     spec = _spec(c)
     per_seq = kv_cache_blocks(1, context)
@@ -305,9 +305,9 @@ def measure_prefill(
     model: torch.nn.Module, c: ModelConfig, tokens: int, matmul_peak: float, iters: int
 ) -> PrefillRow:
     """One prompt of ``tokens`` tokens prefilled in one eager step (logits of its last)."""
-    from engine.attention import get_attention_backend
-    from engine.runner import ModelRunner
-    from engine.scheduler import ScheduledBatch
+    from pdserve.engine.attention import get_attention_backend
+    from pdserve.engine.runner import ModelRunner
+    from pdserve.engine.scheduler import ScheduledBatch
 
     per_seq = kv_cache_blocks(1, tokens)
     device = next(model.parameters()).device
@@ -553,7 +553,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.gpu",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--prompts", type=int, nargs="+", default=[512, 2048, 8192])
@@ -571,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "bench.gpu needs a CUDA GPU, and torch sees none "
+            "pdserve.bench.gpu needs a CUDA GPU, and torch sees none "
             "(torch.cuda.is_available() is False); nothing was measured.",
             file=sys.stderr,
         )

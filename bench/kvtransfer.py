@@ -1,6 +1,6 @@
 """KV transfer throughput and latency: NIXL between two processes vs torch copy vs TCP.
 
-    python -m bench.kvtransfer [--dtypes float32,bfloat16] [--json PATH]
+    python -m pdserve.bench.kvtransfer [--dtypes float32,bfloat16] [--json PATH]
 
 One receiver process, the sender in this process, same run and machine for every row:
 
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import KVCacheSpec
-from kvtransfer.nixl import NixlConfig, NixlConnector
+from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
 MIB = 1 << 20
 REGION_SPEC = dict(num_layers=2, num_kv_heads=16, head_dim=256, block_size=16, dtype="float32")

@@ -10,8 +10,8 @@ Backends: pdserve over gRPC (the SDK's ``AsyncClient``), any OpenAI-compatible e
 workload asks), or ``--colocated``: one ``engine.Engine`` doing prefill and decode in this
 process on a thread (``--threads`` torch threads), fed at the same send times, with each
 chunk timed when ``Engine.step`` returns it (no network: the baseline without disaggregation
-or a front). Every request is greedy. Workloads and arrivals: ``bench.serve_workload``;
-metric definitions: ``bench.serve_metrics``. ``--sweep R1,R2,...`` repeats the run at each
+or a front). Every request is greedy. Workloads and arrivals: ``pdserve.bench.serve_workload``;
+metric definitions: ``pdserve.bench.serve_metrics``. ``--sweep R1,R2,...`` repeats the run at each
 rate and plots goodput against rate.
 """
 
@@ -30,8 +30,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from bench.serve_metrics import RequestResult, parse_goodput, summarize
-from bench.serve_workload import (
+from pdserve.bench.serve_metrics import RequestResult, parse_goodput, summarize
+from pdserve.bench.serve_workload import (
     WorkItem,
     read_trace,
     replay,
@@ -189,8 +189,8 @@ class ColocatedBackend(Backend):
     async def start(self) -> None:
         import torch
 
-        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-        from engine.engine import Engine
+        from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+        from pdserve.engine.engine import Engine
 
         torch.set_num_threads(self.threads)
         config = EngineConfig(
@@ -211,7 +211,7 @@ class ColocatedBackend(Backend):
             await asyncio.to_thread(self._thread.join, 30)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        from engine.sampling import SamplingParams
+        from pdserve.engine.sampling import SamplingParams
 
         engine = self._engine
         while True:
@@ -397,7 +397,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["sharegpt", "synthetic", "azure", "mooncake"],
                    help="prompts: ShareGPT text, random ids, or a trace's lengths")
     p.add_argument("--trace", default=None,
-                   help="trace file or short name (azure: the shared code trace; mooncake: "
+                   help="trace file or short name (azure: the shipped code trace; mooncake: "
                         "conversation / synthetic)")
     p.add_argument("--replay", action="store_true",
                    help="send at the trace's timestamps (times --time-scale) instead of "
@@ -513,6 +513,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pdserve.bench.serve", description=__doc__)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

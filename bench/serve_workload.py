@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.trace import read_mooncake, resolve_trace, shared_data_path
+from pdserve.bench.trace import data_path, read_mooncake, resolve_trace
 
 FIRST_TOKEN_ID = 3
 """Random prompt ids start here: 0..2 are the built-in checkpoints' BOS, EOS and PAD."""
@@ -52,7 +52,7 @@ class TraceRow:
 
 def read_azure_trace(path: str | Path | None = None, limit: int | None = None) -> list[TraceRow]:
     """Rows of an Azure LLM inference trace CSV with timestamps relative to the first."""
-    path = shared_data_path(AZURE_CODE) if path is None else Path(path)
+    path = data_path(AZURE_CODE) if path is None else Path(path)
     rows: list[TraceRow] = []
     start: datetime | None = None
     with open(path, encoding="utf-8", newline="") as f:
@@ -137,7 +137,7 @@ def sharegpt_prompts(n: int, output_len: int, *, path: str | Path | None = None,
                      seed: int = 0) -> list[WorkItem]:
     """``n`` first-turn ShareGPT prompts (text), sampled without replacement (with, past the
     file's size), each asking for ``output_len`` tokens."""
-    path = shared_data_path(SHAREGPT) if path is None else Path(path)
+    path = data_path(SHAREGPT) if path is None else Path(path)
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     texts = [c["conversations"][0]["value"] for c in data

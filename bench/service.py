@@ -1,6 +1,6 @@
 """Service benchmark: what the disaggregated path costs and what streaming KV saves.
 
-    python -m bench.service [--parts 1 2 3] [--quick] [--json PATH]
+    python -m pdserve.bench.service [--parts 1 2 3] [--quick] [--json PATH]
 
 - Part 1, overhead: the same greedy requests (``--prompt-len`` 128-token prompts, 64 output
   tokens, ``ignore_eos``) at 1, 16 and 64 concurrent streams, (a) on the colocated
@@ -52,13 +52,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Progress, markdown_table
-from bench.trace import repo_root
-from decode_worker.protocol import TokenRecord, encode_batch
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from router.cluster import NAMESPACE, PoolConfig
-from router.flow import FlowConfig
-from router.server import Router, RouterConfig, serve
+from pdserve.bench.common import Progress, markdown_table
+from pdserve.bench.trace import RESULTS_DIR
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.router.app import serve
+from pdserve.router.cluster import NAMESPACE, PoolConfig
+from pdserve.router.flow import FlowConfig
+from pdserve.router.server import Router, RouterConfig
+from pdserve.worker.protocol import TokenRecord, encode_batch
 
 FIRST_REGULAR_TOKEN = 3
 """Prompt token ids start here: 0..2 are the built-in checkpoints' BOS, EOS and PAD."""
@@ -213,8 +214,8 @@ def summarize(traces: list[Trace]) -> dict[str, float]:
 
 def run_colocated(config: EngineConfig, rounds: list[list[list[int]]],
                   output_len: int) -> list[Trace]:
-    from engine.engine import Engine
-    from engine.sampling import SamplingParams
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.sampling import SamplingParams
 
     engine = Engine(config)  # the caller sets torch's thread count
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -261,7 +262,7 @@ def run_service(target: str, rounds: list[list[list[int]]], output_len: int) -> 
 def part_overhead(opts: Options, log: Progress) -> dict[str, Any]:
     import torch
 
-    from engine.model.builtin import BUILTINS
+    from pdserve.engine.model.builtin import BUILTINS
 
     vocab = BUILTINS["tiny"].vocab_size
     blocks_per_req = -(-(opts.prompt_len + opts.output_len) // 16)
@@ -324,7 +325,7 @@ async def _sequential_completions(target: str, prompts: list[list[int]]) -> list
 
 
 def part_transfer(opts: Options, log: Progress) -> dict[str, Any]:
-    from engine.model.builtin import BUILTINS
+    from pdserve.engine.model.builtin import BUILTINS
 
     spec = BUILTINS["small"]
     block_bytes = spec.num_layers * 2 * 16 * spec.num_kv_heads * spec.head_dim * 4
@@ -364,7 +365,7 @@ def _inbox_child(conn: Connection, batch: int) -> None:
     ``batch`` records sits in its request's queue."""
     import zmq
 
-    from router.stream import TokenInbox
+    from pdserve.router.stream import TokenInbox
 
     async def main() -> None:
         inbox = TokenInbox()
@@ -592,13 +593,13 @@ def run_benchmark(opts: Options, log: Progress) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pdserve.bench.service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3])
     parser.add_argument("--quick", action="store_true",
                         help="fewer requests, runs and steps (a smoke run, not a measurement)")
     parser.add_argument("--json", type=Path,
-                        default=repo_root() / "bench" / "results" / "service.json")
+                        default=RESULTS_DIR / "service.json")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--long-prompt", type=int, default=2048)

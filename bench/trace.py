@@ -3,7 +3,7 @@
 Each row is ``{"timestamp": ms, "input_length": tokens, "output_length": tokens,
 "hash_ids": [...]}``; ``hash_ids`` are prefix-chained ids of 512-token blocks: two requests
 sharing a leading run of ids share that KV prefix. ``block_hashes`` maps a run of ids to
-engine-style chained block hashes (``engine.hashing``), so code keyed by real block hashes
+engine-style chained block hashes (``pdserve.engine.hashing``), so code keyed by real block hashes
 (the router's prefix index) runs unchanged on a trace.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.hashing import ROOT_PARENT, hash_block
+from pdserve.engine.hashing import ROOT_PARENT, hash_block
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per Mooncake ``hash_id``."""
@@ -23,7 +23,7 @@ TRACES = {
     "conversation": "mooncake_conversation_trace_head3000.jsonl",
     "synthetic": "mooncake_synthetic_trace.jsonl",
 }
-"""Short names of the shared Mooncake traces."""
+"""Short names of the shipped Mooncake traces."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,20 +36,23 @@ class TraceRequest:
     hash_ids: tuple[int, ...]
 
 
-def repo_root() -> Path:
-    """The project root (the directory holding ``bench/``)."""
-    return Path(__file__).resolve().parent.parent
+DATA_DIR = Path(__file__).resolve().parent / "data"
+"""The traces shipped with the benchmarks (``bench/data``; sources in its README)."""
+
+RESULTS_DIR = Path("bench") / "results"
+"""Where benchmarks write their JSON and plots by default (relative to the working
+directory)."""
 
 
-def shared_data_path(name: str) -> Path:
-    """``../shared/data/NAME`` relative to the project root."""
-    return repo_root().parent / "shared" / "data" / name
+def data_path(name: str) -> Path:
+    """The shipped data file ``NAME``."""
+    return DATA_DIR / name
 
 
 def resolve_trace(name_or_path: str) -> Path:
     """A short name of ``TRACES`` or a path; FileNotFoundError naming both if neither."""
     if name_or_path in TRACES:
-        return shared_data_path(TRACES[name_or_path])
+        return data_path(TRACES[name_or_path])
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(

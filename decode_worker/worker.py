@@ -7,7 +7,7 @@ freezing. A reservation becomes a running sequence only when the connector repor
 block landed; if its transfer fails or its lease expires, the blocks are freed once no late
 write can reach them (``reuse_after``) and the router is told.
 
-Used as a Ray actor (``router.cluster`` wraps it); every public method is async, so Ray runs
+Used as a Ray actor (``pdserve.router.cluster`` wraps it); every public method is async, so Ray runs
 them on the actor's event loop while the engine runs on its own thread.
 """
 
@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import msgpack
 import zmq
 
-from decode_worker.base import EngineWorker
-from decode_worker.protocol import (
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.outputs import RequestOutput
+from pdserve.worker.base import EngineWorker
+from pdserve.worker.protocol import (
     ReserveRequest,
     ReserveResult,
     TokenRecord,
@@ -30,9 +33,10 @@ from decode_worker.protocol import (
     logprobs_to_wire,
     sampling_params,
 )
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+
 
 logger = logging.getLogger(__name__)
 

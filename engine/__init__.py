@@ -11,15 +11,15 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "LLM": "engine.engine",
-    "Engine": "engine.engine",
-    "EngineStats": "engine.engine",
-    "Reservation": "engine.engine",
-    "RequestOutput": "engine.outputs",
-    "SamplingParams": "engine.sampling",
-    "EngineConfig": "engine.config",
-    "CacheConfig": "engine.config",
-    "SchedulerConfig": "engine.config",
+    "LLM": "pdserve.engine.engine",
+    "Engine": "pdserve.engine.engine",
+    "EngineStats": "pdserve.engine.engine",
+    "Reservation": "pdserve.engine.engine",
+    "RequestOutput": "pdserve.engine.outputs",
+    "SamplingParams": "pdserve.engine.sampling",
+    "EngineConfig": "pdserve.engine.config",
+    "CacheConfig": "pdserve.engine.config",
+    "SchedulerConfig": "pdserve.engine.config",
 }
 
 __all__ = sorted(_LAZY)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.sequence import Sequence
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,13 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.engine import Engine
-from engine.outputs import RequestOutput
+from pdserve.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

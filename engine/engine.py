@@ -18,19 +18,21 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import get_attention_backend
-from engine.block_pool import BlockPool
-from engine.config import EngineConfig, KVCacheSpec, ModelConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.kv_events import KVEvent
-from engine.model.builtin import resolve_model
-from engine.model.loader import load_model, load_model_config
-from engine.outputs import RequestMetrics, RequestOutput, StopChecker
-from engine.runner import ModelRunner
-from engine.sampling import Sampler, SamplingParams, TokenLogprobs
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.attention import get_attention_backend
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.config import EngineConfig, KVCacheSpec, ModelConfig
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.kv_events import KVEvent
+from pdserve.engine.model.builtin import resolve_model
+from pdserve.engine.model.checkpoint import load_model_config
+from pdserve.engine.model.loader import load_model
+from pdserve.engine.outputs import RequestMetrics, RequestOutput, StopChecker
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +409,7 @@ class LLM:
 
     def __init__(self, model: str = "tiny", dtype: str = "auto", device: str = "auto",
                  **engine_kwargs: object) -> None:
-        from engine.config import CacheConfig, SchedulerConfig
+        from pdserve.engine.config import CacheConfig, SchedulerConfig
 
         cache_keys = {"block_size", "num_blocks", "enable_prefix_caching", "cpu_cache_bytes",
                       "memory_fraction"}

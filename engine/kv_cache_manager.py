@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from engine.block_pool import Block, BlockPool
-from engine.hashing import ROOT_PARENT, hash_block
-from engine.sequence import Sequence
+from pdserve.engine.block_pool import Block, BlockPool
+from pdserve.engine.hashing import ROOT_PARENT, hash_block
+from pdserve.engine.sequence import Sequence
 
 
 class PrefixMatch(NamedTuple):

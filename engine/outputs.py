@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampling import TokenLogprobs
-from engine.sequence import FinishReason, Sequence
+from pdserve.engine.sampling import TokenLogprobs
+from pdserve.engine.sequence import FinishReason, Sequence
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """Runs one scheduled batch: builds the flattened input tensors, runs the model, returns the
 logits of every sequence whose next token is due.
 
-The runner owns the KV cache tensor (see ``engine.config.KVCacheSpec`` for its layout). It
+The runner owns the KV cache tensor (see ``pdserve.engine.config.KVCacheSpec`` for its layout). It
 reads sequences but never changes them: the engine applies the results.
 """
 
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.config import KVCacheSpec
-from engine.cuda_graphs import DecodeGraphRunner, capture_decode_graphs, graphs_supported
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.config import KVCacheSpec
+from pdserve.engine.cuda_graphs import DecodeGraphRunner, capture_decode_graphs, graphs_supported
+from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.sequence import Sequence
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +39,7 @@ class ModelRunner:
 
     ``kv_cache`` holds exactly the pool's ``num_blocks`` blocks. With ``cuda_graphs`` on a
     CUDA device and the Triton backend, decode-only batches of up to ``max_num_seqs``
-    (at most 256) sequences replay CUDA graphs captured here (see ``engine.cuda_graphs``);
+    (at most 256) sequences replay CUDA graphs captured here (see ``pdserve.engine.cuda_graphs``);
     their padding rows write one extra block allocated just past ``kv_cache``, which no
     sequence ever owns. Elsewhere ``cuda_graphs`` is ignored. ``max_model_len`` (default: the
     model's and the pool's limit) bounds the contexts the graphs are captured for.

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager, PrefixMatch
-from engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.config import SchedulerConfig
+from pdserve.engine.kv_cache_manager import KVCacheManager, PrefixMatch
+from pdserve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

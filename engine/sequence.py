@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.sampling import SamplingParams, TokenLogprobs
+    from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class SequenceStatus(enum.Enum):

@@ -34,7 +34,7 @@ class Tokenizer:
     ``decode`` (the underlying fast tokenizer is)."""
 
     def __init__(self, path: str | Path) -> None:
-        from engine.model.loader import CheckpointError
+        from pdserve.engine.model.checkpoint import CheckpointError
 
         folder = Path(path)
         if not folder.is_dir():

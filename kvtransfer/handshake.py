@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
-from kvtransfer.base import (
+from pdserve.kvtransfer.base import (
     IncompatiblePeerError,
     PeerInfo,
     PeerUnreachableError,

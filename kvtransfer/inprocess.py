@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.config import KVCacheSpec
-from kvtransfer.base import (
+from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.base import (
     FailureKind,
     IncompatiblePeerError,
     KVConnector,
@@ -24,8 +24,8 @@ from kvtransfer.base import (
     TransferTarget,
     check_compatible,
 )
-from kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
-from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
+from pdserve.kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
+from pdserve.kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
 BACKEND = "inprocess"
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine.config import KVCacheSpec, normalize_dtype
-from kvtransfer.base import PROTOCOL_VERSION, PeerInfo, TransferTarget
+from pdserve.engine.config import KVCacheSpec, normalize_dtype
+from pdserve.kvtransfer.base import PROTOCOL_VERSION, PeerInfo, TransferTarget
 
 
 def peer_info(spec: KVCacheSpec, model: str) -> PeerInfo:

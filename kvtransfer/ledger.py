@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvtransfer.base import FailureKind, Received, TransferFailure
+from pdserve.kvtransfer.base import FailureKind, Received, TransferFailure
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The connector registers its KV cache tensor once (DRAM on CPU, VRAM on CUDA) and prepares one
 descriptor list with one entry per block. For each peer it learns the peer's metadata and KV
-region through the ZMQ side channel (``kvtransfer.handshake``) and prepares the peer's block
+region through the ZMQ side channel (``pdserve.kvtransfer.handshake``) and prepares the peer's block
 list once; a write is then ``make_prepped_xfer`` over block indices, so nothing is rebuilt per
 request. Each write carries a ``ChunkNotice`` that UCX delivers after the data.
 
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import KVCacheSpec
-from kvtransfer.base import (
+from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.base import (
     FailureKind,
     IncompatiblePeerError,
     KVConnector,
@@ -41,9 +41,9 @@ from kvtransfer.base import (
     PollResult,
     TransferTarget,
 )
-from kvtransfer.handshake import HandshakeServer, KVRegion, PeerHello, fetch_peer
-from kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
-from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
+from pdserve.kvtransfer.handshake import HandshakeServer, KVRegion, PeerHello, fetch_peer
+from pdserve.kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
+from pdserve.kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class _Peer:
 
 
 class NixlConnector(KVConnector):
-    """A worker's NIXL endpoint around its own KV cache tensor (see ``kvtransfer.base``).
+    """A worker's NIXL endpoint around its own KV cache tensor (see ``pdserve.kvtransfer.base``).
 
     The tensor is registered for the connector's lifetime: keep it alive and do not reallocate
     it until ``close()``. Ids passed to ``write_blocks``/``expect`` index its first dimension.

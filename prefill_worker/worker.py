@@ -9,7 +9,7 @@ worker's prefix cache. The ``prefill`` call answers when the decode side holds e
 With ``stream_kv=False`` every block is written once, with the first token, after the last
 chunk (no overlap; kept to measure what streaming saves, see ``bench/service.py``).
 
-Used as a Ray actor (``router.cluster`` wraps it); public methods are async.
+Used as a Ray actor (``pdserve.router.cluster`` wraps it); public methods are async.
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from decode_worker.base import EngineWorker
-from decode_worker.protocol import logprobs_to_wire, sampling_params
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.kv_events import KVEvent
-from engine.outputs import RequestOutput
-from prefill_worker.protocol import PrefillRequest, PrefillResult
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_events import KVEvent
+from pdserve.engine.outputs import RequestOutput
+from pdserve.worker.base import EngineWorker
+from pdserve.worker.protocol import PrefillRequest, PrefillResult, logprobs_to_wire, sampling_params
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, NamedTuple
 
-from router.prefix_index import Clock, PrefixIndex
+from pdserve.router.prefix_index import Clock, PrefixIndex
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 DEFAULT_POLICY = "prefix_aware"
@@ -74,7 +74,7 @@ class WorkerLoad:
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
-    """What the balancer needs of a request: its full-block hashes (``engine.hashing``,
+    """What the balancer needs of a request: its full-block hashes (``pdserve.engine.hashing``,
     computed once by the router) and its prompt length."""
 
     request_id: str

@@ -19,9 +19,9 @@ from typing import Any
 
 import ray
 
-from decode_worker.worker import DecodeWorker
-from engine.config import EngineConfig
-from prefill_worker.worker import PrefillWorker
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import EngineConfig
+from pdserve.prefill_worker.worker import PrefillWorker
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +197,13 @@ class Cluster:
         under load keeps its last stats instead of being declared dead."""
         try:
             await asyncio.wait_for(handle.actor.ping.remote(), self.config.ping_timeout_s)
-        except (ray.exceptions.RayError, asyncio.TimeoutError, RuntimeError) as exc:
+        except (TimeoutError, ray.exceptions.RayError, RuntimeError) as exc:
             logger.warning("worker %s failed its liveness check: %r", handle.worker_id, exc)
             return False
         try:
             handle.stats = await asyncio.wait_for(handle.actor.stats.remote(),
                                                   self.config.ping_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.info("worker %s: stats late; keeping the last ones", handle.worker_id)
         except ray.exceptions.RayError as exc:
             logger.warning("worker %s failed to report stats: %r", handle.worker_id, exc)

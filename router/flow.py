@@ -22,20 +22,12 @@ from dataclasses import dataclass, field
 
 import ray
 
-from decode_worker.protocol import (
-    ReserveRequest,
-    ReserveResult,
-    SamplingSpec,
-    TokenRecord,
-    logprobs_from_wire,
-)
-from engine.hashing import hash_blocks
-from engine.outputs import StopChecker
-from engine.sampling import SamplingParams, TokenLogprobs
-from engine.sequence import Sequence
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from prefill_worker.protocol import PrefillRequest, PrefillResult
-from router.balancer import (
+from pdserve.engine.hashing import hash_blocks
+from pdserve.engine.outputs import StopChecker
+from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.engine.sequence import Sequence
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.router.balancer import (
     Balancer,
     LoadView,
     NoWorkerAvailableError,
@@ -43,8 +35,17 @@ from router.balancer import (
     RouteRequest,
     WorkerLoad,
 )
-from router.cluster import Cluster, WorkerHandle
-from router.stream import TokenInbox
+from pdserve.router.cluster import Cluster, WorkerHandle
+from pdserve.router.stream import TokenInbox
+from pdserve.worker.protocol import (
+    PrefillRequest,
+    PrefillResult,
+    ReserveRequest,
+    ReserveResult,
+    SamplingSpec,
+    TokenRecord,
+    logprobs_from_wire,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine.sampling import TokenLogprobs
-from router import openai_types as oai
-from router.flow import Delta, RequestError
-from router.metrics import CONTENT_TYPE
-from router.validation import Prepared
+from pdserve.engine.sampling import TokenLogprobs
+from pdserve.router import openai_types as oai
+from pdserve.router.flow import Delta, RequestError
+from pdserve.router.metrics import CONTENT_TYPE
+from pdserve.router.validation import Prepared
 
 if TYPE_CHECKING:
-    from router.server import Router
+    from pdserve.router.server import Router
 
 logger = logging.getLogger(__name__)
 

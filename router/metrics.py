@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from router.balancer import Balancer
+from pdserve.router.balancer import Balancer
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The ``Content-Type`` of ``RouterMetrics.render()``."""

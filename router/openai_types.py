@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sampling import TokenLogprobs
-from router.flow import RequestError
-from router.validation import SamplingArgs
+from pdserve.engine.sampling import TokenLogprobs
+from pdserve.router.flow import RequestError
+from pdserve.router.validation import SamplingArgs
 
 ERROR_STATUS = {
     "invalid_argument": (400, "invalid_request_error"),

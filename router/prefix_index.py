@@ -1,7 +1,7 @@
 """Per-worker index of cached KV block hashes, kept from the workers' KV events.
 
 The router asks "how many leading blocks of this prompt does worker W already hold?" and
-answers from a set of block hashes per worker (the ids of ``engine.hashing``):
+answers from a set of block hashes per worker (the ids of ``pdserve.engine.hashing``):
 
 - Event-fed workers: their block pools publish ``BlockStored`` / ``BlockRemoved`` /
   ``AllBlocksCleared`` in batches numbered 0, 1, 2, ... per worker incarnation. Batches are
@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from pdserve.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class PrefixIndex:
     Promises: for an event-fed worker in sync, ``stored`` equals the set of hashes the
     worker's block pool reported as stored and not since removed, whatever the order of
     ``match`` calls; provisional entries only add blocks routed less than ``pending_ttl_s``
-    ago. Block hashes must come from ``engine.hashing`` with this index's ``block_size``.
+    ago. Block hashes must come from ``pdserve.engine.hashing`` with this index's ``block_size``.
     """
 
     def __init__(

@@ -6,9 +6,10 @@ message), hands it to ``Flow`` (admission, balancing, streaming, failover), and 
 handler, and ``Flow`` aborts the request on every worker. The standard health service and
 server reflection are served beside ``pdserve.v1.Generation``.
 
-The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on
-the same event loop and goes through the same ``Router.prepare`` (validation) and
-``Router.run`` (the request path, with its metrics): no second implementation of either.
+The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on the
+same event loop and goes through the same ``Router.prepare`` (validation) and ``Router.run``
+(the request path, with its metrics): no second implementation of either. ``router.app``
+wires both fronts to one ``Router`` and runs them.
 """
 
 from __future__ import annotations
@@ -17,27 +18,24 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from decode_worker.protocol import resolve_host
-from engine.config import KVCacheSpec
-from engine.model.loader import load_model_config
-from engine.tokenizer import Tokenizer
-from prefill_worker.protocol import PrefillResult
-from protos.pdserve.v1 import generation_pb2 as pb
-from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from router.balancer import PrefillChoice, make_balancer
-from router.cluster import Cluster, PoolConfig, WorkerHandle
-from router.flow import Delta, Flow, FlowConfig, RequestError
-from router.metrics import RouterMetrics, WorkerSample
-from router.prefix_index import PrefixIndex
-from router.stream import TokenInbox
-from router.validation import Prepared, SamplingArgs, Validator
+from pdserve.engine.config import KVCacheSpec
+from pdserve.engine.model.checkpoint import load_model_config
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.protos.pdserve.v1 import generation_pb2 as pb
+from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
+from pdserve.router.balancer import PrefillChoice, make_balancer
+from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
+from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
+from pdserve.router.metrics import RouterMetrics, WorkerSample
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.stream import TokenInbox
+from pdserve.router.validation import Prepared, SamplingArgs, Validator
+from pdserve.worker.protocol import PrefillResult, resolve_host
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ class Router(pb_grpc.GenerationServicer):
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         engine_cfg = config.pools.engine
-        from engine.model.builtin import resolve_model
+        from pdserve.engine.model.builtin import resolve_model
 
         self.model_path = resolve_model(engine_cfg.model)
         self.model_config = load_model_config(self.model_path)
@@ -311,53 +309,3 @@ class Router(pb_grpc.GenerationServicer):
         metrics = self.metrics.samples()
         return pb.GetStatsResponse(workers=workers, requests_total=self.requests_total,
                                    requests_running=len(self._active), metrics=metrics)
-
-
-async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
-                on_ready: Callable[[Router, int], None] | None = None) -> None:
-    """Start the pools, the gRPC server and (``config.http_port`` not None) the HTTP front;
-    run until ``stop`` is set, then drain. ``on_ready(router, port)`` is called once both
-    accept requests (``router.http_port`` is the HTTP front's port)."""
-    from router.http import HttpFront
-
-    router = Router(config)
-    await router.start()
-    http: HttpFront | None = None
-    server = grpc.aio.server()
-    pb_grpc.add_GenerationServicer_to_server(router, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    address = f"{config.host}:{config.port}"
-    if config.tls_cert and config.tls_key:
-        creds = grpc.ssl_server_credentials([(config.tls_key, config.tls_cert)])
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    await server.start()
-    if config.http_port is not None:
-        http = HttpFront(router)
-        router.http_port = await http.start(config.host, config.http_port)
-    for name in ("", names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    front = f", OpenAI HTTP on {config.host}:{router.http_port}" if http is not None else ""
-    print(f"pdserve: serving {router.model_name!r} on {config.host}:{bound}{front} "
-          f"({config.pools.num_prefill} prefill + {config.pools.num_decode} decode workers)",
-          flush=True)
-    if on_ready is not None:
-        on_ready(router, bound)
-    try:
-        if stop is None:
-            await server.wait_for_termination()
-        else:
-            await stop.wait()
-    finally:
-        for name in ("", names[0]):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if http is not None:
-            await http.stop()
-        await server.stop(grace=10.0)
-        await router.stop()

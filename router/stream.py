@@ -13,7 +13,7 @@ import logging
 import zmq
 import zmq.asyncio
 
-from decode_worker.protocol import TokenRecord, decode_batch
+from pdserve.worker.protocol import TokenRecord, decode_batch
 
 logger = logging.getLogger(__name__)
 

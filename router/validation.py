@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
-from router.flow import RequestError
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.router.flow import RequestError
 
 
 @dataclass(frozen=True, slots=True)

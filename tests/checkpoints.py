@@ -1,7 +1,7 @@
 """Small random Hugging Face checkpoints of every supported architecture, for tests.
 
 ``make_hf_checkpoint("llama", tmp_path / "ckpt")`` writes a folder that transformers and
-``engine.model.loader`` both load. Weights are re-initialised with larger spreads than
+``pdserve.engine.model.loader`` both load. Weights are re-initialised with larger spreads than
 transformers' defaults so that logits are well separated and greedy decoding is not
 decided by near-ties; the same ``seed`` gives the same weights.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.attention.base import AttentionMetadata
+from pdserve.engine.attention.base import AttentionMetadata
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 BLOCK_SIZE = 16

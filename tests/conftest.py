@@ -4,11 +4,54 @@ Triton decides between compiled kernels and its CPU interpreter when ``triton.la
 first imported (and when each kernel is decorated), reading ``TRITON_INTERPRET``. This file
 runs before any test module is imported, so without CUDA the Triton kernels are built for the
 interpreter whatever the test order. An explicit ``TRITON_INTERPRET`` is left as it is.
+
+The repository stands alone: a clone with nothing beside it passes. An audit hook records
+every file this process opens in the folder that holds the repository but outside the
+repository itself (a sibling folder of data); any such read fails the session.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_REPO_S = str(REPO)
+_PARENT_S = str(REPO.parent)
+_reads_beside_repo: set[str] = set()
+
+
+def beside_repo(path: str) -> bool:
+    """True when ``path`` lies in the repository's parent folder but not in the repository."""
+    full = os.path.abspath(path)
+    inside = lambda root: full == root or full.startswith(root + os.sep)
+    return inside(_PARENT_S) and not inside(_REPO_S)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event != "open" or not args:
+        return
+    path = args[0]
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if isinstance(path, str) and beside_repo(path):
+        _reads_beside_repo.add(os.path.abspath(path))
+
+
+sys.addaudithook(_audit)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _reads_beside_repo:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = "\n".join(sorted(_reads_beside_repo))
+        if reporter is not None:
+            reporter.write_line(f"files read from outside the repository:\n{lines}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch

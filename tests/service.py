@@ -15,10 +15,11 @@ from typing import Any
 
 import ray
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from router.cluster import PoolConfig
-from router.flow import FlowConfig
-from router.server import Router, RouterConfig, serve
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.router.app import serve
+from pdserve.router.cluster import PoolConfig
+from pdserve.router.flow import FlowConfig
+from pdserve.router.server import Router, RouterConfig
 
 
 class ServiceThread:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from engine.hashing import hash_blocks
-from engine.kv_events import BlockStored
-from router.balancer import (
+from pdserve.engine.hashing import hash_blocks
+from pdserve.engine.kv_events import BlockStored
+from pdserve.router.balancer import (
     POLICIES,
     BalancerConfig,
     DecodeChoice,
@@ -21,7 +21,7 @@ from router.balancer import (
     WorkerLoad,
     make_balancer,
 )
-from router.prefix_index import PrefixIndex
+from pdserve.router.prefix_index import PrefixIndex
 
 BS = 16
 H = hash_blocks(list(range(3 * BS)), BS)  # the prompt's three full blocks

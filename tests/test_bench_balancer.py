@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import balancer as harness
-from bench.trace import BlockHasher, read_mooncake, resolve_trace
-from engine.hashing import ROOT_PARENT, hash_block
-from router.balancer import POLICIES
-from router.prefix_index import PrefixIndex
+from pdserve.bench import balancer as harness
+from pdserve.bench.trace import BlockHasher, read_mooncake, resolve_trace
+from pdserve.engine.hashing import ROOT_PARENT, hash_block
+from pdserve.router.balancer import POLICIES
+from pdserve.router.prefix_index import PrefixIndex
 
 ROWS = 300
 

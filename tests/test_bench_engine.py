@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from bench.common import Progress
-from bench.engine import (
+from pdserve.bench.common import Progress
+from pdserve.bench.engine import (
     BenchOptions,
     Sizes,
     main,

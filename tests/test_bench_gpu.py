@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu import (
+from pdserve.bench.gpu import (
     LLAMA3_8B,
     DecodeRow,
     PeerRow,
@@ -70,7 +70,7 @@ def test_without_cuda_the_script_says_so_and_exits_2(monkeypatch: pytest.MonkeyP
     assert main([]) == 2
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--no-hf"],
+        [sys.executable, "-m", "pdserve.bench.gpu", "--no-hf"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -86,7 +86,7 @@ def test_decode_and_prefill_measurements_run_on_a_tiny_shape() -> None:
     """The measuring code end to end on CPU (Triton interpreted, no graphs): a smoke test of
     the wiring; the numbers mean nothing here."""
     pytest.importorskip("triton")
-    from engine.attention.triton_backend import INTERPRETED
+    from pdserve.engine.attention.triton_backend import INTERPRETED
 
     if not INTERPRETED:
         pytest.skip("needs triton's CPU interpreter")

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from bench.serve_metrics import RequestResult, meets, parse_goodput, summarize
-from bench.serve_workload import (
+from pdserve.bench.serve_metrics import RequestResult, meets, parse_goodput, summarize
+from pdserve.bench.serve_workload import (
     WorkItem,
     read_azure_trace,
     replay,
@@ -19,7 +19,7 @@ from bench.serve_workload import (
     trace_prompts,
     with_arrivals,
 )
-from router.cli import main as cli_main
+from pdserve.cli import main as cli_main
 from tests.service import SHARED_API_KEY, shared_service
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import Progress
-from bench.service import Options, Trace, part_token_path, report
+from pdserve.bench.common import Progress
+from pdserve.bench.service import Options, Trace, part_token_path, report
 
 
 def test_trace_splits_a_chunk_gap_evenly_over_its_tokens() -> None:

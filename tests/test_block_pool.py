@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.block_pool import BlockPool, NoFreeBlocksError
-from engine.hashing import ROOT_PARENT, hash_block, hash_blocks
-from engine.kv_cache_manager import KVCacheManager
-from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from pdserve.engine.block_pool import BlockPool, NoFreeBlocksError
+from pdserve.engine.hashing import ROOT_PARENT, hash_block, hash_blocks
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.attention.torch_backend import TorchAttentionBackend
-from engine.model.builtin import BUILTINS, builtin_checkpoint, resolve_model
-from engine.model.loader import CheckpointError, load_model
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend
+from pdserve.engine.model.builtin import BUILTINS, builtin_checkpoint, resolve_model
+from pdserve.engine.model.loader import CheckpointError, load_model
 from tests.checkpoints import decode_meta, new_cache, prefill_meta
 
 FILES = {

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention.base import AttentionMetadata
-from engine.attention.cascade import (
+from pdserve.engine.attention.base import AttentionMetadata
+from pdserve.engine.attention.cascade import (
     CascadePlan,
     PrefixGroup,
     cascade_decode_group,
     length_buckets,
     shared_prefix_groups,
 )
-from engine.attention.torch_backend import TorchAttentionBackend, paged_decode_attention
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend, paged_decode_attention
 
 NUM_LAYERS, LAYER = 2, 1
 

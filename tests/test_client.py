@@ -28,8 +28,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import pdserve_client as pc
-from protos.pdserve.v1 import generation_pb2 as pb
-from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
+from pdserve.protos.pdserve.v1 import generation_pb2 as pb
+from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 
 API_KEY = "test-key"
 WORDS = ["Hello", ",", " world", "!"]

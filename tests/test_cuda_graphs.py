@@ -21,21 +21,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.attention import get_attention_backend
-from engine.config import KVCacheSpec
-from engine.cuda_graphs import (
+from pdserve.engine.attention import get_attention_backend
+from pdserve.engine.config import KVCacheSpec
+from pdserve.engine.cuda_graphs import (
     DecodeGraphRunner,
     ladder_sizes,
     pad_decode_batch,
     padded_batch_size,
 )
-from engine.model.builtin import builtin_checkpoint
-from engine.model.llama import CausalLM
-from engine.model.loader import load_model
-from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from pdserve.engine.model.builtin import builtin_checkpoint
+from pdserve.engine.model.llama import CausalLM
+from pdserve.engine.model.loader import load_model
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.sequence import Sequence
 
 HAS_CUDA = torch.cuda.is_available()
 BLOCK = 4
@@ -46,7 +46,7 @@ PROMPT_LENS = (5, 8, 3, 11, 6)
 
 def _interpreted() -> bool:
     try:
-        from engine.attention.triton_backend import INTERPRETED
+        from pdserve.engine.attention.triton_backend import INTERPRETED
     except ImportError:
         return False
     return INTERPRETED
@@ -314,8 +314,8 @@ def test_triton_engine_greedy_equals_torch_engine(tmp_path: Path, _: None) -> No
     graphs, prefill chunked so that batches mix) equals the torch backend's (eager), and
     both equal the CPU engine's (CUDA stores some weights input-major and fuses the norms,
     rotation and SwiGLU; none of that may change a token)."""
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.engine import Engine
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.engine import Engine
     from tests.checkpoints import make_hf_checkpoint
 
     path = make_hf_checkpoint(

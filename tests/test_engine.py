@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import LLM, SamplingParams
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.engine import Engine
-from engine.model.loader import CheckpointError
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.model.loader import CheckpointError
 from tests.checkpoints import hf_classes, make_hf_checkpoint
 
 MAX_NEW = 8
@@ -140,7 +140,7 @@ def test_decodes_sharing_a_prefix_attend_it_once_and_match_transformers(
     """Requests on one cached 100-token system prompt decode in the same steps: the torch
     backend attends their shared blocks once per layer (cascade), and every token and
     logprob still equals transformers'."""
-    import engine.attention.torch_backend as torch_backend
+    import pdserve.engine.attention.torch_backend as torch_backend
 
     calls: list[int] = []
     real = torch_backend.cascade_decode_group

@@ -1,16 +1,17 @@
 """The Helm chart (deploy/helm/pdserve), rendered and linted by Helm itself, offline.
 
 `helm-python-sdk` embeds Helm v4 as a library: no binary, no cluster. Every variant is
-rendered and linted; every RayCluster is validated against KubeRay's real CRD schema (from
-the shared folder beside the repository, made strict so that a misspelt field fails instead
-of being pruned), and every core object and every pod template with `kubernetes-validate`
-(strict). Then the values are checked where they land.
+rendered and linted; every RayCluster is validated against KubeRay's real CRD schema
+(``deploy/schemas``, made strict so that a misspelt field fails instead of being pruned),
+and every core object and every pod template with `kubernetes-validate` (strict). Then the
+values are checked where they land.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pdserve import __version__
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "pdserve"
-SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+SCHEMAS = REPO / "deploy" / "schemas"
 KUBE_VERSION = "1.33.0"
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -126,10 +129,7 @@ def _strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def raycluster_validator() -> jsonschema.Draft7Validator:
-    crd_path = SCHEMAS / "ray.io_rayclusters.yaml"
-    if not crd_path.exists():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
-    crd = yaml.safe_load(crd_path.read_text())
+    crd = yaml.safe_load((SCHEMAS / "ray.io_rayclusters.yaml").read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
 
@@ -383,8 +383,7 @@ def test_inconsistent_values_fail_to_render_with_a_clear_message(chart, values, 
 
 
 def test_default_image_is_what_the_dockerfile_publishes(chart) -> None:
-    pyproject = (REPO / "pyproject.toml").read_text()
-    version = re.search(r'^version = "([^"]+)"', pyproject, re.M)[1]
+    version = __version__
     dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
     cuda = re.search(r"^ARG CUDA_VERSION=(\d+)\.(\d+)", dockerfile, re.M)
     ray = re.search(r"^ARG RAY_VERSION=(\S+)", dockerfile, re.M)
@@ -393,3 +392,11 @@ def test_default_image_is_what_the_dockerfile_publishes(chart) -> None:
     assert chart.values["image"]["tag"] == f"{version}-cu{cuda[1]}{cuda[2]}"
     assert chart.values["ray"]["version"] == ray[1]
     assert f"{chart.values['image']['repository']}:{version}-cu" in dockerfile
+
+
+def test_the_image_copies_every_folder_the_wheel_is_built_from() -> None:
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"].values()
+    copied = set(re.findall(r"^COPY (\S+) /src/\1$", (REPO / "deploy" / "docker" /
+                                                       "Dockerfile").read_text(), re.M))
+    assert set(package_dirs) | {"clients"} <= copied

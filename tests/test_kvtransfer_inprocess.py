@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from engine.config import KVCacheSpec
-from kvtransfer.base import FailureKind, PeerInfo, Received, compatibility_problems
-from kvtransfer.inprocess import InProcessConnector, LocalFabric
-from kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
+from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.base import FailureKind, PeerInfo, Received, compatibility_problems
+from pdserve.kvtransfer.inprocess import InProcessConnector, LocalFabric
+from pdserve.kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
 pytestmark = pytest.mark.timeout(30)
 

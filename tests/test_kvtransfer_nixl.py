@@ -32,8 +32,8 @@ def _peer_main(
     """Child process: one connector, driven by (command, args) messages."""
     import torch
 
-    from engine.config import KVCacheSpec
-    from kvtransfer.nixl import NixlConfig, NixlConnector
+    from pdserve.engine.config import KVCacheSpec
+    from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
     spec = KVCacheSpec(**spec_kwargs)
     dtype = getattr(torch, spec.dtype)
@@ -297,8 +297,8 @@ def _fields(target: Any) -> dict[str, Any]:
 def test_empty_ucx_tls_is_refused_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from engine.config import KVCacheSpec
-    from kvtransfer.nixl import NixlConfig, NixlConnector
+    from pdserve.engine.config import KVCacheSpec
+    from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
     spec = KVCacheSpec(**SPEC)
     monkeypatch.setenv("UCX_TLS", " ")

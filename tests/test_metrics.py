@@ -14,9 +14,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import KVCacheSpec
+from pdserve.engine.config import KVCacheSpec
+from pdserve.router.metrics import RequestTimer, RouterMetrics
 from pdserve_client import Client, InvalidArgument
-from router.metrics import RequestTimer, RouterMetrics
 from tests.service import SHARED_API_KEY as KEY
 from tests.service import ServiceThread, shared_service
 

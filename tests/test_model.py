@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.attention.base import AttentionMetadata
-from engine.attention.torch_backend import TorchAttentionBackend
-from engine.config import RopeConfig
-from engine.model.llama import rope_inv_freq
-from engine.model.loader import CheckpointError, load_model, load_model_config
+from pdserve.engine.attention.base import AttentionMetadata
+from pdserve.engine.attention.torch_backend import TorchAttentionBackend
+from pdserve.engine.config import RopeConfig
+from pdserve.engine.model.llama import rope_inv_freq
+from pdserve.engine.model.loader import CheckpointError, load_model, load_model_config
 from tests.checkpoints import (
     BLOCK_SIZE,
     NUM_BLOCKS,

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.hashing import hash_blocks
-from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from router import prefix_index
-from router.prefix_index import PrefixIndex
+from pdserve.engine.hashing import hash_blocks
+from pdserve.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from pdserve.router import prefix_index
+from pdserve.router.prefix_index import PrefixIndex
 
 BS = 4
 H = hash_blocks(list(range(6 * BS)), BS)  # six chained block hashes

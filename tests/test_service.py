@@ -15,8 +15,8 @@ import pytest
 import ray
 import torch
 
-from decode_worker.protocol import ReserveRequest, SamplingSpec
-from engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams
+from pdserve.worker.protocol import PrefillRequest, ReserveRequest, SamplingSpec
 from pdserve_client import (
     Client,
     DeadlineExceeded,
@@ -24,7 +24,6 @@ from pdserve_client import (
     ResourceExhausted,
     Unauthenticated,
 )
-from prefill_worker.protocol import PrefillRequest
 from tests.service import ServiceThread
 
 KEY = "test-key"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.model.builtin import builtin_checkpoint
-from engine.model.loader import CheckpointError
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.model.builtin import builtin_checkpoint
+from pdserve.engine.model.loader import CheckpointError
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world!",

@@ -1,5 +1,5 @@
 """The Triton kernels against the torch reference ops: paged attention on random paged
-layouts, and the decoder's fused elementwise stages (``engine.model.triton_ops``).
+layouts, and the decoder's fused elementwise stages (``pdserve.engine.model.triton_ops``).
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``,
 set by ``tests/conftest.py`` before triton is imported); the CUDA variants are marked ``gpu``.
@@ -21,15 +21,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.attention import get_attention_backend  # noqa: E402
-from engine.attention.base import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import (  # noqa: E402
+from pdserve.engine.attention import get_attention_backend  # noqa: E402
+from pdserve.engine.attention.base import AttentionMetadata  # noqa: E402
+from pdserve.engine.attention.torch_backend import (  # noqa: E402
     TorchAttentionBackend,
     paged_decode_attention,
     paged_prefill_attention,
     write_kv_slots,
 )
-from engine.attention.triton_backend import (  # noqa: E402
+from pdserve.engine.attention.triton_backend import (  # noqa: E402
     INTERPRETED,
     TritonAttentionBackend,
     triton_paged_decode_attention,
@@ -293,8 +293,8 @@ def _randn(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int) -
 @pytest.mark.parametrize("device", DEVICES)
 @FP32_BF16
 def test_fused_add_rms_norm_matches_torch(device: str, dtype: torch.dtype) -> None:
-    from engine.model import triton_ops
-    from engine.model.llama import rms_norm
+    from pdserve.engine.model import triton_ops
+    from pdserve.engine.model.llama import rms_norm
 
     gen = torch.Generator().manual_seed(11)
     # 96 columns: not a power of two, so the row's tail is masked.
@@ -312,9 +312,9 @@ def test_fused_add_rms_norm_matches_torch(device: str, dtype: torch.dtype) -> No
 @pytest.mark.parametrize("device", DEVICES)
 @FP32_BF16
 def test_fused_rotate_matches_apply_rope(device: str, dtype: torch.dtype) -> None:
-    from engine.config import RopeConfig
-    from engine.model import triton_ops
-    from engine.model.llama import apply_rope, rope_tables
+    from pdserve.engine.config import RopeConfig
+    from pdserve.engine.model import triton_ops
+    from pdserve.engine.model.llama import apply_rope, rope_tables
 
     gen = torch.Generator().manual_seed(12)
     # q and k heads as a strided view of a fused projection (5 heads: a masked head block).
@@ -335,7 +335,7 @@ def test_fused_rotate_matches_apply_rope(device: str, dtype: torch.dtype) -> Non
 @pytest.mark.parametrize("device", DEVICES)
 @FP32_BF16
 def test_fused_silu_mul_matches_torch(device: str, dtype: torch.dtype) -> None:
-    from engine.model import triton_ops
+    from pdserve.engine.model import triton_ops
 
     gen = torch.Generator().manual_seed(13)
     gate_up = 3 * _randn(gen, device, dtype, 3, 2 * 1100)  # two blocks, the second masked
@@ -351,14 +351,14 @@ def test_model_with_fused_stages_matches_plain_torch(
 ) -> None:
     """The whole decoder (residual stream carried across layers) with the fused kernels,
     against the same model on plain torch ops; bf16, prefill then one decode step."""
-    from engine.config import KVCacheSpec
-    from engine.model import llama, triton_ops
-    from engine.model.builtin import builtin_checkpoint
-    from engine.model.loader import load_model
-    from engine.runner import ModelRunner
-    from engine.sampling import SamplingParams
-    from engine.scheduler import ScheduledBatch
-    from engine.sequence import Sequence
+    from pdserve.engine.config import KVCacheSpec
+    from pdserve.engine.model import llama, triton_ops
+    from pdserve.engine.model.builtin import builtin_checkpoint
+    from pdserve.engine.model.loader import load_model
+    from pdserve.engine.runner import ModelRunner
+    from pdserve.engine.sampling import SamplingParams
+    from pdserve.engine.scheduler import ScheduledBatch
+    from pdserve.engine.sequence import Sequence
 
     model = load_model(builtin_checkpoint("tiny"), "bfloat16", device)
     c = model.config

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ __all__ = ["BACKEND_NAMES", "AttentionBackend", "AttentionMetadata", "get_attent
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:
-    from engine.attention import triton_backend
+    from pdserve.engine.attention import triton_backend
 
     if device.type != "cuda" and not triton_backend.INTERPRETED:
         raise ValueError(
@@ -53,7 +53,7 @@ def get_attention_backend(name: str | None, device: torch.device) -> AttentionBa
                 logger.warning("Triton unavailable (%s); using the torch attention backend", exc)
         choice = "torch"
     if choice == "torch":
-        from engine.attention.torch_backend import TorchAttentionBackend
+        from pdserve.engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
     if choice == "triton":
@@ -62,6 +62,6 @@ def get_attention_backend(name: str | None, device: torch.device) -> AttentionBa
         raise ValueError(
             f"the 'flash_attn' attention backend needs a CUDA device, got {device}; use 'torch'"
         )
-    from engine.attention.flash_attn_backend import FlashAttnBackend
+    from pdserve.engine.attention.flash_attn_backend import FlashAttnBackend
 
     return FlashAttnBackend()

@@ -13,7 +13,7 @@ their log-sum-exps (the decomposition of FlashInfer's cascade inference):
     out = out_prefix * exp(lse_prefix - lse) + out_tail * exp(lse_tail - lse)
 
 which equals attention over the whole context up to rounding. The functions here take the
-same arguments as ``engine.attention.torch_backend.paged_decode_attention`` (the reference
+same arguments as ``pdserve.engine.attention.torch_backend.paged_decode_attention`` (the reference
 they are tested against) and need the block tables on the host, so the torch backend uses
 them on the CPU only.
 """

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.attention.torch_backend import write_kv_slots
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.attention.torch_backend import write_kv_slots
 
 
 class FlashAttnBackend(AttentionBackend):

@@ -1,7 +1,7 @@
 """Paged attention in plain torch: the reference for every other backend, and the CPU path.
 
 The functional ops below are what kernels in other backends must match, argument for
-argument (see ``engine.attention.base`` for shapes).
+argument (see ``pdserve.engine.attention.base`` for shapes).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.attention.cascade import (
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.attention.cascade import (
     attention_with_lse,
     cascade_decode_group,
     length_buckets,
@@ -189,7 +189,7 @@ class TorchAttentionBackend(AttentionBackend):
         out: torch.Tensor,
     ) -> None:
         """On the CPU, groups of sequences sharing a long prefix are attended in cascade
-        (``engine.attention.cascade``); everything else through the reference."""
+        (``pdserve.engine.attention.cascade``); everything else through the reference."""
         lens = meta.decode_seq_lens_cpu
         if lens is None:
             lens = meta.decode_seq_lens.tolist()

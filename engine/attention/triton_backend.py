@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 
 try:
     import triton

@@ -2,7 +2,7 @@
 
 ``builtin_checkpoint(name)`` returns a Hugging Face format folder (config.json,
 model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
-special_tokens_map.json) that transformers and ``engine.model.loader`` both load.
+special_tokens_map.json) that transformers and ``pdserve.engine.model.loader`` both load.
 The bytes are a pure function of the name: weights come from a fixed-seed CPU
 ``torch.Generator``, the byte-level BPE tokenizer is trained with ``tokenizers`` on a corpus
 generated from a fixed seed, and every JSON file is written with sorted keys.
@@ -22,10 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+from pdserve.engine.model.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,8 @@ def _weights(spec: BuiltinSpec) -> dict[str, torch.Tensor]:
     """Random Llama weights. Projections have std 1/sqrt(fan_in) so activations stay O(1);
     the lm_head gives logits of std ~16 with per-token row scales, so the top-2 gap of a
     greedy step is rarely below 0.1."""
+    import torch  # only when building: resolving a built checkpoint needs no torch
+
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
 
     def randn(*shape: int, std: float) -> torch.Tensor:
@@ -245,6 +250,8 @@ def _build(spec: BuiltinSpec, folder: Path) -> None:
             "pad_token_id": 2,
         },
     )
+    from safetensors.torch import save_file
+
     save_file(_weights(spec), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -281,8 +288,6 @@ def builtin_checkpoint(name: str, root: Path | None = None) -> Path:
 def resolve_model(name_or_path: str | Path) -> Path:
     """A built-in name ("tiny", "small") -> its folder; anything else must be an existing
     checkpoint folder."""
-    from engine.model.loader import CheckpointError
-
     if isinstance(name_or_path, str) and name_or_path in BUILTINS:
         return builtin_checkpoint(name_or_path)
     folder = Path(name_or_path).expanduser()

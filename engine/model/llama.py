@@ -13,7 +13,7 @@ Hugging Face names onto the fused parameters.
 
 The residual stream is carried beside each layer's output and added by the next norm
 (``add_rms_norm``), so that on CUDA the add, the norm, the rotation and the SwiGLU product
-each run as one fused Triton kernel (``engine.model.triton_ops``, same roundings). Other
+each run as one fused Triton kernel (``pdserve.engine.model.triton_ops``, same roundings). Other
 devices, or a missing ``triton``, take the plain torch ops.
 """
 
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.config import ModelConfig, RopeConfig
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.config import ModelConfig, RopeConfig
 
 # Checkpoint entries that carry no weights (recomputed buffers of older exports).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -89,7 +89,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @functools.cache
 def _load_triton_ops() -> ModuleType | None:
     try:
-        from engine.model import triton_ops
+        from pdserve.engine.model import triton_ops
     except ImportError:
         return None
     return triton_ops
@@ -222,7 +222,7 @@ class CausalLM(nn.Module):
     """A Llama-family decoder whose attention goes through an ``AttentionBackend``.
 
     ``__init__`` allocates nothing: parameters live on the meta device until
-    ``load_hf_tensors`` (see ``engine.model.loader.load_model``) assigns real ones, together
+    ``load_hf_tensors`` (see ``pdserve.engine.model.loader.load_model``) assigns real ones, together
     with the RoPE table ``rope_cache`` for positions ``[0, max_position_embeddings)``.
     The model holds no per-request state.
     """
@@ -262,7 +262,7 @@ class CausalLM(nn.Module):
         return their final-normed hidden states ``[N, hidden]``.
 
         Each layer ``i`` writes the tokens' K/V into ``kv_cache[:, i]`` (slots from ``meta``)
-        before attending over it; the cache layout is ``engine.config.KVCacheSpec``'s.
+        before attending over it; the cache layout is ``pdserve.engine.config.KVCacheSpec``'s.
         """
         hidden = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rope_cache[positions].unsqueeze(1).chunk(2, dim=-1)

@@ -8,8 +8,6 @@ without pickle, one tensor at a time, straight into the fused parameters.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,56 +16,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig, normalize_dtype
-from engine.model.llama import IGNORABLE_SUFFIXES, CausalLM
+from pdserve.engine.config import normalize_dtype
+from pdserve.engine.model.checkpoint import (
+    CheckpointError,
+    check_folder,
+    load_model_config,
+    read_json,
+)
+from pdserve.engine.model.llama import IGNORABLE_SUFFIXES, CausalLM
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder cannot be loaded; the message names the file / tensor at fault."""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
-def _check_folder(path: str | Path) -> Path:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"checkpoint folder {folder} has no config.json")
-    return folder
-
-
-def load_model_config(path: str | Path) -> ModelConfig:
-    """Read ``config.json`` (and ``generation_config.json``'s eos ids when present, which
-    take precedence as they do in transformers' ``generate``)."""
-    folder = _check_folder(path)
-    hf = _read_json(folder / "config.json")
-    if hf.get("mlp_bias"):
-        raise CheckpointError(f"{folder / 'config.json'}: mlp_bias=true is not supported")
-    try:
-        config = ModelConfig.from_hf(hf)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-    gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        eos = _read_json(gen_path).get("eos_token_id")
-        if eos is not None:
-            ids = tuple(int(i) for i in eos) if isinstance(eos, list) else (int(eos),)
-            config = dataclasses.replace(config, eos_token_ids=ids)
-    return config
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -81,7 +42,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         raise CheckpointError(
             f"checkpoint folder {folder} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}"
         )
-    weight_map = _read_json(index_path).get("weight_map")
+    weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path} has no 'weight_map'")
     files: dict[str, Path] = {}
@@ -169,7 +130,7 @@ def _validate(folder: Path, model: CausalLM, tensors: _LazyTensors) -> None:
 def load_model(path: str | Path, dtype: str, device: str | torch.device) -> CausalLM:
     """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint folder into an eval-mode
     ``CausalLM`` on ``device`` with parameters in ``dtype`` ('float32', 'bf16', ...)."""
-    folder = _check_folder(path)
+    folder = check_folder(path)
     config = load_model_config(folder)
     try:
         torch_dtype = getattr(torch, normalize_dtype(dtype))

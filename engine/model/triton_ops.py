@@ -1,5 +1,5 @@
 """The decoder's elementwise stages as fused Triton kernels: the CUDA path of
-``engine.model.llama``'s ``add_rms_norm``, ``rotate`` and ``silu_mul``.
+``pdserve.engine.model.llama``'s ``add_rms_norm``, ``rotate`` and ``silu_mul``.
 
 In plain torch each of these is a chain of small kernels (RMSNorm alone is eight), and at
 decode batch sizes every kernel costs about a microsecond and a half whatever its size:
@@ -13,7 +13,7 @@ equal the torch path's except where a float32 sum is taken in a different order 
 mean) or ``exp`` differs in its last bit (SiLU); the residual add and the rotation are
 bit-exact. The kernels need CUDA tensors, or ``TRITON_INTERPRET=1``
 set before triton is first imported (CPU tensors, for tests). Importing this module without
-``triton`` raises ``ImportError``; ``engine.model.llama`` imports it only for CUDA tensors.
+``triton`` raises ``ImportError``; ``pdserve.engine.model.llama`` imports it only for CUDA tensors.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.pdserve.v1 import generation_pb2 as protos_dot_pdserve_dot_v1_dot_generation__pb2
+from pdserve.protos.pdserve.v1 import generation_pb2 as pdserve_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/pdserve/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in pdserve/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/pdserve.v1.Generation/Generate',
-                request_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/pdserve.v1.Generation/ListModels',
-                request_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/pdserve.v1.Generation/Tokenize',
-                request_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/pdserve.v1.Generation/GetStats',
-                request_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GetStatsResponse.FromString,
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -95,23 +95,23 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
-                    response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
-                    request_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.FromString,
-                    response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GetStatsResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,8 +140,8 @@ class Generation:
             request,
             target,
             '/pdserve.v1.Generation/Generate',
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            pdserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -167,8 +167,8 @@ class Generation:
             request,
             target,
             '/pdserve.v1.Generation/ListModels',
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,8 +194,8 @@ class Generation:
             request,
             target,
             '/pdserve.v1.Generation/Tokenize',
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+            pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,8 +221,8 @@ class Generation:
             request,
             target,
             '/pdserve.v1.Generation/GetStats',
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
-            protos_dot_pdserve_dot_v1_dot_generation__pb2.GetStatsResponse.FromString,
+            pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

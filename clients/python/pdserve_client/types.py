@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos.pdserve.v1 import generation_pb2 as pb
-
+from ._proto import generation_pb2 as pb
 from .errors import PdserveError
 
 

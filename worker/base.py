@@ -13,14 +13,16 @@ import asyncio
 import logging
 import os
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from decode_worker.protocol import resolve_host
-from engine.config import EngineConfig
-from engine.driver import EngineDriver
-from engine.engine import Engine
-from engine.outputs import RequestOutput
-from kvtransfer.nixl import NixlConfig, NixlConnector
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.driver import EngineDriver
+from pdserve.engine.outputs import RequestOutput
+from pdserve.worker.protocol import resolve_host
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+    from pdserve.kvtransfer.nixl import NixlConnector
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +34,14 @@ class EngineWorker:
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0) -> None:
+        # Imported here, in the worker's process: the router imports this module to create
+        # the actors and must not load torch or NIXL.
+        from pdserve.engine.engine import Engine
+        from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
+
         self.worker_id = worker_id
-        self.engine = Engine(replace(config, detokenize=False))
-        self.connector = NixlConnector(
+        self.engine: Engine = Engine(replace(config, detokenize=False))
+        self.connector: NixlConnector = NixlConnector(
             self.engine.runner.kv_cache, self.engine.kv_spec,
             NixlConfig(model=str(self.engine.model_config.architecture),
                        host=resolve_host(host), name=worker_id, lease_s=lease_s),

@@ -1,9 +1,13 @@
-"""What the router and a decode worker say to each other.
+"""What the router and the workers say to each other.
 
-Calls (reserve, abort, stats) go through Ray; generated tokens come back over ZMQ: after
-every decode step the worker pushes ONE message per router holding the new tokens of all
-that router's requests (``encode_batch``), so the per-token cost does not grow with the
-number of streams.
+The router asks a decode worker to ``reserve`` blocks for a prompt (``ReserveRequest`` ->
+``ReserveResult``), then a prefill worker to compute the prompt and write its KV into them
+(``PrefillRequest`` -> ``PrefillResult``). Calls (reserve, prefill, abort, stats) go
+through Ray; generated tokens come back over ZMQ: after every decode step the decode worker
+pushes ONE message per router holding the new tokens of all that router's requests
+(``encode_batch``), so the per-token cost does not grow with the number of streams.
+
+Pure Python (no torch): the router imports it.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Any
 
 import msgpack
 
-from engine.sampling import SamplingParams, TokenLogprobs
-from kvtransfer.base import TransferTarget
+from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.kvtransfer.base import TransferTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,40 @@ class TokenRecord:
     finish_reason: str | None = None
     logprobs: list[Any] | None = None  # [token, logprob, [[token, logprob], ...]] per token
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequest:
+    """Compute ``prompt_token_ids``' KV and first token; write blocks
+    ``[skip_blocks, ...)`` of the prompt into ``dst_block_ids[skip_blocks:]`` of ``target``.
+
+    ``write_deadline`` (``time.time()`` seconds): no write may START later, because the
+    decode side's reservation lease has run out by then and its blocks may be reused once
+    writes already under way can no longer land. A job past it fails instead of writing."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    target: TransferTarget
+    dst_block_ids: list[int]
+    skip_blocks: int
+    write_deadline: float = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    """``ok`` once every block landed and the decode side was notified; otherwise ``error``
+    says why (the decode side's reservation must then be aborted)."""
+
+    request_id: str
+    ok: bool
+    first_token_id: int = -1
+    first_logprobs: list[Any] | None = None
+    num_cached_tokens: int = 0  # prompt tokens this worker served from its prefix cache
+    prefill_s: float = 0.0  # from arrival on the worker to the first token
+    transfer_tail_s: float = 0.0  # from the first token to the last write's completion
+    error: str = ""
+    retryable: bool = True
 
 
 def resolve_host(host: str) -> str:

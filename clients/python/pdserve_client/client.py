@@ -9,9 +9,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from protos.pdserve.v1 import generation_pb2 as pb
-from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-
 from ._common import (
     DEFAULT_TARGET,
     HEALTH_CHECK_METHOD,
@@ -25,6 +22,8 @@ from ._common import (
     make_channel_config,
     retry_delay,
 )
+from ._proto import generation_pb2 as pb
+from ._proto import generation_pb2_grpc as pb_grpc
 from .errors import from_rpc_error
 from .types import Chunk, Completion, CompletionBuilder, ModelInfo, Stats
 

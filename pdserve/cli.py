@@ -4,7 +4,7 @@
 decode pools, and the gRPC router (default 127.0.0.1:50051) with the OpenAI-compatible HTTP
 front and ``/metrics`` beside it (default port 8000) and the built-in tiny model unless
 ``--model`` names a checkpoint. Ctrl-C (or SIGTERM) drains and exits.
-``pdserve bench serve`` measures a running server (``bench.serve``).
+``pdserve bench serve`` measures a running server (``pdserve.bench.serve``).
 ``pdserve generate "text"`` streams a completion from a running service through the SDK
 (``--offline``: from an engine in this process). ``pdserve model NAME`` builds a built-in
 checkpoint and prints its folder.
@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+
+from pdserve import __version__
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -32,9 +34,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.offline:
         return _generate_remote(args)
-    from engine import SamplingParams
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from engine.engine import Engine
+    from pdserve.engine import SamplingParams
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.engine import Engine
 
     try:
         params = SamplingParams(
@@ -63,7 +65,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
-    from pdserve_client import Client, PdserveError
+    try:
+        from pdserve_client import Client, PdserveError
+    except ImportError:
+        print("pdserve: error: `pdserve generate` needs the client SDK: pip install "
+              "pdserve-client (./clients/python in a checkout), or use --offline",
+              file=sys.stderr)
+        return 2
 
     try:
         with Client(args.target, api_key=args.api_key or os.environ.get("PDSERVE_API_KEY"),
@@ -90,10 +98,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-    from router.cluster import PoolConfig
-    from router.flow import FlowConfig
-    from router.server import RouterConfig, serve
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.router.app import serve
+    from pdserve.router.cluster import PoolConfig
+    from pdserve.router.flow import FlowConfig
+    from pdserve.router.server import RouterConfig
 
     device = args.device
     if device == "auto":
@@ -167,13 +176,13 @@ def _read(path: str | None) -> bytes | None:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve import main as bench_serve
+    from pdserve.bench.serve import main as bench_serve
 
     return bench_serve(args)
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from engine.model.builtin import builtin_checkpoint
+    from pdserve.engine.model.builtin import builtin_checkpoint
 
     print(builtin_checkpoint(args.name))
     return 0
@@ -181,6 +190,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -238,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = bench_sub.add_parser(
         "serve", help="load-test a running server (pdserve gRPC or any OpenAI endpoint): "
                       "TTFT, TPOT, ITL, E2E, throughput, goodput")
-    from bench.serve import add_arguments as add_bench_serve_arguments
+    from pdserve.bench.serve import add_arguments as add_bench_serve_arguments
 
     add_bench_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=_cmd_bench_serve)

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import wrappers_pb2
 
-from protos.pdserve.v1 import generation_pb2 as pb
-
+from ._proto import generation_pb2 as pb
 from .errors import error_for
 
 DEFAULT_TARGET = "127.0.0.1:50051"

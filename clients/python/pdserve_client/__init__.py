@@ -19,6 +19,7 @@ Needs only ``grpcio`` and ``protobuf``. Example::
 
 from __future__ import annotations
 
+from ._version import __version__
 from .aio import AsyncClient, AsyncStream
 from .client import Client, Stream
 from .errors import (
@@ -43,6 +44,7 @@ from .types import (
 )
 
 __all__ = [
+    "__version__",
     "AsyncClient",
     "AsyncStream",
     "Cancelled",

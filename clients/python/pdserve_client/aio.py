@@ -10,9 +10,6 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from protos.pdserve.v1 import generation_pb2 as pb
-from protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-
 from ._common import (
     DEFAULT_TARGET,
     HEALTH_CHECK_METHOD,
@@ -26,6 +23,8 @@ from ._common import (
     make_channel_config,
     retry_delay,
 )
+from ._proto import generation_pb2 as pb
+from ._proto import generation_pb2_grpc as pb_grpc
 from .errors import from_rpc_error
 from .types import Chunk, Completion, CompletionBuilder, ModelInfo, Stats
 

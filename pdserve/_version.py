@@ -1,0 +1,4 @@
+"""The one source of pdserve's version (the server, ``pdserve --version`` and the client SDK,
+whose ``pdserve_client/_version.py`` ``make protos`` copies from here)."""
+
+__version__ = "0.2.0"

@@ -1,0 +1,1 @@
+"""What both worker roles share: the ``EngineWorker`` base and the router<->worker protocol."""
