@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# torch: a machine with an NVIDIA driver takes the default build from PyPI (CUDA); any other
-# machine takes the CPU build from PyTorch's CPU wheel index (PyPI's own torch for Linux is
-# the CUDA build, several GB). A CPU wheel of the same version that pip already finds
-# locally (a find-links folder in pip's configuration, as on CI) is used without download.
+# torch: a wheel of TORCH_SPEC that pip finds without an index (a find-links folder in pip's
+# configuration, as on CI) is used as it is, without download. Otherwise a machine with an
+# NVIDIA driver takes the default build from PyPI (CUDA), and any other machine the CPU build
+# from PyTorch's CPU wheel index (PyPI's own torch for Linux is the CUDA build, several GB).
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
@@ -16,7 +16,8 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null \
+	  || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ./clients/python -e ".[test]"
 	touch $(STAMP)
 
