@@ -67,3 +67,29 @@ def checked_write(
     if len(src) != len(dst):
         raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
     return src, dst
+
+
+def gather_blocks(kv_cache: torch.Tensor, block_ids: np.ndarray, heads: slice) -> torch.Tensor:
+    """A new contiguous tensor holding KV heads ``heads`` (a slice of the cache's own head
+    axis) of blocks ``block_ids``, in that order: what one transfer moves."""
+    index = torch.from_numpy(block_ids.astype(np.int64)).to(kv_cache.device)
+    rows = kv_cache.index_select(0, index)
+    if heads == slice(0, kv_cache.shape[4]):
+        return rows
+    return rows[:, :, :, :, heads].contiguous()
+
+
+def scatter_blocks(
+    kv_cache: torch.Tensor, block_ids: np.ndarray, heads: slice, data: torch.Tensor
+) -> None:
+    """Write ``data`` (as made by ``gather_blocks``) into heads ``heads`` of ``block_ids``."""
+    index = torch.from_numpy(block_ids.astype(np.int64)).to(kv_cache.device)
+    if heads == slice(0, kv_cache.shape[4]):
+        kv_cache.index_copy_(0, index, data)
+        return
+    kv_cache[:, :, :, :, heads].index_copy_(0, index, data)
+
+
+def frame_shape(spec: KVCacheSpec, num_blocks: int, num_heads: int) -> tuple[int, ...]:
+    """Shape of ``num_blocks`` blocks cut to ``num_heads`` KV heads (see ``gather_blocks``)."""
+    return (num_blocks, spec.num_layers, 2, spec.block_size, num_heads, spec.head_dim)
