@@ -69,14 +69,15 @@ def checked_write(
     return src, dst
 
 
-def gather_blocks(kv_cache: torch.Tensor, block_ids: np.ndarray, heads: slice) -> torch.Tensor:
-    """A new contiguous tensor holding KV heads ``heads`` (a slice of the cache's own head
-    axis) of blocks ``block_ids``, in that order: what one transfer moves."""
+def gather_blocks(
+    kv_cache: torch.Tensor, block_ids: np.ndarray, heads: slice, out: torch.Tensor
+) -> torch.Tensor:
+    """Copy KV heads ``heads`` (a slice of the cache's own head axis) of blocks ``block_ids``,
+    in that order, into ``out`` (contiguous, shaped as ``frame_shape`` says) and return it:
+    what one transfer moves."""
     index = torch.from_numpy(block_ids.astype(np.int64)).to(kv_cache.device)
-    rows = kv_cache.index_select(0, index)
-    if heads == slice(0, kv_cache.shape[4]):
-        return rows
-    return rows[:, :, :, :, heads].contiguous()
+    source = kv_cache if heads == slice(0, kv_cache.shape[4]) else kv_cache[:, :, :, :, heads]
+    return torch.index_select(source, 0, index, out=out)
 
 
 def scatter_blocks(
@@ -84,12 +85,24 @@ def scatter_blocks(
 ) -> None:
     """Write ``data`` (as made by ``gather_blocks``) into heads ``heads`` of ``block_ids``."""
     index = torch.from_numpy(block_ids.astype(np.int64)).to(kv_cache.device)
-    if heads == slice(0, kv_cache.shape[4]):
-        kv_cache.index_copy_(0, index, data)
-        return
-    kv_cache[:, :, :, :, heads].index_copy_(0, index, data)
+    target = kv_cache if heads == slice(0, kv_cache.shape[4]) else kv_cache[:, :, :, :, heads]
+    target.index_copy_(0, index, data)
 
 
 def frame_shape(spec: KVCacheSpec, num_blocks: int, num_heads: int) -> tuple[int, ...]:
     """Shape of ``num_blocks`` blocks cut to ``num_heads`` KV heads (see ``gather_blocks``)."""
     return (num_blocks, spec.num_layers, 2, spec.block_size, num_heads, spec.head_dim)
+
+
+def frame_buffer(
+    scratch: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous tensor of ``shape`` (dtype and device of ``like``) carved from ``scratch``,
+    which is replaced by a larger one when too small: (the view, the scratch to keep). Reusing
+    one buffer spares an allocation and its page faults per transfer."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if scratch is None or scratch.numel() < numel:
+        scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return scratch[:numel].view(shape), scratch

@@ -77,7 +77,9 @@ class NcclConfig:
     on it; ``keepalive_s`` is how often an idle link pings; ``peer_timeout_s`` how long a peer
     may stay silent before its link or group is dropped. ``lease_s`` bounds a request on the
     sending side, as for NIXL. ``kv_heads``: the model KV heads ``[start, stop)`` this cache
-    holds, of ``total_kv_heads`` (None: all of them, as the cache's spec says).
+    holds, of ``total_kv_heads`` (None: all of them, as the cache's spec says). A write is
+    sent in frames of at most ``max_frame_bytes`` (at least one block): the transfer buffer each
+    side keeps per peer is that large at most.
     """
 
     model: str
@@ -91,9 +93,11 @@ class NcclConfig:
     peer_timeout_s: float = 10.0
     kv_heads: tuple[int, int] | None = None
     total_kv_heads: int | None = None
+    max_frame_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        for name in ("lease_s", "handshake_timeout_s", "op_timeout_s", "keepalive_s"):
+        for name in ("lease_s", "handshake_timeout_s", "op_timeout_s", "keepalive_s",
+                     "max_frame_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.peer_timeout_s <= self.keepalive_s:
@@ -129,6 +133,7 @@ class NcclConnector(KVConnector):
         self._settings = LinkSettings(
             self.agent_name, self.info, heads, config.host, config.handshake_timeout_s,
             config.op_timeout_s, config.keepalive_s, config.peer_timeout_s,
+            config.max_frame_bytes,
         )
         self._receiver = ReceiveSide(
             self._ctx, kv_cache, spec, self._settings, config.port, self._events.put
@@ -140,6 +145,7 @@ class NcclConnector(KVConnector):
         self._dead: dict[str, float] = {}
         self._closed = False
         self.links_built = 0  # SendLinks (pair groups as sender) made so far
+        self._frames_retired = 0  # frames sent by links since retired
         logger.info(
             "KV transport nccl: torch.distributed %s on %s, connector %s (%d blocks x %d B, "
             "heads %s of %d), side channel %s:%d",
@@ -269,6 +275,7 @@ class NcclConnector(KVConnector):
             "backend": self.backend,
             "send_links": sum(1 for link in self._links.values() if not link.broken),
             "send_links_built": self.links_built,
+            "send_frames": self._frames_retired + sum(k.frames_sent for k in self._links.values()),
             "receive_groups": self._receiver.group_count,
             "receive_groups_built": self._receiver.groups_built,
             "active_sends": len(self._send.active()),
@@ -317,6 +324,7 @@ class NcclConnector(KVConnector):
         """Forget ``link`` (stopping it) and fail every request it still held."""
         if self._links.get(link.target.agent_name) is link:
             del self._links[link.target.agent_name]
+            self._frames_retired += link.frames_sent
         for request_id in sorted(link.close(wait_s=0.0)):
             self._fail(request_id, kind, message, now)
 

@@ -34,7 +34,7 @@ import zmq
 from pdserve.engine.config import KVCacheSpec
 from pdserve.kvtransfer import nccl_wire as wire
 from pdserve.kvtransfer.base import FailureKind, compatibility_problems
-from pdserve.kvtransfer.layout import frame_shape, scatter_blocks
+from pdserve.kvtransfer.layout import frame_buffer, frame_shape, scatter_blocks
 from pdserve.kvtransfer.ledger import ChunkNotice, block_digest
 from pdserve.kvtransfer.nccl_send import LinkSettings
 from pdserve.kvtransfer.pair_group import (
@@ -75,6 +75,10 @@ class _Group:
     busy: bool = False
     stopped: bool = False
     thread: threading.Thread | None = None
+    # Blocks of the notice-less frames of the write being received (a link sends one write's
+    # frames back to back: a frame of another request means that write was abandoned).
+    partial: tuple[str, list[int]] | None = None
+    scratch: torch.Tensor | None = None  # reused receive buffer
 
 
 class ReceiveSide:
@@ -296,7 +300,7 @@ class ReceiveSide:
         tensor = None
         if n:
             shape = frame_shape(self._spec, n, heads.count)
-            tensor = torch.empty(shape, dtype=self._kv.dtype, device=self._kv.device)
+            tensor, group.scratch = frame_buffer(group.scratch, self._kv, shape)
             try:
                 with pair.scope():
                     pair.recv(tensor)
@@ -304,24 +308,33 @@ class ReceiveSide:
                 self._report(ReceiveFailed(frame.request_id, FailureKind.TRANSFER_ERROR,
                                            f"receive from {group.sender} failed: {exc}"))
                 raise
-        problem = self._land(frame, tensor, pair)
+        problem = self._land(group, frame, tensor, pair)
         if problem is None:
             ack = wire.Ack(frame.group, frame.seq, True)
         else:
+            group.partial = None
             ack = wire.Ack(frame.group, frame.seq, False, problem[0].value, problem[1])
         self._acks.append((group.identity, wire.encode(ack)))
         self._wake()
 
     def _land(
-        self, frame: wire.Frame, tensor: torch.Tensor | None, pair: PairGroup
+        self, group: _Group, frame: wire.Frame, tensor: torch.Tensor | None, pair: PairGroup
     ) -> tuple[FailureKind, str] | None:
-        """Write ``frame``'s blocks if its request allows them; the problem otherwise."""
+        """Write ``frame``'s blocks if its request allows them; the problem otherwise. A frame
+        with a notice completes a write: the notice must name exactly the blocks of that frame
+        and of the notice-less frames of the same write before it."""
         rid, mine = frame.request_id, self._settings.heads
-        notice = ChunkNotice.decode(frame.notice)
-        if notice is None or notice.request_id != rid:
-            return FailureKind.MISMATCH, "frame without a valid chunk notice"
-        if notice.num_blocks != len(frame.dst) or notice.digest != block_digest(frame.dst):
-            return FailureKind.MISMATCH, "frame blocks differ from its notice"
+        if group.partial is not None and group.partial[0] != rid:
+            group.partial = None
+        before = group.partial[1] if group.partial is not None else []
+        notice = None
+        if frame.notice:
+            notice = ChunkNotice.decode(frame.notice)
+            if notice is None or notice.request_id != rid:
+                return FailureKind.MISMATCH, "frame without a valid chunk notice"
+            written = before + frame.dst
+            if notice.num_blocks != len(written) or notice.digest != block_digest(written):
+                return FailureKind.MISMATCH, "frame blocks differ from its notice"
         if frame.heads != mine:
             return FailureKind.MISMATCH, f"frame carries KV heads {frame.heads}, we hold {mine}"
         with self._write_lock:
@@ -338,5 +351,9 @@ class ReceiveSide:
                     scatter_blocks(self._kv, ids, mine.local(frame.heads), tensor)
                     if pair.stream is not None:
                         pair.stream.synchronize()
-        self._report(NoticeArrived(notice))
+        if notice is None:
+            group.partial = (rid, before + frame.dst)
+        else:
+            group.partial = None
+            self._report(NoticeArrived(notice))
         return None

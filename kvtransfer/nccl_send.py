@@ -36,7 +36,7 @@ from pdserve.engine.config import KVCacheSpec
 from pdserve.kvtransfer import nccl_wire as wire
 from pdserve.kvtransfer.base import FailureKind, PeerInfo, TransferTarget, compatibility_problems
 from pdserve.kvtransfer.heads import HeadRange, overlap
-from pdserve.kvtransfer.layout import gather_blocks
+from pdserve.kvtransfer.layout import frame_buffer, frame_shape, gather_blocks
 from pdserve.kvtransfer.pair_group import PairGroup, open_pair_group, store_client
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class LinkSettings:
     op_timeout_s: float
     keepalive_s: float
     peer_timeout_s: float
+    max_frame_bytes: int
 
 
 @dataclass(slots=True, eq=False)
@@ -97,9 +98,26 @@ class _LinkError(Exception):
 
 
 @dataclass(slots=True)
+class _Current:
+    """A write being sent, frame by frame: blocks ``[done, len)`` are still to go."""
+
+    write: OutgoingWrite
+    heads: HeadRange
+    per_frame: int
+    done: int = 0
+
+
+@dataclass(slots=True)
 class _Queue:
     writes: deque[OutgoingWrite] = field(default_factory=deque)
-    unacked: dict[int, str] = field(default_factory=dict)  # frame seq -> request id
+    current: _Current | None = None
+    unacked: dict[int, tuple[str, bool]] = field(default_factory=dict)  # seq -> (rid, last)
+
+    def requests(self) -> set[str]:
+        held = {w.request_id for w in self.writes} | {r for r, _ in self.unacked.values()}
+        if self.current is not None:
+            held.add(self.current.write.request_id)
+        return held
 
 
 class SendLink:
@@ -132,6 +150,8 @@ class SendLink:
         self._sock.setsockopt(zmq.SNDTIMEO, int(settings.op_timeout_s * 1000))
         self._group: PairGroup | None = None
         self._remote_heads: HeadRange | None = None
+        self._staging: torch.Tensor | None = None  # reused transfer buffer
+        self.frames_sent = 0
         self._thread = threading.Thread(
             target=self._run, name=f"kv-send-{target.agent_name}", daemon=True
         )
@@ -153,17 +173,14 @@ class SendLink:
         return True
 
     def cancel(self, request_id: str) -> None:
-        """Drop ``request_id``'s queued writes. Returns once no copy of its source blocks is
-        under way (waits for one that is); later acks of its writes are still reported (the
-        owner ignores those of requests it failed)."""
+        """Drop ``request_id``'s queued writes (and the rest of one being sent). Returns once
+        no copy of its source blocks is under way (waits for one that is); later acks of its
+        writes are still reported (the owner ignores those of requests it failed)."""
         with self._lock:
             self._q.writes = deque(w for w in self._q.writes if w.request_id != request_id)
-
-    def holds(self, request_id: str) -> bool:
-        with self._lock:
-            return any(w.request_id == request_id for w in self._q.writes) or (
-                request_id in self._q.unacked.values()
-            )
+            current = self._q.current
+            if current is not None and current.write.request_id == request_id:
+                self._q.current = None
 
     def close(self, wait_s: float = 1.0) -> set[str]:
         """Stop the link and return the requests it still held (queued or unacknowledged
@@ -171,8 +188,7 @@ class SendLink:
         returns; the thread ends within ``wait_s`` or, if a send is under way, at the latest
         after ``op_timeout_s``. Later ``submit`` calls are refused."""
         with self._lock:
-            held = self.orphans | {w.request_id for w in self._q.writes}
-            held |= set(self._q.unacked.values())
+            held = self.orphans | self._q.requests()
             if self.failure is None:
                 self.failure = (FailureKind.ABORTED, "KV link closed")
             self._q, self.orphans = _Queue(), set()
@@ -217,7 +233,7 @@ class SendLink:
             if self.failure is not None:  # closed by the owner meanwhile
                 return
             self.failure = (kind, message)
-            self.orphans = {w.request_id for w in self._q.writes} | set(self._q.unacked.values())
+            self.orphans = self._q.requests()
             self._q = _Queue()
         logger.warning("KV link to %s broke (%s): %s", self.target.agent_name, kind.value,
                        message)
@@ -281,6 +297,7 @@ class SendLink:
                     with self._group.scope():
                         self._group.send(tensor)
                 seq += 1
+                self.frames_sent = seq
                 last_heard = time.monotonic()  # a finished send proves the peer alive
                 timeout_ms = 0
             else:
@@ -308,28 +325,42 @@ class SendLink:
                 last_ping = now
 
     def _next_frame(self, seq: int) -> tuple[wire.Frame | None, torch.Tensor | None]:
-        """Take the next write and copy its blocks (under the lock: see ``cancel``)."""
+        """The next frame to send and its blocks, copied (under the lock: see ``cancel``).
+
+        A write larger than ``max_frame_bytes`` goes as several frames; only its last one
+        carries the chunk notice (and completes the write when acknowledged)."""
         with self._lock:
-            while self._q.writes:
+            current = self._q.current
+            while current is None and self._q.writes:
                 write = self._q.writes.popleft()
                 heads = self._heads_for(write)
-                if heads is None:
-                    continue
-                tensor = None
-                if len(write.src):
-                    assert self._group is not None
-                    with self._group.scope():
-                        if write.ready is not None:
-                            torch.cuda.current_stream().wait_event(write.ready)
-                        tensor = gather_blocks(
-                            self._kv, write.src, self._settings.heads.local(heads)
-                        )
-                self._q.unacked[seq] = write.request_id
-                frame = wire.Frame(
-                    self.group_key, seq, write.request_id, write.dst.tolist(), heads, write.notice
-                )
-                return frame, tensor
-        return None, None
+                if heads is not None:
+                    frame_block = self._spec.block_bytes // self._spec.num_kv_heads * heads.count
+                    per_frame = max(1, self._settings.max_frame_bytes // frame_block)
+                    current = self._q.current = _Current(write, heads, per_frame)
+            if current is None:
+                return None, None
+            write, heads = current.write, current.heads
+            lo, hi = current.done, min(len(write.src), current.done + current.per_frame)
+            last = hi == len(write.src)
+            current.done = hi
+            if last:
+                self._q.current = None
+            tensor = None
+            if hi > lo:
+                assert self._group is not None
+                shape = frame_shape(self._spec, hi - lo, heads.count)
+                out, self._staging = frame_buffer(self._staging, self._kv, shape)
+                with self._group.scope():
+                    if write.ready is not None:
+                        torch.cuda.current_stream().wait_event(write.ready)
+                    tensor = gather_blocks(
+                        self._kv, write.src[lo:hi], self._settings.heads.local(heads), out
+                    )
+            self._q.unacked[seq] = (write.request_id, last)
+            frame = wire.Frame(self.group_key, seq, write.request_id, write.dst[lo:hi].tolist(),
+                               heads, write.notice if last else b"")
+            return frame, tensor
 
     def _heads_for(self, write: OutgoingWrite) -> HeadRange | None:
         """The heads this write moves: all the receiver holds, all of them from us."""
@@ -348,11 +379,13 @@ class SendLink:
     def _on_message(self, message: wire.Message) -> None:
         if isinstance(message, wire.Ack):
             with self._lock:
-                rid = self._q.unacked.pop(message.seq, None)
-            if rid is None:
+                entry = self._q.unacked.pop(message.seq, None)
+            if entry is None:
                 return
+            rid, last = entry
             if message.ok:
-                self._report(WriteDone(rid))
+                if last:
+                    self._report(WriteDone(rid))
             else:
                 self._report(WriteFailed(rid, FailureKind(message.failure), message.error))
         elif isinstance(message, wire.Pong):

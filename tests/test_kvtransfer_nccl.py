@@ -122,6 +122,19 @@ def test_each_receiver_rank_gets_exactly_its_kv_heads(closing) -> None:
     assert torch.equal(src[0], before)
 
 
+def test_a_write_larger_than_a_frame_goes_in_several_frames(closing) -> None:
+    assert SPEC.block_bytes == 1024
+    sender, src = _connector(closing, 32, 0, max_frame_bytes=2048)  # 2 blocks per frame
+    receiver, dst = _connector(closing, 16, 1)
+    out = Outcomes(sender, receiver)
+    receiver.expect("f", [3, 1, 4, 15, 9, 2, 6], lease_s=5)
+    sender.write_blocks(receiver.describe(), "f", [20, 21, 22, 23, 24], [3, 1, 4, 15, 9])
+    sender.write_blocks(receiver.describe(), "f", [5, 6], [2, 6], last=True, payload=b"z")
+    assert out.wait((0, "f"), (1, "f")) == [("sent", ""), ("received", "z")]
+    assert sender.stats()["send_frames"] == 3 + 1
+    assert torch.equal(dst[[3, 1, 4, 15, 9, 2, 6]], src[[20, 21, 22, 23, 24, 5, 6]])
+
+
 def test_kv_heads_must_match_the_cache(closing) -> None:
     with pytest.raises(ValueError, match="do not match the cache's 2 heads"):
         _connector(closing, 4, 0, kv_heads=(0, 3), total_kv_heads=4)

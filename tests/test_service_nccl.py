@@ -47,7 +47,7 @@ def test_greedy_over_nccl_transport_equals_colocated_and_transformers(nccl_svc) 
 
     with ThreadPoolExecutor(4) as pool:  # concurrent requests share the pair's one group
         results = list(pool.map(run, prompts))
-    for prompt, got, ref in zip(prompts, results, expected, strict=True):
+    for got, ref in zip(results, expected, strict=True):
         assert got == ref.token_ids, f"prompt of {len(ref.prompt_token_ids)} tokens"
 
     model = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32)
