@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -146,6 +147,7 @@ class NcclConnector(KVConnector):
         self._closed = False
         self.links_built = 0  # SendLinks (pair groups as sender) made so far
         self._frames_retired = 0  # frames sent by links since retired
+        self._stopping: list[threading.Thread] = []  # threads of retired links, maybe running
         logger.info(
             "KV transport nccl: torch.distributed %s on %s, connector %s (%d blocks x %d B, "
             "heads %s of %d), side channel %s:%d",
@@ -265,8 +267,23 @@ class NcclConnector(KVConnector):
             self._fail(request_id, FailureKind.ABORTED, "connector closed", now)
         for link in list(self._links.values()):
             link.close(wait_s=0.5)
+            self._stopping.append(link.thread)
         self._links.clear()
         self._receiver.close()
+        # The ZMQ context ends once every thread closed its socket; a link thread in a send
+        # ends at the latest after op_timeout_s, so this may finish in the background.
+        threads = [t for t in self._stopping + [self._receiver.thread] if t.is_alive()]
+
+        def finish() -> None:
+            for thread in threads:
+                thread.join()
+            self._ctx.term()
+
+        if threads:
+            threading.Thread(target=finish, name=f"kv-close-{self.agent_name}",
+                             daemon=True).start()
+        else:
+            finish()
 
     def stats(self) -> dict[str, object]:
         """The process-group backend, the pair groups this connector holds now (as sender
@@ -325,6 +342,7 @@ class NcclConnector(KVConnector):
         if self._links.get(link.target.agent_name) is link:
             del self._links[link.target.agent_name]
             self._frames_retired += link.frames_sent
+        self._stopping = [t for t in self._stopping if t.is_alive()] + [link.thread]
         for request_id in sorted(link.close(wait_s=0.0)):
             self._fail(request_id, kind, message, now)
 

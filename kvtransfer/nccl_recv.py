@@ -114,10 +114,10 @@ class ReceiveSide:
             port = self._sock.bind_to_random_port(f"tcp://{settings.host}")
         self.host, self.port = settings.host, port
         self._stop = threading.Event()
-        self._thread = threading.Thread(
+        self.thread = threading.Thread(
             target=self._serve, name=f"kv-recv-{settings.agent_name}", daemon=True
         )
-        self._thread.start()
+        self.thread.start()
 
     # -- owner thread ---------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class ReceiveSide:
     def close(self) -> None:
         self._stop.set()
         self._wake()
-        self._thread.join(2.0)
+        self.thread.join(2.0)
         self._store.close()
 
     def _wake(self) -> None:

@@ -152,10 +152,10 @@ class SendLink:
         self._remote_heads: HeadRange | None = None
         self._staging: torch.Tensor | None = None  # reused transfer buffer
         self.frames_sent = 0
-        self._thread = threading.Thread(
+        self.thread = threading.Thread(
             target=self._run, name=f"kv-send-{target.agent_name}", daemon=True
         )
-        self._thread.start()
+        self.thread.start()
 
     # -- owner thread ---------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ class SendLink:
         self._stop.set()
         self._wake()
         if wait_s > 0:
-            self._thread.join(wait_s)
+            self.thread.join(wait_s)
         return held
 
     def _wake(self) -> None:

@@ -268,3 +268,18 @@ def test_transfer_plan_gives_every_destination_rank_exactly_its_heads() -> None:
             for m in plan:
                 assert shard_range(total, a, m.src_rank).contains(m.heads)
 
+
+
+def test_kv_transport_is_chosen_by_name_on_the_command_line_and_pool() -> None:
+    from pdserve.cli import build_parser
+    from pdserve.engine.config import EngineConfig
+    from pdserve.router.cluster import PoolConfig
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).kv_transport == "nixl"
+    assert parser.parse_args(["serve", "--kv-transport", "nccl"]).kv_transport == "nccl"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--kv-transport", "tcp"])
+    assert PoolConfig(engine=EngineConfig(), kv_transport="nccl").kv_transport == "nccl"
+    with pytest.raises(ValueError, match="unknown KV transport 'tcp'; choose one of nixl, nccl"):
+        PoolConfig(engine=EngineConfig(), kv_transport="tcp")
