@@ -333,6 +333,32 @@ def test_mismatched_dtype_and_layout_refused_at_handshake(sender: Peer) -> None:
         other.stop()
 
 
+@pytest.mark.timeout(180)
+def test_frozen_receiver_fails_the_write_without_stalling_other_peers(
+    sender: Peer, receiver: Peer
+) -> None:
+    """A peer that stops answering (here: SIGSTOP) while a send to it is under way: the
+    request fails within the lease, and the sender keeps serving its other peers."""
+    frozen = Peer(sender.transport, num_blocks=256, seed=11)
+    try:
+        frozen.call("expect", "req-frozen", list(range(256)), 30.0)
+        sender.call("connect", frozen.target)
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        sender.call("write", frozen.target, "req-frozen", list(range(256)), list(range(256)), True)
+        receiver.call("expect", "req-alive", [7, 8], 10.0)
+        sender.call("write", receiver.target, "req-alive", [1, 2], [7, 8], True)
+        assert sender.wait(["req-alive"], 10)["req-alive"] == ("sent", "")
+        assert receiver.wait(["req-alive"], 10)["req-alive"] == ("received", "tok")
+        outcome = sender.wait(["req-frozen"], 15)["req-frozen"]
+        assert outcome[0] == "failed", outcome
+        assert time.monotonic() - start < 4.0 + 3.0  # the sender's lease, plus slack
+    finally:
+        if frozen.proc.is_alive():
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        frozen.kill()
+
+
 @pytest.mark.timeout(30)
 def test_nothing_is_left_in_flight_after_the_suite(sender: Peer, receiver: Peer) -> None:
     """Every request of the tests above ended (sent, received or failed) on both sides."""
