@@ -47,8 +47,8 @@ class DecodeWorker(EngineWorker):
     role = "decode"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0) -> None:
-        super().__init__(worker_id, config, host, lease_s)
+                 lease_s: float = 30.0, *, kv_transport: str = "nixl") -> None:
+        super().__init__(worker_id, config, host, lease_s, kv_transport)
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, zmq.Socket] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}

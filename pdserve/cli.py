@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from pdserve import __version__
+from pdserve.kvtransfer.factory import KV_TRANSPORTS
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -123,7 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             gpus_per_worker=1.0 if device.startswith("cuda") else 0.0,
             prefill_resources=_resources(args.prefill_resource),
             decode_resources=_resources(args.decode_resource),
-            kv_host=args.kv_host, lease_s=args.lease,
+            kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
         )
         tls_cert = _read(args.tls_cert)
         tls_key = _read(args.tls_key)
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-host", default="127.0.0.1",
                      help="address workers use for KV side channels and token streams; "
                           "'auto' = each node's own IP (multi-node clusters)")
+    srv.add_argument("--kv-transport", default="nixl", choices=list(KV_TRANSPORTS),
+                     help="how KV blocks move from prefill to decode workers: NIXL (UCX: "
+                          "RDMA, NVLink, shared memory, TCP) or torch.distributed point-to-"
+                          "point sends (NCCL between GPUs, gloo between CPU workers)")
     srv.add_argument("--prefill-resource", action="append",
                      help="Ray resource NAME=AMOUNT each prefill worker needs (repeatable)")
     srv.add_argument("--decode-resource", action="append",

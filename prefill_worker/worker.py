@@ -58,8 +58,9 @@ class PrefillWorker(EngineWorker):
     role = "prefill"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0, *, stream_kv: bool = True) -> None:
-        super().__init__(worker_id, config, host, lease_s)
+                 lease_s: float = 30.0, *, stream_kv: bool = True,
+                 kv_transport: str = "nixl") -> None:
+        super().__init__(worker_id, config, host, lease_s, kv_transport)
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
         self._event_batches = 0
@@ -91,7 +92,7 @@ class PrefillWorker(EngineWorker):
         events = await asyncio.wrap_future(self._driver.call(lambda e: e.take_kv_events()))
         seq = self._event_batches
         self._event_batches += 1
-        return self.connector.agent_name, seq, events
+        return self.agent_name, seq, events
 
     async def kv_snapshot(self) -> tuple[str, int, list[int]]:
         """Every cached block hash, as of the last batch ``kv_events`` returned."""
@@ -99,7 +100,7 @@ class PrefillWorker(EngineWorker):
             return engine.pool.cached_hashes()
 
         hashes = await asyncio.wrap_future(self._driver.call(take))
-        return self.connector.agent_name, self._event_batches - 1, hashes
+        return self.agent_name, self._event_batches - 1, hashes
 
     # ------------------------------------------------------------------ driver thread
 

@@ -21,6 +21,7 @@ import ray
 
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
+from pdserve.kvtransfer.factory import check_transport
 from pdserve.prefill_worker.worker import PrefillWorker
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class PoolConfig:
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     kv_host: str = "127.0.0.1"
+    kv_transport: str = "nixl"  # "nixl" or "nccl" (torch.distributed: NCCL on GPU, gloo on CPU)
     lease_s: float = 30.0
     stream_kv: bool = True  # prefill writes KV chunk by chunk; False: all blocks at the end
     ping_interval_s: float = 0.5
@@ -53,6 +55,7 @@ class PoolConfig:
                 f"need at least one prefill and one decode worker, got {self.num_prefill} + "
                 f"{self.num_decode}"
             )
+        check_transport(self.kv_transport)
 
 
 @dataclass(slots=True, eq=False)
@@ -123,7 +126,9 @@ class Cluster:
             max_restarts=0,
             max_concurrency=1000,
         )
-        extra = {"stream_kv": cfg.stream_kv} if role == "prefill" else {}
+        extra: dict[str, Any] = {"kv_transport": cfg.kv_transport}
+        if role == "prefill":
+            extra["stream_kv"] = cfg.stream_kv
         actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s, **extra)
         handle = WorkerHandle(worker_id, role, actor, generation)
         self.workers[worker_id] = handle

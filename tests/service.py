@@ -29,7 +29,7 @@ class ServiceThread:
                  api_key: str | None = None, lease_s: float = 30.0,
                  max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
-                 http: bool = False) -> None:
+                 http: bool = False, kv_transport: str = "nixl") -> None:
         if not ray.is_initialized():
             ray.init(num_cpus=16, namespace="pdserve", include_dashboard=False,
                      log_to_driver=False,
@@ -41,7 +41,7 @@ class ServiceThread:
         )
         self.config = RouterConfig(
             pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,
-                             lease_s=lease_s, ping_interval_s=0.2),
+                             lease_s=lease_s, ping_interval_s=0.2, kv_transport=kv_transport),
             port=0, api_key=api_key, http_port=0 if http else None,
             flow=FlowConfig(lease_s=lease_s, admission_timeout_s=admission_timeout_s,
                             max_waiting=max_waiting),

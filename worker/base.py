@@ -1,5 +1,6 @@
 """What both worker roles are made of: one ``Engine`` on its own ``EngineDriver`` thread,
-one NIXL connector around the engine's KV cache, and the Ray methods every worker answers
+one KV connector around the engine's KV cache (``kv_transport``: NIXL, or torch.distributed
+with "nccl"), and the Ray methods every worker answers
 (``ping``, ``info``, ``abort``, ``stats``, ``shutdown``).
 
 A role subclasses ``EngineWorker``, sets up its own state, then calls ``start_driver``;
@@ -22,7 +23,7 @@ from pdserve.worker.protocol import resolve_host
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
-    from pdserve.kvtransfer.nixl import NixlConnector
+    from pdserve.kvtransfer.base import KVConnector
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +34,29 @@ class EngineWorker:
     role = "worker"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0) -> None:
+                 lease_s: float = 30.0, kv_transport: str = "nixl") -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
-        from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
+        from pdserve.kvtransfer.factory import make_connector
 
         self.worker_id = worker_id
+        self.kv_transport = kv_transport
         self.engine: Engine = Engine(replace(config, detokenize=False))
-        self.connector: NixlConnector = NixlConnector(
-            self.engine.runner.kv_cache, self.engine.kv_spec,
-            NixlConfig(model=str(self.engine.model_config.architecture),
-                       host=resolve_host(host), name=worker_id, lease_s=lease_s),
+        self.connector: KVConnector = make_connector(
+            kv_transport, self.engine.runner.kv_cache, self.engine.kv_spec,
+            model=str(self.engine.model_config.architecture), host=resolve_host(host),
+            name=worker_id, lease_s=lease_s,
         )
+        self.agent_name = self.connector.describe().agent_name  # new per worker process
         self.driver: EngineDriver | None = None
 
     def start_driver(self) -> None:
         self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
                                    name=f"{self.worker_id}-loop")
         self.driver.start()
-        logger.info("%s ready (pid %d), kv agent %s", self.worker_id, os.getpid(),
-                    self.connector.agent_name)
+        logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
+                    self.agent_name, self.kv_transport)
 
     @property
     def _driver(self) -> EngineDriver:
@@ -94,9 +97,14 @@ class EngineWorker:
             self._driver.call(lambda e: self._abort(e, request_id)))
 
     async def stats(self) -> dict[str, Any]:
-        s = await asyncio.wrap_future(self._driver.call(lambda e: e.stats()))
+        def take(engine: Engine) -> tuple[Any, dict[str, Any]]:
+            kv_stats = getattr(self.connector, "stats", None)  # the nccl transport's groups
+            kv = {f"kv_{k}": v for k, v in kv_stats().items()} if kv_stats else {}
+            return engine.stats(), kv
+
+        s, kv = await asyncio.wrap_future(self._driver.call(take))
         return {"worker_id": self.worker_id, "role": self.role, "steps": self._driver.steps,
-                **self._extra_stats(), **asdict(s)}
+                "kv_transport": self.kv_transport, **kv, **self._extra_stats(), **asdict(s)}
 
     async def shutdown(self) -> None:
         self._driver.stop()
