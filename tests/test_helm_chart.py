@@ -470,6 +470,15 @@ def test_default_image_is_what_the_dockerfile_publishes(chart) -> None:
     assert f"{chart.values['image']['repository']}:{version}-cu" in dockerfile
 
 
+def test_the_image_runs_as_the_non_root_user_the_chart_expects(chart) -> None:
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    pod = chart.values["podSecurityContext"]
+    assert (int(user[0]), int(user[1])) == (pod["runAsUser"], pod["runAsGroup"])
+    assert pod["runAsNonRoot"] is True and int(user[0]) != 0
+    assert re.search(r"useradd --uid 1000 --gid 100 .*--home-dir /home/ray", dockerfile)
+
+
 def test_the_image_copies_every_folder_the_wheel_is_built_from() -> None:
     package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"].values()
