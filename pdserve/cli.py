@@ -237,7 +237,11 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 def _cmd_model(args: argparse.Namespace) -> int:
     from pdserve.engine.model.builtin import builtin_checkpoint
 
-    print(builtin_checkpoint(args.name))
+    try:
+        print(builtin_checkpoint(args.name))
+    except (ValueError, OSError) as exc:  # offline, a refused download
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

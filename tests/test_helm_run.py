@@ -371,7 +371,9 @@ def test_kuberay_start_command_is_rendered_as_kuberay_renders_it() -> None:
                    '--dashboard-agent-listen-port=52365 --memory=2147483648 '
                    '--metrics-export-port=8080 --num-cpus=3 --num-gpus=2 '
                    '--resources="{\\"pdserve_prefill\\": 2}"')
-    out = subprocess.run(["bash", "-c", f'eval "set -- {cmd}"; printf "%s\\n" "$@"'],
+    # As the worker container evaluates it: `eval "exec $KUBERAY_GEN_RAY_START_CMD"`.
+    out = subprocess.run(["bash", "-c", 'eval "set -- $KUBERAY_GEN_RAY_START_CMD"; '
+                          'printf "%s\\n" "$@"'], env={"KUBERAY_GEN_RAY_START_CMD": cmd},
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.splitlines()[-1].removeprefix("--resources=")) == {
         "pdserve_prefill": 2}

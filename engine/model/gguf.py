@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,8 +313,3 @@ def load_gguf_config(path: str | Path) -> ModelConfig:
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{g.path}: {e}") from None
 
-
-def file_identity(path: str | Path) -> str:
-    """A short stable id of a file's identity (size and modification time), for caches."""
-    st = os.stat(path)
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
