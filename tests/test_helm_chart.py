@@ -51,6 +51,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
                           "envFrom": [{"secretRef": {"name": "s3-creds"}}]}},
     },
     "service_monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    # deploy/README.md's snippets: SmolLM2 with a shared cache, a GGUF file from S3.
+    "smollm2_shared_cache": {
+        "model": {"source": "builtin", "path": "smollm2",
+                  "cache": {"claimName": "pdserve-model-cache"}},
+        "decode": {"replicas": 1, "workersPerPod": 2},
+        "router": {"extraArgs": ["--served-model-name", "smollm2",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct"]}},
+    "gguf_url": {
+        "model": {"source": "url", "path": "/models/qwen2.5-7b-instruct-q4_k_m.gguf",
+                  "url": {"uri": "s3://models/qwen2.5-7b-instruct/",
+                          "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
+                          "sizeLimit": "20Gi"}},
+        "router": {"extraArgs": ["--served-model-name", "qwen2.5-7b-instruct"]}},
     "autoscaling": {
         "autoscaling": {"enabled": True},
         "prefill": {"replicas": 2, "minReplicas": 1, "maxReplicas": 8},

@@ -16,10 +16,10 @@ What one machine needs changed, and only that: the model is swapped for the buil
 ``replicas`` / ``gpusPerPod`` / ``workersPerPod``); the router's ports are free ports
 (values); each Ray node gets free ports and a small object store, and the head no dashboard
 (extra ``ray start`` flags after KubeRay's); each pod's ``/tmp`` and ``$HOME`` are temp
-dirs; worker nodes start one after the other, and a container that exits is restarted a few
-times, as the kubelet would; UCX's transport and device selection (``UCX_TLS``,
-``UCX_NET_DEVICES``: InfiniBand, CUDA IPC) is left out. A chart whose rendered command
-cannot start fails here.
+dirs; no idle Ray workers are started ahead; worker nodes start one after the other, and a
+container that exits is restarted a few times, as the kubelet would; UCX's transport and
+device selection (``UCX_TLS``, ``UCX_NET_DEVICES``: InfiniBand, CUDA IPC) is left out. A
+chart whose rendered command cannot start fails here.
 """
 
 from __future__ import annotations
@@ -57,12 +57,15 @@ CASES = {"default": {}, **{p.stem: yaml.safe_load(p.read_text()) for p in EXAMPL
 API_KEY = "chart-run-key"
 HARDWARE_ENV = {"UCX_TLS", "UCX_NET_DEVICES"}
 """Transport tuning that names devices this machine lacks (InfiniBand ports, CUDA IPC)."""
+LOCAL_RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
+"""Three nodes on one machine: no idle Python workers started ahead (one per declared CPU,
+a dozen processes importing Ray at once on two cores)."""
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(420)
 
 
 def test_there_are_examples_to_run() -> None:
-    assert len(EXAMPLES) >= 2 and {"values-gpu", "values-smollm2"} <= set(CASES)
+    assert EXAMPLES and "values-gpu" in CASES
 
 
 # ------------------------------------------------------------------------ KubeRay's part
@@ -131,7 +134,7 @@ class Pod:
                                      start_new_session=True)
         self.logs = Lines(self.proc)
 
-    def supervise(self, max_restarts: int = 3) -> None:
+    def supervise(self, max_restarts: int = 6) -> None:
         """What the kubelet does (restartPolicy Always): a container that exited is started
         again, a few times. On this shared 2-core machine Ray's 30 s node start-up deadline
         is sometimes missed."""
@@ -169,7 +172,7 @@ def _env(pod: Pod, extra: dict[str, str]) -> dict[str, str]:
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "LANG": "C.UTF-8",
            "HOME": str(pod.home), "RAY_TMPDIR": str(pod.tmp),
            "PDSERVE_CACHE_DIR": str(default_root()), "PYTHONUNBUFFERED": "1",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY_ENV}
     for var in pod.container.get("env", []):
         if var["name"] in HARDWARE_ENV:
             continue

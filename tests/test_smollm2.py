@@ -97,8 +97,19 @@ def _reference_model(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Single-threaded matmuls for this test: on a busy 2-core machine two OpenMP threads
+    wait on each other at every GEMM (measured 50x slower than one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @torch.no_grad()
-def test_greedy_tokens_and_logprobs_equal_transformers_on_the_same_weights(smollm2) -> None:
+def test_greedy_tokens_and_logprobs_equal_transformers_on_the_same_weights(smollm2,
+                                                                           one_thread) -> None:
     prompts = [[{"role": "user", "content": text}] for text in (
         "What is the capital of France?", "Write a haiku about the sea.",
         "List three primary colours.")]
