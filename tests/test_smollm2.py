@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,6 +171,7 @@ def served(smollm2: Path) -> Iterator[Served]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         stop_pids_using(temp)
+        shutil.rmtree(temp, ignore_errors=True)
     assert logs.wait_for("pdserve: stopped", timeout=1), logs.text()
 
 
