@@ -5,6 +5,7 @@ together. ``serve`` is what ``pdserve serve`` runs."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import grpc
@@ -22,6 +23,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
     """Start the pools, the gRPC server and (``config.http_port`` not None) the HTTP front;
     run until ``stop`` is set, then drain. ``on_ready(router, port)`` is called once both
     accept requests (``router.http_port`` is the HTTP front's port)."""
+    started = time.monotonic()
     router = Router(config)
     await router.start()
     http: HttpFront | None = None
@@ -47,8 +49,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     front = f", OpenAI HTTP on {config.host}:{router.http_port}" if http is not None else ""
     print(f"pdserve: serving {router.model_name!r} on {config.host}:{bound}{front} "
-          f"({config.pools.num_prefill} prefill + {config.pools.num_decode} decode workers)",
-          flush=True)
+          f"({config.pools.num_prefill} prefill + {config.pools.num_decode} decode workers, "
+          f"ready in {time.monotonic() - started:.1f} s)", flush=True)
     if on_ready is not None:
         on_ready(router, bound)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
 from pdserve.kvtransfer.factory import check_transport
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.worker.base import LOG_LEVEL_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ class Cluster:
         if ray.is_initialized():
             return
         address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        level = logging.getLevelName(logging.getLogger("pdserve").getEffectiveLevel())
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", LOG_LEVEL_ENV: level}}
         if address:
             ray.init(address=address, namespace=NAMESPACE, runtime_env=env,
                      log_to_driver=True)
@@ -101,16 +104,25 @@ class Cluster:
             cfg = self.config
             logical_cpus = max(os.cpu_count() or 1,
                                int((cfg.num_prefill + cfg.num_decode) * cfg.cpus_per_worker) + 1)
-            ray.init(num_cpus=logical_cpus, namespace=NAMESPACE, runtime_env=env,
-                     include_dashboard=False, log_to_driver=True)
+            # address="local": a new Ray of our own even when a `ray start` head runs on
+            # this machine (ray.init() would attach to it and refuse num_cpus).
+            ray.init(address="local", num_cpus=logical_cpus, namespace=NAMESPACE,
+                     runtime_env=env, include_dashboard=False, log_to_driver=True)
             self._started_ray = True
 
     async def start(self) -> None:
         """Create every worker and wait until all are ready."""
+        started = time.monotonic()
         self.connect()
+        logger.info("Ray: %s in %.1f s", "started a local instance" if self._started_ray
+                    else f"attached to {self.config.ray_address or os.environ.get('RAY_ADDRESS')}",
+                    time.monotonic() - started)
+        started = time.monotonic()
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]
         await asyncio.gather(*(self._wait_ready(h) for h in handles))
+        logger.info("%d prefill + %d decode workers loaded the model and are ready in %.1f s",
+                    self.config.num_prefill, self.config.num_decode, time.monotonic() - started)
 
     def _create(self, role: str, index: int, generation: int = 0) -> WorkerHandle:
         cfg = self.config

@@ -80,6 +80,9 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     timing: dict[str, float] = field(default_factory=dict)
+    prefill_worker: str = ""
+    """The last delta's: the worker whose prefill the request's output came from."""
+    decode_worker: str = ""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
@@ -116,6 +119,11 @@ class Flow:
         self._waiting = 0
         self.failovers = 0
         self.on_prefill: PrefillObserver | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a decode reservation (admission control's queue)."""
+        return self._waiting
 
     # ------------------------------------------------------------------ load
 
@@ -198,6 +206,9 @@ class Flow:
                         delta.completion_tokens = seq.num_output_tokens
                         delta.cached_tokens = cached_tokens
                         delta.timing = timing
+                        delta.decode_worker = attempt.decode.worker_id
+                        if attempt.prefill is not None:
+                            delta.prefill_worker = attempt.prefill.worker_id
                         yield delta
                         return
                     if delta.token_ids or delta.text:

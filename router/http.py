@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP front, served by the router process beside gRPC.
 
-``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as
-server-sent events when ``stream`` is true), ``GET /health`` and ``GET /metrics``
-(Prometheus text). Every generation goes through ``Router.prepare`` and ``Router.run``,
-the same validation and request path as gRPC; errors come back in OpenAI's error shape
-with the matching status (400 bad input, 401 bad key, 429 overload, 503 no workers).
+``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``,
+``POST /v1/chat/completions`` (streamed as server-sent events when ``stream`` is true),
+``GET /health`` and ``GET /metrics`` (Prometheus text). Every generation goes through
+``Router.prepare`` and ``Router.run``, the same validation and request path as gRPC; errors
+come back in OpenAI's error shape with the matching status (400 bad input, 401 bad key,
+404 unknown model, 429 overload, 503 no workers). A chat request to a model without a chat
+template (and no ``--chat-template``) is a 400: no generic template is guessed.
 
 aiohttp's ``web`` server runs on the router's own asyncio loop (no second thread or
 process, no copy of the router's state). With ``handler_cancellation`` a client that
@@ -60,6 +62,7 @@ class HttpFront:
         self.router = router
         app = web.Application(middlewares=[self._errors])
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model_id:.+}", self._model)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/health", self._health)
@@ -118,14 +121,29 @@ class HttpFront:
         return web.Response(body=self.router.metrics.render(),
                             headers={"Content-Type": CONTENT_TYPE})
 
+    def _card(self, name: str) -> dict[str, Any]:
+        r = self.router
+        return {"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
+                "root": str(r.model_path), "parent": None,
+                "max_model_len": r.cluster.max_model_len()}
+
     async def _models(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _error("unauthenticated", "missing or wrong API key "
                                              "('Authorization: Bearer KEY')")
-        r = self.router
-        return _json(200, {"object": "list", "data": [{
-            "id": r.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
-            "max_model_len": r.cluster.max_model_len()}]})
+        return _json(200, {"object": "list",
+                           "data": [self._card(n) for n in self.router.model_names]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error("unauthenticated", "missing or wrong API key "
+                                             "('Authorization: Bearer KEY')")
+        name = request.match_info["model_id"]
+        try:
+            self.router.validator.check_model(name)
+        except RequestError as exc:
+            return _error(exc.code, exc.message)
+        return _json(200, self._card(name))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -145,8 +163,7 @@ class HttpFront:
             parsed = oai.parse_chat(body) if chat else oai.parse_completion(body)
             if parsed.messages is not None:
                 router.validator.check_model(parsed.model)
-                prompt: str | list[int] | None = router.tokenizer.apply_chat_template(
-                    parsed.messages)
+                prompt: str | list[int] | None = router.render_chat(parsed.messages)
             else:
                 prompt = parsed.prompt
             prepared = router.prepare(parsed.model, prompt, parsed.args)
@@ -215,7 +232,7 @@ class _Reply:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
-        self.model = front.router.model_name
+        self.model = parsed.model or front.router.model_name  # the name the client used
         self.prompt_ids = prepared.prompt
         self.want_logprobs = parsed.args.logprobs is not None
         self.text: list[str] = []

@@ -26,6 +26,7 @@ ERROR_STATUS = {
     "invalid_argument": (400, "invalid_request_error"),
     "unauthenticated": (401, "authentication_error"),
     "not_found": (404, "not_found_error"),
+    "model_not_found": (404, "invalid_request_error"),  # OpenAI's own shape for this case
     "resource_exhausted": (429, "rate_limit_exceeded"),
     "internal": (500, "internal_error"),
     "unavailable": (503, "service_unavailable"),

@@ -25,7 +25,7 @@ import grpc
 
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.model.checkpoint import load_model_config
-from pdserve.engine.tokenizer import Tokenizer
+from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from pdserve.router.balancer import PrefillChoice, make_balancer
@@ -33,6 +33,15 @@ from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.request_log import (
+    StatsLog,
+    StatsSample,
+    WorkerLoadSample,
+    access_line,
+    access_logger,
+    stats_logger,
+)
+from pdserve.router.served_model import served_names
 from pdserve.router.stream import TokenInbox
 from pdserve.router.validation import Prepared, SamplingArgs, Validator
 from pdserve.worker.protocol import PrefillResult, resolve_host
@@ -41,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _CODES = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "internal": grpc.StatusCode.INTERNAL,
@@ -57,6 +67,15 @@ class RouterConfig:
     tls_key: bytes | None = None
     balancer: str = "prefix_aware"
     model_name: str = ""
+    """Deprecated spelling of one served name; ``served_model_names`` wins."""
+    served_model_names: tuple[str, ...] = ()
+    """Names clients may use in ``model`` (default: the engine's ``model`` as given)."""
+    chat_template: str | None = None
+    """Jinja chat template for chat requests, instead of the model's own."""
+    log_requests: bool = True
+    """One access line per request at INFO (``pdserve.access``)."""
+    stats_interval_s: float | None = None
+    """A stats line at INFO this often (``pdserve.stats``); None: never."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     events_interval_s: float = 0.1
     http_port: int | None = None
@@ -72,11 +91,17 @@ class Router(pb_grpc.GenerationServicer):
         engine_cfg = config.pools.engine
         from pdserve.engine.model.builtin import resolve_model
 
+        started = time.monotonic()
         self.model_path = resolve_model(engine_cfg.model)
         self.model_config = load_model_config(self.model_path)
-        self.model_name = config.model_name or (
-            engine_cfg.model if engine_cfg.model in ("tiny", "small") else self.model_path.name)
+        self.model_names = served_names(
+            engine_cfg.model, config.served_model_names or tuple(filter(None, [config.model_name])))
+        self.model_name = self.model_names[0]
         self.tokenizer = Tokenizer(self.model_path)
+        mc = self.model_config
+        logger.info("model %s: %s (%s, %d layers, %d tokens of context); tokenizer and config "
+                    "read in %.1f s", engine_cfg.model, self.model_path, mc.architecture,
+                    mc.num_layers, mc.max_position_embeddings, time.monotonic() - started)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -92,14 +117,15 @@ class Router(pb_grpc.GenerationServicer):
         self.outcomes: dict[str, int] = {}
         self.http_port: int | None = None
         self.validator = Validator(
-            self.model_name, self.tokenizer, self.model_config.vocab_size,
+            self.model_names, self.tokenizer, self.model_config.vocab_size,
             lambda: self.cluster.max_model_len() or self.model_config.max_position_embeddings)
         self.metrics = RouterMetrics(
             policy=self.balancer.name, balancer=self.balancer,
             workers=lambda: [WorkerSample(h.worker_id, h.role, h.alive, h.stats)
                              for h in self.cluster.workers.values()],
             failovers=lambda: self.flow.failovers if self.flow is not None else 0,
-            running=lambda: len(self._active))
+            running=lambda: len(self._active), model_name=self.model_name,
+            waiting=lambda: self.flow.waiting if self.flow is not None else 0)
         dtype = engine_cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if engine_cfg.device.startswith("cuda") else "float32"
@@ -122,6 +148,8 @@ class Router(pb_grpc.GenerationServicer):
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._feed_index()))
         self._tasks.append(loop.create_task(self._refresh_loads()))
+        if self.config.stats_interval_s:
+            self._tasks.append(loop.create_task(self._log_stats(self.config.stats_interval_s)))
         await self._probe_all()
 
     async def _probe_all(self) -> None:
@@ -160,6 +188,28 @@ class Router(pb_grpc.GenerationServicer):
             if self.flow is not None:
                 self.flow.refresh_loads()
 
+    def stats_sample(self) -> StatsSample:
+        """The figures of the periodic stats line, now."""
+        workers = tuple(
+            WorkerLoadSample(h.role, int(h.stats.get("num_running", 0)),
+                             int(h.stats.get("num_waiting", 0)),
+                             int(h.stats.get("num_used_blocks", 0)),
+                             int(h.stats.get("num_blocks", 0)),
+                             int(h.stats.get("prefix_queried_tokens", 0)),
+                             int(h.stats.get("prefix_hit_tokens", 0)))
+            for h in self.cluster.workers.values() if h.alive)
+        return StatsSample(time.monotonic(), self.metrics.prompt_tokens_total,
+                           self.metrics.generation_tokens_total, len(self._active),
+                           self.flow.waiting if self.flow is not None else 0, workers)
+
+    async def _log_stats(self, interval_s: float) -> None:
+        log = StatsLog()
+        while True:
+            line = log.line(self.stats_sample())
+            if line is not None:
+                stats_logger.info(line)
+            await asyncio.sleep(interval_s)
+
     async def _feed_index(self) -> None:
         """Pull each prefill worker's KV events into the prefix index; resync on gaps."""
         while True:
@@ -181,6 +231,15 @@ class Router(pb_grpc.GenerationServicer):
         """Validate and tokenize a request of either front (``RequestError`` if bad)."""
         return self.validator.prepare(model, prompt, args)
 
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """A conversation's prompt ids, rendered with ``--chat-template`` or else the model's
+        own template; ``RequestError("invalid_argument")`` when there is neither."""
+        try:
+            return self.tokenizer.apply_chat_template(messages,
+                                                      chat_template=self.config.chat_template)
+        except NoChatTemplateError as exc:
+            raise RequestError("invalid_argument", str(exc)) from None
+
     def count_refused(self, outcome: str) -> None:
         """Count a request a front refused before ``run`` (bad input, bad key)."""
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -200,6 +259,7 @@ class Router(pb_grpc.GenerationServicer):
         timer = self.metrics.track(len(prepared.prompt), arrival)
         outcome = "error"
         queue_s = None
+        last: Delta | None = None
         try:
             async for delta in self.flow.generate(rid, prepared.prompt, prepared.params,
                                                   prepared.max_len, arrival):
@@ -207,6 +267,7 @@ class Router(pb_grpc.GenerationServicer):
                 if delta.finish_reason is not None:
                     outcome = delta.finish_reason
                     queue_s = delta.timing.get("queue_s")
+                    last = delta
                 yield delta
         except RequestError as exc:
             outcome = exc.code
@@ -218,7 +279,15 @@ class Router(pb_grpc.GenerationServicer):
         finally:
             self._active.discard(rid)
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-            timer.finish(outcome, queue_s)
+            timer.finish(outcome, queue_s,
+                         prefill_s=last.timing.get("prefill_s") if last is not None else None)
+            if self.config.log_requests:
+                assert timer.e2e_s is not None
+                access_logger.info(access_line(
+                    rid, self.model_name, outcome, timer.prompt_tokens, timer.tokens,
+                    last.cached_tokens if last is not None else 0, timer.ttft_s, timer.e2e_s,
+                    last.prefill_worker if last is not None else "",
+                    last.decode_worker if last is not None else ""))
 
     # ------------------------------------------------------------------ RPCs
 
@@ -286,8 +355,9 @@ class Router(pb_grpc.GenerationServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
         await self._authorize(context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(
-            id=self.model_name, max_model_len=self.cluster.max_model_len(),
-            vocab_size=self.model_config.vocab_size, dtype=self.config.pools.engine.dtype)])
+            id=name, max_model_len=self.cluster.max_model_len(),
+            vocab_size=self.model_config.vocab_size, dtype=self.config.pools.engine.dtype)
+            for name in self.model_names])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         await self._authorize(context)

@@ -47,18 +47,22 @@ class Prepared(NamedTuple):
 class Validator:
     """Checks requests against one served model. Thread-safe (holds no per-request state)."""
 
-    def __init__(self, model_name: str, tokenizer: Tokenizer, vocab_size: int,
+    def __init__(self, model_name: str | Sequence[str], tokenizer: Tokenizer, vocab_size: int,
                  max_model_len: Callable[[], int]) -> None:
-        self.model_name = model_name
+        names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+        self.model_names = names
+        self.model_name = names[0]
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._max_model_len = max_model_len
 
     def check_model(self, model: str) -> None:
-        """An empty name means the served model; any other must be it."""
-        if model and model != self.model_name:
-            raise RequestError("invalid_argument", f"unknown model {model!r}; this service "
-                               f"serves {self.model_name!r}")
+        """An empty name means the served model; any other must be one of its names, else
+        ``RequestError("model_not_found")`` (HTTP 404, gRPC NOT_FOUND, as OpenAI and vLLM)."""
+        if model and model not in self.model_names:
+            served = ", ".join(repr(n) for n in self.model_names)
+            raise RequestError("model_not_found", f"the model {model!r} does not exist; this "
+                               f"service serves {served}")
 
     def prepare(self, model: str, prompt: str | Sequence[int] | None,
                 args: SamplingArgs) -> Prepared:

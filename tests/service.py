@@ -29,9 +29,11 @@ class ServiceThread:
                  api_key: str | None = None, lease_s: float = 30.0,
                  max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
-                 http: bool = False, kv_transport: str = "nixl") -> None:
+                 http: bool = False, served_model_names: tuple[str, ...] = (),
+                 kv_transport: str = "nixl") -> None:
         if not ray.is_initialized():
-            ray.init(num_cpus=16, namespace="pdserve", include_dashboard=False,
+            # address="local": this process's own Ray, whatever else runs on the machine.
+            ray.init(address="local", num_cpus=16, namespace="pdserve", include_dashboard=False,
                      log_to_driver=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         engine = EngineConfig(
@@ -43,6 +45,7 @@ class ServiceThread:
             pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,
                              lease_s=lease_s, ping_interval_s=0.2, kv_transport=kv_transport),
             port=0, api_key=api_key, http_port=0 if http else None,
+            served_model_names=served_model_names,
             flow=FlowConfig(lease_s=lease_s, admission_timeout_s=admission_timeout_s,
                             max_waiting=max_waiting),
         )
@@ -121,10 +124,12 @@ def shared_service(model: str = "tiny", *, api_key: str | None = SHARED_API_KEY,
                    http: bool = True) -> ServiceThread:
     """One service per test process for these settings, stopped at exit: starting one costs
     tens of seconds on a 2-core machine, so the HTTP, metrics and bench tests share it (each
-    test measures what it needs as before/after differences)."""
+    test measures what it needs as before/after differences). It answers to ``model`` and
+    to the alias ``<model>-alias`` (``--served-model-name``)."""
     key = (model, api_key, http)
     service = _SHARED.get(key)
     if service is None:
-        service = _SHARED[key] = ServiceThread(model, 1, 1, api_key=api_key, http=http)
+        service = _SHARED[key] = ServiceThread(model, 1, 1, api_key=api_key, http=http,
+                                               served_model_names=(model, f"{model}-alias"))
         atexit.register(service.stop)
     return service

@@ -28,6 +28,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+LOG_LEVEL_ENV = "PDSERVE_LOG_LEVEL"
+"""The router's log level, passed to its workers (their lines reach the router's output)."""
+
+
+def _log_like_the_router() -> None:
+    """Send this process's ``pdserve.*`` records to stderr at the router's level, once."""
+    level = os.environ.get(LOG_LEVEL_ENV)
+    root = logging.getLogger("pdserve")
+    if not level or root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
 class EngineWorker:
     """Base of ``PrefillWorker`` and ``DecodeWorker`` (Ray actor bodies)."""
 
@@ -40,6 +57,7 @@ class EngineWorker:
         from pdserve.engine.engine import Engine
         from pdserve.kvtransfer.factory import make_connector
 
+        _log_like_the_router()
         self.worker_id = worker_id
         self.kv_transport = kv_transport
         self.engine: Engine = Engine(replace(config, detokenize=False))
