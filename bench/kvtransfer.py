@@ -36,11 +36,13 @@ import numpy as np
 import torch
 
 from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
 MIB = 1 << 20
 REGION_SPEC = dict(num_layers=2, num_kv_heads=16, head_dim=256, block_size=16, dtype="float32")
 MODEL = "bench"
+_KEY = ChannelKey.generate()  # pickled into both processes' configs
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,8 @@ def _row(case: str, method: str, dtype: str, nbytes: int, descs: int, times: lis
 
 def _config(args: argparse.Namespace, side: str) -> NixlConfig:
     progress = args.progress_thread in (side, "both")
-    return NixlConfig(model=MODEL, name=f"bench-{side}", progress_thread=progress)
+    return NixlConfig(model=MODEL, name=f"bench-{side}", progress_thread=progress,
+                      channel_key=_KEY)
 
 
 # -- receiver process ---------------------------------------------------------------------

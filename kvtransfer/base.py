@@ -182,10 +182,14 @@ class KVConnector(ABC):
         ``poll()`` reports it received once they all landed, or failed after ``lease_s``."""
 
     @abstractmethod
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, *, writes_done: bool = False) -> None:
         """Stop tracking ``request_id`` in both roles and cancel its writes still in flight.
 
-        Reported as failed (``ABORTED``) by the next ``poll()`` unless already reported."""
+        Reported as failed (``ABORTED``) by the next ``poll()`` unless already reported.
+        ``writes_done``: the caller knows that no write into the request's destination
+        blocks can still land (its sender confirmed its writes cancelled, died, or never
+        got the target), so the failure's ``reuse_after`` is now instead of now + the
+        sender's lease."""
 
     @abstractmethod
     def poll(self) -> PollResult:

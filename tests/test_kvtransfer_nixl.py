@@ -17,12 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pdserve.kvtransfer.auth import ChannelKey
+
 pytest.importorskip("nixl")
 pytest.importorskip("zmq")
 
 SPEC = {"num_layers": 4, "num_kv_heads": 2, "head_dim": 32, "block_size": 16, "dtype": "float32"}
 BLOCK_BYTES = 4 * 2 * 16 * 2 * 32 * 4
 MODEL = "tiny-test"
+KEY = ChannelKey(bytes(range(32)))  # both processes' connectors: one cluster
 CALL_TIMEOUT_S = 30.0
 
 
@@ -39,7 +42,8 @@ def _peer_main(
     dtype = getattr(torch, spec.dtype)
     gen = torch.Generator().manual_seed(seed)
     cache = torch.randn(spec.shape(num_blocks), generator=gen).to(dtype)
-    config = NixlConfig(model=MODEL, port=port, lease_s=lease_s, handshake_timeout_s=2.0)
+    config = NixlConfig(model=MODEL, port=port, lease_s=lease_s, handshake_timeout_s=2.0,
+                        channel_key=KEY)
     connector = NixlConnector(cache, spec, config)
     outcome: dict[str, tuple[str, str]] = {}
 
@@ -303,4 +307,4 @@ def test_empty_ucx_tls_is_refused_with_a_clear_error(monkeypatch: pytest.MonkeyP
     spec = KVCacheSpec(**SPEC)
     monkeypatch.setenv("UCX_TLS", " ")
     with pytest.raises(ValueError, match="UCX_TLS is set but empty"):
-        NixlConnector(torch.zeros(spec.shape(2)), spec, NixlConfig(model=MODEL))
+        NixlConnector(torch.zeros(spec.shape(2)), spec, NixlConfig(model=MODEL, channel_key=KEY))
