@@ -109,9 +109,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     device = args.device
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
     try:
-        device = _check_device(device, embedded=ray_address is None)
         _check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port),
                                  ("--metrics-port", args.metrics_port)])
+        device = _check_device(device, embedded=ray_address is None)
         engine = EngineConfig(
             model=args.model, dtype=args.dtype, device=device,
             cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,

@@ -173,8 +173,9 @@ def _router_used(svc: ServiceThread) -> int:
 
 
 def _decode_used(svc: ServiceThread) -> int:
-    return sum(s["num_used_blocks"] for w, s in svc.worker_stats().items()
-               if w.startswith("decode"))
+    """Blocks the decode workers hold, by their own count."""
+    decode = svc.router.cluster.pool("decode")
+    return sum(s["num_used_blocks"] for s in ray.get([h.actor.stats.remote() for h in decode]))
 
 
 def test_cancels_at_every_stage_free_every_block_within_a_second(svc, tls) -> None:
@@ -459,6 +460,54 @@ def _wait_pool(svc: ServiceThread, role: str, n: int, timeout: float = 90) -> No
     while len(svc.router.cluster.pool(role)) < n and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(svc.router.cluster.pool(role)) == n
+
+
+def _slow_steps(worker: object) -> None:
+    """Fault injection: every engine step of this worker takes 0.25 s more."""
+    engine = worker.engine  # type: ignore[attr-defined]
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.25)
+        return step()
+
+    engine.step = slow_step
+
+
+def test_a_reservation_is_freed_at_once_when_its_prefill_worker_dies(svc) -> None:
+    """The prefill worker dies mid-prefill: the decode worker's reservation (its own count
+    and the router's) is back to zero within 1 s; the request waits for the replacement and
+    finishes exactly."""
+    router = svc.router
+    rng = random.Random(17)
+    prompt = [rng.randrange(3, 500) for _ in range(2000)]
+    with client(svc) as c:
+        reference = list(c.generate(prompt, max_tokens=8, temperature=0.0,
+                                    ignore_eos=True).token_ids)
+    svc.wait_idle()
+    (prefill,) = router.cluster.pool("prefill")
+    ray.get(prefill.actor.__ray_call__.remote(_slow_steps))
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        with client(svc, retries=0) as c:
+            result["out"] = list(c.generate(prompt, max_tokens=8, temperature=0.0,
+                                            ignore_eos=True, timeout=120).token_ids)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while _decode_used(svc) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _decode_used(svc) > 0
+    ray.kill(prefill.actor, no_restart=True)
+    killed = time.monotonic()
+    while (_decode_used(svc) or _router_used(svc)) and time.monotonic() - killed < 1.0:
+        time.sleep(0.02)
+    assert (_decode_used(svc), _router_used(svc)) == (0, 0), time.monotonic() - killed
+    thread.join(120)
+    assert result.get("out") == reference
+    _wait_pool(svc, "prefill", 1)
 
 
 def test_a_stopped_engine_loop_is_seen_at_once_and_requests_wait_for_its_replacement(
