@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 import grpc
 
-from pdserve.bench.common import Progress
+from pdserve.bench.common import Progress, start_server
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -309,14 +309,7 @@ def main(argv: list[str] | None = None) -> int:
            str(opts.http_port), "--api-key", KEY, "--device", "cpu",
            *opts.serve_args.split()]
     log("starting: " + " ".join(cmd[2:]))
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    assert server.stdout is not None
-    for line in server.stdout:
-        if line.startswith("pdserve: serving"):
-            break
-    else:
-        raise SystemExit(f"pdserve serve exited with {server.wait()}")
+    server = start_server(cmd, log)
     target, http_url = f"127.0.0.1:{opts.port}", f"http://127.0.0.1:{opts.http_port}"
     tally = Tally()
     memory: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)

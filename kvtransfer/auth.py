@@ -178,10 +178,14 @@ class RefusalLog:
         self._count += 1
         self._since_log += 1
         now = time.monotonic()
-        if now - self._last >= self._interval_s:
-            self._logger.warning("refused %d %s in the last %s (total %d); latest: %s",
-                                 self._since_log, self._what,
-                                 "start" if self._last < 0 else f"{now - self._last:.0f} s",
-                                 self._count, reason)
-            self._last = now
-            self._since_log = 0
+        if now - self._last < self._interval_s:
+            return
+        if self._last < 0:
+            self._logger.warning("refused %s: %s (more are summed at most once every %.0f s)",
+                                 self._what, reason, self._interval_s)
+        else:
+            self._logger.warning("refused %d %s in the last %.0f s (%d in all); latest: %s",
+                                 self._since_log, self._what, now - self._last, self._count,
+                                 reason)
+        self._last = now
+        self._since_log = 0

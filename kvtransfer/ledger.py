@@ -137,7 +137,9 @@ class SendLedger:
         """Report ``request_id`` failed (once). False if it was not active."""
         if self._requests.pop(request_id, None) is None:
             return False
-        logger.warning("KV send of request %s failed (%s): %s", request_id, kind.value, message)
+        # An abort by the owner (a cancelled request) is routine, not a warning.
+        log = logger.debug if kind is FailureKind.ABORTED else logger.warning
+        log("KV send of request %s failed (%s): %s", request_id, kind.value, message)
         self._failed.append(TransferFailure(request_id, kind, message, reuse_after=now))
         return True
 
@@ -229,7 +231,8 @@ class ReceiveLedger:
               grace_s: float | None = None) -> None:
         if self._requests.pop(request_id, None) is None:
             return
-        logger.warning("KV receive of request %s failed (%s): %s", request_id, kind.value, message)
+        log = logger.debug if kind is FailureKind.ABORTED else logger.warning
+        log("KV receive of request %s failed (%s): %s", request_id, kind.value, message)
         grace = self.grace_s if grace_s is None else grace_s
         failure = TransferFailure(request_id, kind, message, reuse_after=now + grace)
         self._failed.append(failure)

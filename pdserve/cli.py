@@ -151,12 +151,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         def on_signal() -> None:
             if stop.is_set():
-                print("pdserve: stopping now", file=sys.stderr, flush=True)
                 force.set()
+                say("pdserve: stopping now")
             else:
-                print(f"pdserve: draining (up to {args.drain_timeout:g} s; again to stop "
-                      "now)", file=sys.stderr, flush=True)
                 stop.set()
+                say(f"pdserve: draining (up to {args.drain_timeout:g} s; again to stop now)")
+
+        def say(line: str) -> None:
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except OSError:  # stderr gone (a closed pipe): stopping matters more
+                pass
 
         def handle_signals(*_: object) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):

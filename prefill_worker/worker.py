@@ -216,8 +216,9 @@ class PrefillWorker(EngineWorker):
             job = self._jobs.get(rid)
             self.engine.release(rid)
             if job is not None:
-                logger.warning("%s: KV transfer of %s failed: %s", self.worker_id, rid,
-                               failure.message)
+                if not job.aborted:  # an aborted job's failure is the abort itself
+                    logger.warning("%s: KV transfer of %s failed: %s", self.worker_id, rid,
+                                   failure.message)
                 self._resolve(job, PrefillResult(
                     rid, False, error=f"{failure.kind.value}: {failure.message}",
                     retryable=job.expired or not job.aborted,

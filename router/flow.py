@@ -142,6 +142,17 @@ class Flow:
         self.prefill_view.update(prefill)
         self.decode_view.update(decode)
 
+    def _missing_pools(self) -> list[str]:
+        """Roles with no live worker in the balancer's view (refreshed from the handles when
+        one looks empty, so that a replacement counts as soon as it is ready)."""
+        missing = []
+        for role, view in (("decode", self.decode_view), ("prefill", self.prefill_view)):
+            if not self._alive(view.current()):
+                self.refresh_loads()
+                if not self._alive(view.current()):
+                    missing.append(role)
+        return missing
+
     def _alive(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
         alive = {h.worker_id for h in self.cluster.workers.values() if h.alive}
         return [ld for ld in loads if ld.worker_id in alive]
@@ -177,7 +188,8 @@ class Flow:
             try:
                 outcome = await self._prefill(attempt, seq, params)
                 if outcome.kind is Outcome.NO_WORKER:
-                    continue  # admission waits for a prefill worker
+                    await asyncio.sleep(0.05)  # raced a death: admission waits for one
+                    continue
                 if outcome.kind is Outcome.REQUEST:
                     raise RequestError("internal", "the request failed on its prefill "
                                        f"worker: {outcome.reason}")
@@ -296,7 +308,7 @@ class Flow:
             delay = 0.005
             while True:
                 now = time.monotonic()
-                missing = [r for r in ("decode", "prefill") if not self.cluster.pool(r)]
+                missing = self._missing_pools()
                 if missing:
                     if now >= worker_deadline:
                         raise RequestError(
