@@ -43,12 +43,14 @@ import numpy as np
 import torch
 
 from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.base import KVConnector
 from pdserve.kvtransfer.factory import check_transport
 
 MIB = 1 << 20
 REGION_SPEC = dict(num_layers=2, num_kv_heads=16, head_dim=256, block_size=16, dtype="float32")
 MODEL = "bench"
+_KEY = ChannelKey.generate()  # the sender's; its secret goes to the receiver with "open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,24 +81,28 @@ def _row(case: str, method: str, dtype: str, nbytes: int, descs: int, times: lis
 
 
 def _connector(
-    transport: str, cache: torch.Tensor, spec: KVCacheSpec, progress: str, side: str
+    transport: str, cache: torch.Tensor, spec: KVCacheSpec, progress: str, side: str,
+    key: ChannelKey,
 ) -> KVConnector:
     name = f"bench-{transport}-{side}"
     if transport == "nccl":
         from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
 
-        return NcclConnector(cache, spec, NcclConfig(model=MODEL, name=name, lease_s=600.0))
+        return NcclConnector(cache, spec, NcclConfig(model=MODEL, name=name, lease_s=600.0,
+                                                     channel_key=key))
     from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
-    config = NixlConfig(model=MODEL, name=name, progress_thread=progress in (side, "both"))
+    config = NixlConfig(model=MODEL, name=name, progress_thread=progress in (side, "both"),
+                        channel_key=key)
     return NixlConnector(cache, spec, config)
 
 
 def _open(
-    transports: list[str], cache: torch.Tensor, spec: KVCacheSpec, progress: str, side: str
+    transports: list[str], cache: torch.Tensor, spec: KVCacheSpec, progress: str, side: str,
+    key: ChannelKey = _KEY,
 ) -> dict[str, KVConnector]:
     """One connector per transport around the same ``cache``."""
-    return {t: _connector(t, cache, spec, progress, side) for t in transports}
+    return {t: _connector(t, cache, spec, progress, side, key) for t in transports}
 
 
 # -- receiver process ---------------------------------------------------------------------
@@ -110,9 +116,9 @@ def _receiver(conn: Any) -> None:
         if cmd == "open":
             for c in connectors.values():
                 c.close()
-            spec, num_blocks, transports, progress = KVCacheSpec(**args[0]), *args[1:]
+            spec, num_blocks, transports, progress, secret = KVCacheSpec(**args[0]), *args[1:]
             cache = torch.zeros(spec.shape(num_blocks), dtype=getattr(torch, spec.dtype))
-            connectors = _open(transports, cache, spec, progress, "receiver")
+            connectors = _open(transports, cache, spec, progress, "receiver", ChannelKey(secret))
             conn.send({t: c.describe() for t, c in connectors.items()})
         elif cmd == "expect":
             transport, pairs = args
@@ -245,7 +251,7 @@ def _block_list_rows(args: argparse.Namespace, remote: _Remote, dtype: str) -> l
     num_blocks = 2 * n
     cache = torch.randn(spec.shape(num_blocks)).to(getattr(torch, dtype))
     targets = remote.call(
-        "open", asdict(spec), num_blocks, args.transports, args.progress_thread
+        "open", asdict(spec), num_blocks, args.transports, args.progress_thread, _KEY.secret
     )
     rng = np.random.default_rng(0)
     src = rng.permutation(num_blocks)[:n].tolist()
@@ -305,7 +311,7 @@ def _region_rows(args: argparse.Namespace, remote: _Remote) -> list[Row]:
     num_blocks = max(args.regions_mib)
     cache = torch.randn(spec.shape(num_blocks))
     targets = remote.call(
-        "open", asdict(spec), num_blocks, args.transports, args.progress_thread
+        "open", asdict(spec), num_blocks, args.transports, args.progress_thread, _KEY.secret
     )
     rows = []
     senders = _open(args.transports, cache, spec, args.progress_thread, "sender")

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from pdserve.engine.config import KVCacheSpec
+    from pdserve.kvtransfer.auth import ChannelKey
     from pdserve.kvtransfer.base import KVConnector
 
 KV_TRANSPORTS = ("nixl", "nccl")
@@ -35,17 +36,20 @@ def make_connector(
     host: str,
     name: str,
     lease_s: float,
+    channel_key: ChannelKey,
 ) -> KVConnector:
-    """A connector of ``transport`` around ``kv_cache``, its side channel on ``host``."""
+    """A connector of ``transport`` around ``kv_cache``, its side channel on ``host`` and
+    sealed with ``channel_key`` (the cluster's secret: both transports refuse peers that do
+    not hold it)."""
     check_transport(transport)
     if transport == "nccl":
         from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
 
-        return NcclConnector(
-            kv_cache, spec, NcclConfig(model=model, host=host, name=name, lease_s=lease_s)
-        )
+        return NcclConnector(kv_cache, spec, NcclConfig(
+            model=model, host=host, name=name, lease_s=lease_s, channel_key=channel_key,
+        ))
     from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
-    return NixlConnector(
-        kv_cache, spec, NixlConfig(model=model, host=host, name=name, lease_s=lease_s)
-    )
+    return NixlConnector(kv_cache, spec, NixlConfig(
+        model=model, host=host, name=name, lease_s=lease_s, channel_key=channel_key,
+    ))

@@ -17,6 +17,10 @@ receive only when a send is coming: no operation ever waits idle for a peer) and
   reusable at once (``reuse_after`` is the failure time).
 - Every group operation has a timeout (``op_timeout_s``) and peers silent past
   ``peer_timeout_s`` are dropped: a dead peer surfaces as a failed transfer, never a hang.
+- Authentication: every side-channel message is sealed with the cluster's ``ChannelKey`` and
+  verified (forged and replayed ones are refused), as NIXL's handshake is; the rendezvous
+  store, unauthenticated itself, is only found through a sealed ``Welcome`` and each pair
+  rendezvous under a name derived from the key (``nccl_wire``, ``pair_group``).
 
 Tensor parallelism: a connector holds heads ``kv_heads`` of the model's ``total_kv_heads``
 (all by default). A write moves, of every block, exactly the heads the receiver holds; they
@@ -34,12 +38,13 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import zmq
 
 from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.base import (
     FailureKind,
     IncompatiblePeerError,
@@ -80,7 +85,8 @@ class NcclConfig:
     sending side, as for NIXL. ``kv_heads``: the model KV heads ``[start, stop)`` this cache
     holds, of ``total_kv_heads`` (None: all of them, as the cache's spec says). A write is
     sent in frames of at most ``max_frame_bytes`` (at least one block): the transfer buffer each
-    side keeps per peer is that large at most.
+    side keeps per peer is that large at most. ``channel_key`` (required) seals the side
+    channel: peers must share it.
     """
 
     model: str
@@ -95,6 +101,7 @@ class NcclConfig:
     kv_heads: tuple[int, int] | None = None
     total_kv_heads: int | None = None
     max_frame_bytes: int = 64 << 20
+    channel_key: ChannelKey = field(kw_only=True)
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "handshake_timeout_s", "op_timeout_s", "keepalive_s",
@@ -134,7 +141,7 @@ class NcclConnector(KVConnector):
         self._settings = LinkSettings(
             self.agent_name, self.info, heads, config.host, config.handshake_timeout_s,
             config.op_timeout_s, config.keepalive_s, config.peer_timeout_s,
-            config.max_frame_bytes,
+            config.max_frame_bytes, config.channel_key,
         )
         self._receiver = ReceiveSide(
             self._ctx, kv_cache, spec, self._settings, config.port, self._events.put
@@ -225,11 +232,16 @@ class NcclConnector(KVConnector):
         self._recv.expect(request_id, ids, lease_s, time.monotonic())
         self._receiver.allow(request_id, ids)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, *, writes_done: bool = False) -> None:
+        """See ``KVConnector.abort``. ``writes_done`` changes nothing here: once the receiver
+        revoked a request no write of it lands, so its blocks are reusable at once anyway."""
         now = time.monotonic()
         self._fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
         self._receiver.revoke(request_id)
         self._recv.fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
+
+    def writes_pending(self, request_id: str) -> bool:
+        return any(link.pending(request_id) for link in self._links.values())
 
     def poll(self) -> PollResult:
         self._require_open()

@@ -13,6 +13,12 @@ can land: a failed request's blocks may be reused at once.
 
 Groups whose sender stays silent past ``peer_timeout_s`` (no frame, no keepalive), whose
 receive fails or times out, or whose sender says ``Bye`` are dropped with their process group.
+
+Only senders holding the cluster's key are served: a message that does not verify, or was
+received before, is dropped and answered with an unsealed refusal (so a misconfigured sender
+fails at once rather than at its handshake timeout); a group is bound to the socket identity
+and to the sealer of the ``Hello`` that made it, and only that sender may use it. Answers are
+sealed for the group's link (``nccl_wire.reply_channel``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import zmq
 
 from pdserve.engine.config import KVCacheSpec
 from pdserve.kvtransfer import nccl_wire as wire
+from pdserve.kvtransfer.auth import ForgedMessageError, RefusalLog, Sealer
 from pdserve.kvtransfer.base import FailureKind, compatibility_problems
 from pdserve.kvtransfer.layout import frame_buffer, frame_shape, scatter_blocks
 from pdserve.kvtransfer.ledger import ChunkNotice, block_digest
@@ -69,6 +76,8 @@ ReceiveEvent = NoticeArrived | ReceiveFailed
 class _Group:
     key: str
     identity: bytes
+    sealed_by: int  # the sealer of the Hello: the only one whose messages use this group
+    sealer: Sealer  # seals our answers on this group's link
     sender: str
     last_seen: float
     frames: queue.SimpleQueue[wire.Frame | None] = field(default_factory=queue.SimpleQueue)
@@ -106,8 +115,13 @@ class ReceiveSide:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._store = StoreServer(settings.host, settings.op_timeout_s)
+        self._opener = settings.key.opener(wire.REQUEST_CHANNEL)  # ROUTER thread only
+        self._refusals = RefusalLog(
+            logger, f"unauthenticated KV control messages to {settings.agent_name}"
+        )
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         if port:
             self._sock.bind(f"tcp://{settings.host}:{port}")
         else:
@@ -184,53 +198,73 @@ class ReceiveSide:
             self._wake_r.close()
             self._wake_w.close()
 
-    def _send(self, identity: bytes, message: wire.Message) -> None:
+    def _send(self, identity: bytes, message: wire.Message, sealer: Sealer | None,
+              group: str = "") -> None:
+        """Send ``message`` sealed by ``sealer`` (None: a one-off sealer for ``group``'s link;
+        an empty ``group``: unsealed, only for refusing a sender we cannot authenticate)."""
+        raw = wire.encode(message)
+        if sealer is None and group:
+            sealer = self._settings.key.sealer(wire.reply_channel(group))
+        if sealer is not None:
+            raw = sealer.seal(raw)
         try:
-            self._sock.send_multipart([identity, wire.encode(message)], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, raw], zmq.NOBLOCK)
         except zmq.Again:  # the sender is gone or not reading: its link times out
             logger.warning("KV side channel: dropped a %s to a sender", message.kind)
 
     def _on_message(self, identity: bytes, raw: bytes) -> None:
         try:
-            message = wire.decode(raw)
+            sealed_by, payload = self._opener.open_from(raw)
+        except ForgedMessageError as exc:
+            self._refusals.refused(exc)
+            self._send(identity, wire.Refused(FailureKind.INCOMPATIBLE.value,
+                                              "KV handshake refused: not authenticated"), None)
+            return
+        try:
+            message = wire.decode(payload)
         except ValueError as exc:
             logger.warning("KV side channel: %s", exc)
             return
         now = time.monotonic()
         if isinstance(message, wire.Hello):
-            self._on_hello(identity, message, now)
+            self._on_hello(identity, sealed_by, message, now)
             return
-        group = self._groups.get(getattr(message, "group", ""))
-        if group is not None and group.identity != identity:
+        name = getattr(message, "group", "")
+        group = self._groups.get(name)
+        if group is not None and (group.identity, group.sealed_by) != (identity, sealed_by):
             group = None  # only the sender that made a group may use it
         if group is not None:
             group.last_seen = now
+        sealer = group.sealer if group is not None else None
         if isinstance(message, wire.Frame):
             if group is None:
                 self._send(identity, wire.Ack(message.group, message.seq, False,
-                                              FailureKind.TRANSFER_ERROR.value, "unknown group"))
+                                              FailureKind.TRANSFER_ERROR.value, "unknown group"),
+                           None, name)
             else:
                 group.frames.put(message)
         elif isinstance(message, wire.Ping):
-            self._send(identity, wire.Pong(message.group, group is not None))
+            self._send(identity, wire.Pong(message.group, group is not None), sealer, name)
         elif isinstance(message, wire.Bye):
             if group is not None:
                 self._drop(group.key, "the sender closed the link")
         else:
             logger.warning("KV side channel: unexpected %s", message.kind)
 
-    def _on_hello(self, identity: bytes, hello: wire.Hello, now: float) -> None:
+    def _on_hello(self, identity: bytes, sealed_by: int, hello: wire.Hello, now: float) -> None:
         s = self._settings
+        sealer = s.key.sealer(wire.reply_channel(hello.group))
         problems = compatibility_problems(hello.info, s.info)  # the sender's point of view
         if problems:
             logger.warning("refused KV peer %s: %s", hello.agent, "; ".join(problems))
-            self._send(identity, wire.Refused(FailureKind.INCOMPATIBLE.value, "; ".join(problems)))
+            self._send(identity, wire.Refused(FailureKind.INCOMPATIBLE.value, "; ".join(problems)),
+                       sealer)
             return
         if hello.group in self._groups:
             self._send(identity, wire.Refused(FailureKind.TRANSFER_ERROR.value,
-                                              f"group {hello.group} exists"))
+                                              f"group {hello.group} exists"), sealer)
             return
-        group = _Group(hello.group, identity, hello.agent, now)
+        group = _Group(hello.group, identity, sealed_by, sealer, hello.agent, now)
         group.thread = threading.Thread(
             target=self._run_group, args=(group,), name=f"kv-recv-{hello.agent}", daemon=True
         )
@@ -239,7 +273,7 @@ class ReceiveSide:
         self.groups_built += 1
         group.thread.start()
         self._send(identity, wire.Welcome(s.agent_name, s.info, s.heads, self.num_blocks,
-                                          self._store.port, self.backend))
+                                          self._store.port, self.backend), sealer)
 
     def _drop(self, key: str, why: str) -> None:
         group = self._groups.pop(key, None)
@@ -268,7 +302,8 @@ class ReceiveSide:
             # A store client of its own: one TCPStore connection serves one wait at a time,
             # and each group's rendezvous waits for its own peer.
             store = store_client(self._store.host, self._store.port, s.op_timeout_s)
-            pair = open_pair_group(store, group.key, 1, self._kv.device, s.host, s.op_timeout_s)
+            pair = open_pair_group(store, group.key, 1, self._kv.device, s.host, s.op_timeout_s,
+                                   prefix=wire.rendezvous_prefix(s.key, group.key))
             group.busy = False
             while True:
                 frame = group.frames.get()
@@ -314,7 +349,7 @@ class ReceiveSide:
         else:
             group.partial = None
             ack = wire.Ack(frame.group, frame.seq, False, problem[0].value, problem[1])
-        self._acks.append((group.identity, wire.encode(ack)))
+        self._acks.append((group.identity, group.sealer.seal(wire.encode(ack))))
         self._wake()
 
     def _land(

@@ -14,6 +14,10 @@ A link breaks for good on any error (handshake refused or unanswered, group or s
 timeout, receiver silent past ``peer_timeout_s``, or the receiver no longer knowing the group):
 it reports ``LinkBroken`` with the requests it still held, and the owner makes a new link (a
 new group) for the next write to that receiver.
+
+Every control message is sealed with the cluster's key (``nccl_wire``); an answer that does
+not verify for this link is dropped (and, in the handshake, fails the link: a receiver that
+cannot authenticate us, or that we cannot authenticate, gets no blocks).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import zmq
 
 from pdserve.engine.config import KVCacheSpec
 from pdserve.kvtransfer import nccl_wire as wire
+from pdserve.kvtransfer.auth import ChannelKey, ForgedMessageError, RefusalLog
 from pdserve.kvtransfer.base import FailureKind, PeerInfo, TransferTarget, compatibility_problems
 from pdserve.kvtransfer.heads import HeadRange, overlap
 from pdserve.kvtransfer.layout import frame_buffer, frame_shape, gather_blocks
@@ -44,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
-    """What every link of one connector shares (see ``NcclConfig`` for the timeouts)."""
+    """What every link of one connector shares (see ``NcclConfig`` for the timeouts);
+    ``key`` seals its control messages."""
 
     agent_name: str
     info: PeerInfo
@@ -55,6 +61,7 @@ class LinkSettings:
     keepalive_s: float
     peer_timeout_s: float
     max_frame_bytes: int
+    key: ChannelKey
 
 
 @dataclass(slots=True, eq=False)
@@ -148,6 +155,12 @@ class SendLink:
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(settings.op_timeout_s * 1000))
+        self._sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        self._sealer = settings.key.sealer(wire.REQUEST_CHANNEL)
+        self._opener = settings.key.opener(wire.reply_channel(self.group_key))
+        self._refusals = RefusalLog(
+            logger, f"unauthenticated KV control messages from {target.agent_name}"
+        )
         self._group: PairGroup | None = None
         self._remote_heads: HeadRange | None = None
         self._staging: torch.Tensor | None = None  # reused transfer buffer
@@ -181,6 +194,12 @@ class SendLink:
             current = self._q.current
             if current is not None and current.write.request_id == request_id:
                 self._q.current = None
+
+    def pending(self, request_id: str) -> bool:
+        """True while a write of ``request_id`` is queued, being sent or not acknowledged yet
+        (a frame already sent may still land at the receiver)."""
+        with self._lock:
+            return request_id in self._q.requests()
 
     def close(self, wait_s: float = 1.0) -> set[str]:
         """Stop the link and return the requests it still held (queued or unacknowledged
@@ -220,7 +239,7 @@ class SendLink:
             self.ready.set()
             if self._group is not None:
                 try:  # the receiver drops the group now rather than at its keepalive
-                    self._sock.send(wire.encode(wire.Bye(self.group_key)), zmq.NOBLOCK)
+                    self._post(wire.Bye(self.group_key), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
                 self._group.close()
@@ -239,24 +258,39 @@ class SendLink:
                        message)
         self._report(LinkBroken(self, kind, message))
 
+    def _post(self, message: wire.Message, flags: int = 0) -> None:
+        self._sock.send(self._sealer.seal(wire.encode(message)), flags)
+
+    def _open(self, raw: bytes) -> wire.Message | None:
+        """The receiver's message in ``raw``; None (logged) if it is not sealed for us."""
+        try:
+            return wire.decode(self._opener.open(raw))
+        except ForgedMessageError as exc:
+            self._refusals.refused(exc)
+            return None
+
     def _handshake(self) -> None:
         s, where = self._settings, f"{self.target.host}:{self.target.port}"
         hello = wire.Hello(s.agent_name, s.info, s.heads, self.group_key)
-        self._sock.send(wire.encode(hello))
+        self._post(hello)
         if not self._sock.poll(int(s.handshake_timeout_s * 1000)):
             raise _LinkError(
                 FailureKind.PEER_UNREACHABLE,
                 f"KV transfer peer at {where} did not answer the handshake within "
                 f"{s.handshake_timeout_s:g} s",
             )
-        reply = wire.decode(self._sock.recv())
+        raw = self._sock.recv()
+        try:
+            reply = wire.decode(self._opener.open(raw))
+        except ForgedMessageError as exc:
+            raise _LinkError(FailureKind.INCOMPATIBLE, _unauthenticated(where, raw, exc)) from None
         if isinstance(reply, wire.Refused):
             raise _LinkError(FailureKind(reply.failure), f"peer at {where} refused: {reply.error}")
         if not isinstance(reply, wire.Welcome):
             raise _LinkError(FailureKind.TRANSFER_ERROR, f"unexpected handshake reply {reply}")
         if reply.agent != self.target.agent_name or compatibility_problems(s.info, reply.info):
             # The receiver made a group for us: let it go now rather than at its timeout.
-            self._sock.send(wire.encode(wire.Bye(self.group_key)), zmq.NOBLOCK)
+            self._post(wire.Bye(self.group_key), zmq.NOBLOCK)
         if reply.agent != self.target.agent_name:
             raise _LinkError(
                 FailureKind.PEER_RESTARTED,
@@ -273,7 +307,8 @@ class SendLink:
         try:
             store = store_client(self.target.host, reply.store_port, s.op_timeout_s)
             self._group = open_pair_group(
-                store, self.group_key, 0, self._kv.device, s.host, s.op_timeout_s
+                store, self.group_key, 0, self._kv.device, s.host, s.op_timeout_s,
+                prefix=wire.rendezvous_prefix(s.key, self.group_key),
             )
         except Exception as exc:
             raise _LinkError(
@@ -291,7 +326,7 @@ class SendLink:
         while not self._stop.is_set():
             frame, tensor = self._next_frame(seq)
             if frame is not None:
-                self._sock.send(wire.encode(frame))
+                self._post(frame)
                 if tensor is not None:
                     assert self._group is not None
                     with self._group.scope():
@@ -311,8 +346,10 @@ class SendLink:
                         pass
                     continue
                 while self._sock.poll(0):
-                    self._on_message(wire.decode(self._sock.recv()))
-                    last_heard = time.monotonic()
+                    message = self._open(self._sock.recv())
+                    if message is not None:
+                        self._on_message(message)
+                        last_heard = time.monotonic()
             now = time.monotonic()
             if now - last_heard > s.peer_timeout_s:
                 raise _LinkError(
@@ -321,7 +358,7 @@ class SendLink:
                     f"{now - last_heard:.1f} s",
                 )
             if frame is None and now - last_ping >= s.keepalive_s:
-                self._sock.send(wire.encode(wire.Ping(self.group_key)))
+                self._post(wire.Ping(self.group_key))
                 last_ping = now
 
     def _next_frame(self, seq: int) -> tuple[wire.Frame | None, torch.Tensor | None]:
@@ -396,3 +433,15 @@ class SendLink:
                 )
         else:
             logger.warning("KV link to %s: ignoring %s", self.target.agent_name, message.kind)
+
+
+def _unauthenticated(where: str, raw: bytes, exc: ForgedMessageError) -> str:
+    """Why a handshake answer that does not verify fails the link: the receiver's unsealed
+    refusal (it could not authenticate us) if that is what came."""
+    try:
+        plain = wire.decode(raw)
+    except ValueError:
+        plain = None
+    if isinstance(plain, wire.Refused):
+        return f"KV transfer peer at {where} refused: {plain.error[:200]}"
+    return f"KV transfer peer at {where} sent an unauthenticated answer: {exc}"

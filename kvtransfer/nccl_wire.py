@@ -13,6 +13,15 @@ thing else travels here, between a sender's DEALER socket and the receiver's ROU
 
 Frames and sends are issued in the same order by one sender thread and received in that order
 by one receiver thread per group, which is what pairs each frame with its tensor.
+
+Every message is sealed with the cluster's ``ChannelKey`` (``pdserve.kvtransfer.auth``), as
+the NIXL handshake is: a sender's on ``REQUEST_CHANNEL``, a receiver's on the
+``reply_channel`` of the group it answers (random per link, so an answer cannot be replayed to
+another link). Receivers drop what does not verify or was seen before. The rendezvous store
+the ``Welcome`` points at has no authentication of its own (``torch.distributed.TCPStore``):
+each pair rendezvous under ``rendezvous_prefix``, a name derived from the secret that never
+travels, so a process without the key that reaches the store cannot find or join a pair's
+group (see ``pdserve.kvtransfer.pair_group`` for what remains open).
 """
 
 from __future__ import annotations
@@ -22,8 +31,23 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.base import PeerInfo
 from pdserve.kvtransfer.heads import HeadRange
+
+REQUEST_CHANNEL = "kv-nccl"
+MAX_MESSAGE_BYTES = 16 << 20
+"""A frame names at most a few thousand block ids: ZMQ drops a peer that sends more."""
+
+
+def reply_channel(group: str) -> str:
+    """The channel of a receiver's answers on the link that made ``group``."""
+    return f"kv-nccl-reply/{group}"
+
+
+def rendezvous_prefix(key: ChannelKey, group: str) -> str:
+    """The store prefix under which the pair of ``group`` builds its process group."""
+    return "pdkv/" + key.derive(f"kv-nccl-store/{group}")[:32]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,17 @@ No global state: groups are built directly from c10d backend objects
 (``ProcessGroupGloo`` / ``ProcessGroupNCCL``) over a ``TCPStore``, never through
 ``init_process_group``, so a process may hold any number of them beside (or without) a
 default group of its own (e.g. its tensor-parallel ranks). The receiving connector runs the
-store (``StoreServer``, bound to its KV host); each pair rendezvous under its own key.
+store (``StoreServer``, bound to its KV host); each pair rendezvous under its own prefix.
+
+Security: ``TCPStore`` has no authentication, and neither have the connections gloo and NCCL
+open between the two ranks. pdserve limits what that exposes: the store listens on the KV host
+only, on a random port that a sender learns from the sealed handshake
+(``pdserve.kvtransfer.nccl_wire``); each pair's prefix is derived from the cluster's secret
+and the link's random group name, and never sent, so a process without the secret that
+reaches the store can neither find nor join a pair's rendezvous. It can still connect to the
+store and to the ranks' sockets (and so disturb, not read or forge, a transfer, which then
+fails within its timeouts). Keep the KV host on a network only the cluster reaches (a private
+interface, a Kubernetes NetworkPolicy), as for NIXL's UCX data path.
 
 NCCL on CUDA, gloo on CPU: the same calls. Every group has a timeout bounding each operation;
 ``PairGroup.close`` aborts the group so that an operation still pending on it returns with an
@@ -59,7 +69,8 @@ def _listen(host: str) -> socket.socket:
 
 class StoreServer:
     """The rendezvous store of a receiving connector, listening on ``host`` only (a random
-    port). Unauthenticated, like the KV side channel: reachable peers can join groups."""
+    port). Unauthenticated (see the module docstring): pairs rendezvous under prefixes that
+    only holders of the cluster's secret can compute."""
 
     def __init__(self, host: str, timeout_s: float) -> None:
         sock = _listen(host)
@@ -152,13 +163,15 @@ class PairGroup:
 
 
 def open_pair_group(
-    store: Any, key: str, rank: int, device: torch.device, host: str, timeout_s: float
+    store: Any, key: str, rank: int, device: torch.device, host: str, timeout_s: float, *,
+    prefix: str,
 ) -> PairGroup:
-    """Join the two-rank group ``key`` as ``rank``; blocks until the peer joins too (or
-    ``timeout_s`` passes: the error names the key). ``host`` is the local interface the group's
-    own connections use (gloo; NCCL picks its interfaces from ``NCCL_SOCKET_IFNAME``)."""
+    """Join the two-rank group ``key`` as ``rank``, rendezvousing under ``prefix`` in
+    ``store``; blocks until the peer joins too (or ``timeout_s`` passes). ``host`` is the local
+    interface the group's own connections use (gloo; NCCL picks its interfaces from
+    ``NCCL_SOCKET_IFNAME``)."""
     backend = backend_for(device)
-    prefixed = dist.PrefixStore(f"pdkv/{key}", store)
+    prefixed = dist.PrefixStore(prefix, store)
     timeout = _timedelta(timeout_s)
     stream = None
     if backend == "gloo":

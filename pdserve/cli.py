@@ -4,8 +4,10 @@
 decode pools, and the gRPC router (default 127.0.0.1:50051) with the OpenAI-compatible HTTP
 front and ``/metrics`` beside it (default port 8000), serving the built-in SmolLM2-135M-Instruct
 unless ``--model`` names another (a checkpoint folder, a GGUF file, or the random ``tiny`` /
-``small``). Ctrl-C (or SIGTERM) drains and exits. Mistakes a user can fix (a missing model,
-a bad flag value, a port in use) end it with one ``pdserve: error:`` line and exit status 2.
+``small``). Ctrl-C (or SIGTERM) drains (up to ``--drain-timeout``) and exits; a second one
+stops at once; either works during start-up too. Mistakes a user can fix (a missing model,
+a bad flag value, a port in use, ``--device cuda`` without CUDA) end it before Ray starts,
+with one ``pdserve: error:`` line and exit status 2.
 ``pdserve bench serve`` measures a running server (``pdserve.bench.serve``).
 ``pdserve generate "text"`` streams a completion from a running service through the SDK
 (``--offline``: from an engine in this process). ``pdserve model NAME`` builds a built-in
@@ -122,26 +124,47 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, force = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                force.set()
+                say("pdserve: stopping now")
+            else:
+                stop.set()
+                say(f"pdserve: draining (up to {args.drain_timeout:g} s; again to stop now)")
+
+        def say(line: str) -> None:
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except OSError:  # stderr gone (a closed pipe): stopping matters more
+                pass
 
         def handle_signals(*_: object) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
 
         handle_signals()
-        # Again once serving: connecting to Ray replaces the SIGTERM handler with Ray's own,
-        # which dumps a stack and kills the process undrained (`ray job stop`, Kubernetes).
-        await serve(config, stop=stop, on_ready=handle_signals)
+        # Again once Ray is connected and once serving: connecting to Ray replaces the
+        # SIGTERM handler with Ray's own, which dumps a stack and kills the process
+        # undrained (`ray job stop`, Kubernetes).
+        await serve(config, stop=stop, on_ready=handle_signals, force=force,
+                    on_connected=handle_signals)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # e.g. the port was taken between the check and the bind
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
     print("pdserve: stopped", file=sys.stderr)
     return 0
 
 
 def _router_config(args: argparse.Namespace) -> RouterConfig:
     """``pdserve serve``'s options as a ``RouterConfig``, checked before anything starts:
-    ValueError (or OSError) with a message that names what to fix."""
+    ValueError (or OSError) with a message that names what to fix. Cheap checks first (ports,
+    device), then the model (which may fetch the built-in SmolLM2 once)."""
     from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdserve.engine.model.builtin import resolve_model
     from pdserve.engine.model.checkpoint import load_model_config
@@ -149,18 +172,15 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     from pdserve.router.flow import FlowConfig
     from pdserve.router.served_model import load_chat_template, served_names
     from pdserve.router.server import RouterConfig
+    from pdserve.router.validation import RequestLimits
 
-    _check_port(args.host, args.port, "--port")
-    if args.http_port:
-        _check_port(args.host, args.http_port, "--http-port")
+    ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    _check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port),
+                             ("--metrics-port", args.metrics_port)])
+    device = _check_device(args.device, embedded=ray_address is None)
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     names = served_names(args.model, args.served_model_name or ())
     load_model_config(resolve_model(args.model))  # a missing or broken model fails here
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = EngineConfig(
         model=args.model, dtype=args.dtype, device=device,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
@@ -170,7 +190,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     )
     pools = PoolConfig(
         engine=engine, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
-        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
+        ray_address=ray_address,
         gpus_per_worker=1.0 if device.startswith("cuda") else 0.0,
         prefill_resources=_resources(args.prefill_resource),
         decode_resources=_resources(args.decode_resource),
@@ -185,6 +205,9 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
         tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
         http_port=args.http_port or None,
+        metrics_port=args.metrics_port or None, metrics_open=args.metrics_open,
+        limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes),
+        drain_timeout_s=args.drain_timeout,
         flow=FlowConfig(lease_s=args.lease),
         served_model_names=names, chat_template=chat_template,
         log_requests=not args.disable_log_requests,
@@ -192,24 +215,45 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     )
 
 
-def _check_port(host: str, port: int, flag: str) -> None:
-    """ValueError when ``host:port`` cannot be bound now (another server holds it)."""
+def _check_device(device: str, *, embedded: bool) -> str:
+    """Resolve ``auto``; refuse ``cuda`` at once when this machine has none and the workers
+    would run on it (embedded Ray). Attached to a cluster, GPU nodes may join later."""
+    if device != "auto" and not (embedded and device.startswith("cuda")):
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (no "
+                         "NVIDIA driver or a CPU build of torch); use --device cpu, or "
+                         "--ray-address to run the workers on a cluster with GPUs")
+    return device
+
+
+def _check_ports(host: str, ports: list[tuple[str, int | None]]) -> None:
+    """Refuse, before Ray starts, a port out of range or already taken on ``host`` (0 or
+    None: off, or any free port), and a ``host`` that does not resolve."""
     import socket
 
-    if not 0 < port < 65536:
-        raise ValueError(f"{flag} {port} is not a TCP port (1-65535)")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ValueError(f"--host {host!r} does not resolve: {exc.strerror}") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for flag, port in ports:
+        if not port:
+            continue
+        if not 0 < port < 65536:
+            raise ValueError(f"{flag} {port}: a port is 1..65535 (0: off or any free port)")
         try:
-            sock.bind(address)
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}): is another "
-                             f"server running there? Pick another with {flag}") from None
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"--host {host!r} does not resolve: {exc.strerror}") from None
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise OSError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror})"
+                              f": is another server running there? Pick another with {flag}"
+                              ) from None
 
 
 def _resources(items: list[str] | None) -> dict[str, float]:
@@ -281,10 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=50051)
     srv.add_argument("--http-port", type=int, default=8000,
                      help="OpenAI-compatible HTTP API and /metrics on --host (0: off)")
-    srv.add_argument("--tls-cert", help="PEM certificate chain file (enables TLS)")
+    srv.add_argument("--tls-cert", help="PEM certificate chain file (TLS on the gRPC and "
+                                        "HTTP ports)")
     srv.add_argument("--tls-key", help="PEM private key file")
     srv.add_argument("--api-key", help="require 'authorization: Bearer KEY' (or "
-                                       "$PDSERVE_API_KEY)")
+                                       "$PDSERVE_API_KEY) on gRPC, /v1/* and /metrics")
+    srv.add_argument("--metrics-open", action="store_true",
+                     help="serve /metrics on the HTTP port without the API key")
+    srv.add_argument("--metrics-port", type=int, default=0,
+                     help="also serve /metrics (no key, plain HTTP) on this port (0: off)")
+    srv.add_argument("--max-prompt-bytes", type=int, default=None,
+                     help="largest text prompt in UTF-8 bytes (default: the model's length "
+                          "x its longest token)")
+    srv.add_argument("--drain-timeout", type=float, default=60.0,
+                     help="seconds requests in flight may take to finish on Ctrl-C/SIGTERM")
     srv.add_argument("--balancer", default="prefix_aware",
                      choices=["prefix_aware", "least_loaded", "round_robin"])
     srv.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")

@@ -325,8 +325,9 @@ def test_tls_and_api_key_come_from_secrets(chart) -> None:
     assert env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "pdserve-key",
                                                                   "key": "token"}
     assert "--api-key" not in args  # never on a command line
-    # The HTTP port stays plaintext (TLS covers gRPC), so the HTTP probes keep working.
-    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # The HTTP port serves HTTPS too; the probes use the plain, keyless metrics port.
+    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert flag(args, "--metrics-port") == "9090"
 
 
 def test_router_options_land(chart) -> None:
@@ -343,15 +344,15 @@ def test_probes_and_drain_on_the_router(chart) -> None:
     head = groups(raycluster(chart, {}))["head"]
     container = head["template"]["spec"]["containers"][0]
     for probe in ("startupProbe", "readinessProbe"):  # ready once both pools have a worker
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "metrics"}
     # Alive while the router answers: a lost worker must not restart the head.
-    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert container["startupProbe"]["failureThreshold"] == 90
     pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     assert "kill -TERM 1" in pre_stop
     assert head["template"]["spec"]["terminationGracePeriodSeconds"] == 90
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["grpc"] == 50051 and ports["http"] == 8000
+    assert ports["grpc"] == 50051 and ports["http"] == 8000 and ports["metrics"] == 9090
 
     grpc = groups(raycluster(chart, VARIANTS["grpc_probe_load_balancer"]))["head"]
     assert grpc["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"] == {"port": 50051}
@@ -364,7 +365,7 @@ def test_service_exposes_grpc_and_http_on_the_head(chart) -> None:
     assert svc["spec"]["selector"] == {"ray.io/cluster": "demo-pdserve",
                                        "ray.io/node-type": "head"}
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        ("grpc", 50051, "grpc"), ("http", 8000, "http")}
+        ("grpc", 50051, "grpc"), ("http", 8000, "http"), ("metrics", 9090, "metrics")}
 
 
 @pytest.mark.parametrize("variant", ["pvc_model", "host_path_model", "url_model"])
@@ -414,12 +415,12 @@ def test_autoscaling_sets_bounds_per_pool(chart) -> None:
     assert (g["decode"]["minReplicas"], g["decode"]["maxReplicas"]) == (1, 4)
 
 
-def test_service_monitor_scrapes_metrics_on_the_http_port(chart) -> None:
+def test_service_monitor_scrapes_metrics_on_the_metrics_port(chart) -> None:
     objects = render(chart, VARIANTS["service_monitor"])
     (sm,) = objects["ServiceMonitor"]
     (svc,) = objects["Service"]
     assert sm["metadata"]["labels"]["release"] == "prom"
-    assert sm["spec"]["endpoints"][0]["port"] == "http"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     selected = sm["spec"]["selector"]["matchLabels"]
     assert selected.items() <= svc["metadata"]["labels"].items()

@@ -149,14 +149,17 @@ def test_overload_is_429_and_no_decode_worker_is_503(svc, client) -> None:
             h.alive = alive
 
     svc.call(lambda: set_alive(False))
+    # With no decode worker a request waits for a replacement, up to the lease: shorten it.
+    router.flow.config = replace(flow_config, lease_s=0.5)
     try:
         with pytest.raises(openai.APIStatusError) as down:
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-        assert down.value.status_code == 503
+        assert down.value.status_code == 503 and "no decode worker" in down.value.message
         with pytest.raises(urllib.error.HTTPError) as health:
             urllib.request.urlopen(f"{svc.http_url}/health")
         assert health.value.code == 503
     finally:
+        router.flow.config = flow_config
         svc.call(lambda: set_alive(True))
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pdserve.kvtransfer.auth import ChannelKey
+
 pytest.importorskip("zmq")
 
 TRANSPORTS = ["nixl", "nccl"]
@@ -26,6 +28,7 @@ TRANSPORTS = ["nixl", "nccl"]
 SPEC = {"num_layers": 4, "num_kv_heads": 2, "head_dim": 32, "block_size": 16, "dtype": "float32"}
 BLOCK_BYTES = 4 * 2 * 16 * 2 * 32 * 4
 MODEL = "tiny-test"
+KEY = ChannelKey(bytes(range(32)))  # both processes' connectors: one cluster
 CALL_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 90.0  # a spawned peer imports torch: slow on a loaded 2-core machine
 
@@ -35,13 +38,15 @@ def _connector(transport: str, cache: Any, spec: Any, port: int, lease_s: float,
     if transport == "nixl":
         from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 
-        config = NixlConfig(model=MODEL, port=port, lease_s=lease_s, handshake_timeout_s=2.0)
+        config = NixlConfig(model=MODEL, port=port, lease_s=lease_s, handshake_timeout_s=2.0,
+                            channel_key=KEY)
         return NixlConnector(cache, spec, config)
     from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
 
     return NcclConnector(cache, spec, NcclConfig(
         model=MODEL, port=port, lease_s=lease_s, handshake_timeout_s=2.0, op_timeout_s=5.0,
         keepalive_s=0.25, peer_timeout_s=2.0, kv_heads=heads, total_kv_heads=total_heads,
+        channel_key=KEY,
     ))
 
 
@@ -380,4 +385,4 @@ def test_empty_ucx_tls_is_refused_with_a_clear_error(monkeypatch: pytest.MonkeyP
     spec = KVCacheSpec(**SPEC)
     monkeypatch.setenv("UCX_TLS", " ")
     with pytest.raises(ValueError, match="UCX_TLS is set but empty"):
-        NixlConnector(torch.zeros(spec.shape(2)), spec, NixlConfig(model=MODEL))
+        NixlConnector(torch.zeros(spec.shape(2)), spec, NixlConfig(model=MODEL, channel_key=KEY))

@@ -53,9 +53,11 @@ def _pair(backend: str, lease_s: float = 5.0, **receiver_spec: object):
         sender = InProcessConnector(src_cache, SPEC, fabric, model="m", lease_s=lease_s)
         receiver = InProcessConnector(dst_cache, spec_b, fabric, model="m", lease_s=lease_s)
     else:
+        from pdserve.kvtransfer.auth import ChannelKey
         from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
 
-        config = NcclConfig(model="m", lease_s=lease_s, handshake_timeout_s=0.5)
+        config = NcclConfig(model="m", lease_s=lease_s, handshake_timeout_s=0.5,
+                            channel_key=ChannelKey.generate())
         sender = NcclConnector(src_cache, SPEC, config)
         receiver = NcclConnector(dst_cache, spec_b, config)
     _OPEN.extend([sender, receiver])

@@ -15,6 +15,7 @@ import torch
 
 from pdserve.engine.config import KVCacheSpec
 from pdserve.kvtransfer import nccl_wire as wire
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.base import FailureKind, PeerInfo
 from pdserve.kvtransfer.heads import HeadMove, HeadRange, shard_range, transfer_plan
 from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
@@ -22,11 +23,13 @@ from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
 pytestmark = pytest.mark.timeout(60)
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
+KEY = ChannelKey(b"n" * 32)
 
 
 def _config(**kw: object) -> NcclConfig:
     base: dict[str, object] = dict(model="m", lease_s=5.0, handshake_timeout_s=2.0,
-                                   op_timeout_s=5.0, keepalive_s=0.2, peer_timeout_s=1.5)
+                                   op_timeout_s=5.0, keepalive_s=0.2, peer_timeout_s=1.5,
+                                   channel_key=KEY)
     return NcclConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -188,9 +191,11 @@ def test_closed_receiver_fails_the_write_and_its_group_goes(closing) -> None:
 
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="op_timeout_s must be positive"):
-        NcclConfig(model="m", op_timeout_s=0)
+        NcclConfig(model="m", op_timeout_s=0, channel_key=KEY)
     with pytest.raises(ValueError, match="peer_timeout_s"):
-        NcclConfig(model="m", keepalive_s=2.0, peer_timeout_s=1.0)
+        NcclConfig(model="m", keepalive_s=2.0, peer_timeout_s=1.0, channel_key=KEY)
+    with pytest.raises(TypeError, match="channel_key"):
+        NcclConfig(model="m")  # type: ignore[call-arg]
 
 
 # -- pure parts -------------------------------------------------------------------------------
