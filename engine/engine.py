@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from pdserve.engine.tp_group import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +90,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    """One model, one KV cache, one scheduler."""
+    """One model, one KV cache, one scheduler.
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    With ``tp`` (a tensor-parallel group of more than one rank) the engine is one rank of a
+    worker: it holds that rank's shard of the model and of every KV block (``kv_spec`` names
+    the rank's KV heads). Rank 0 schedules and steps as usual, the others run ``follow()``
+    (see ``pdserve.engine.tp_runner``); ``close()`` on rank 0 stops them."""
+
+    def __init__(self, config: EngineConfig | None = None, tp: TPGroup | None = None) -> None:
         config = config or EngineConfig()
         self.config = config
+        self.tp = tp if tp is not None and tp.world > 1 else None
         self.device = resolve_device(config.device)
         dtype = config.dtype
         if dtype == "auto":
@@ -98,12 +108,18 @@ class Engine:
         self.dtype = dtype
         self.model_path = resolve_model(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
-        self.model = load_model(self.model_path, dtype, self.device)
+        if self.tp is not None:
+            from pdserve.engine.model.parallel import load_parallel_model
+
+            self.model = load_parallel_model(self.model_path, getattr(torch, dtype),
+                                             self.device, self.tp)
+        else:
+            self.model = load_model(self.model_path, dtype, self.device)
         self.tokenizer = Tokenizer(self.model_path) if config.detokenize else None
         mc = self.model_config
         self.kv_spec = KVCacheSpec(
             num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
+            num_kv_heads=self.model.config.num_kv_heads,  # this rank's, with tensor parallelism
             head_dim=mc.head_dim,
             block_size=config.cache.block_size,
             dtype=dtype,
@@ -112,6 +128,8 @@ class Engine:
         model_len = min(sched.max_model_len or mc.max_position_embeddings,
                         mc.max_position_embeddings)
         num_blocks = config.cache.num_blocks or self._auto_num_blocks(model_len)
+        if self.tp is not None:  # every rank holds every block id: agree on the count
+            num_blocks = self.tp.min_int(num_blocks)
         self.num_blocks = num_blocks
         self.max_model_len = min(model_len, num_blocks * config.cache.block_size)
         self.pool = BlockPool(num_blocks, config.cache.block_size,
@@ -119,10 +137,16 @@ class Engine:
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(sched, self.kv)
         backend = get_attention_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device, backend,
-                                  cuda_graphs=config.cuda_graphs,
-                                  max_num_seqs=sched.max_num_seqs,
-                                  max_model_len=self.max_model_len)
+        if self.tp is not None:
+            from pdserve.engine.tp_runner import ParallelRunner
+
+            self.runner: ModelRunner = ParallelRunner(self.model, self.kv_spec, num_blocks,
+                                                      self.device, backend, self.tp)
+        else:
+            self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device,
+                                      backend, cuda_graphs=config.cuda_graphs,
+                                      max_num_seqs=sched.max_num_seqs,
+                                      max_model_len=self.max_model_len)
         self.sampler = Sampler()
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -154,6 +178,37 @@ class Engine:
                 f"{model_len} tokens needs {per_seq}"
             )
         return int(num)
+
+    # ------------------------------------------------------------------ tensor parallelism
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.tp is None else self.tp.rank
+
+    def follow(self) -> int:
+        """Ranks other than 0: run rank 0's steps until it calls ``close()``; returns the
+        number of steps. Raises ``TPGroupError`` when a sibling rank dies."""
+        from pdserve.engine.tp_runner import ParallelRunner
+
+        if self.tp is None or self.tp.rank == 0 or not isinstance(self.runner, ParallelRunner):
+            raise RuntimeError("follow() is for the ranks other than 0 of a parallel engine")
+        return self.runner.follow()
+
+    def close(self) -> None:
+        """Release the engine's group: rank 0 first stops the other ranks' loops. Safe to
+        call twice; a no-op without tensor parallelism."""
+        tp, self.tp = self.tp, None
+        if tp is None:
+            return
+        from pdserve.engine.tp_runner import ParallelRunner
+
+        try:
+            if tp.rank == 0 and isinstance(self.runner, ParallelRunner):
+                self.runner.stop_followers()
+        except Exception:  # a dead sibling: nothing left to stop
+            logger.warning("could not stop the other tensor-parallel ranks", exc_info=True)
+        finally:
+            tp.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -460,26 +515,52 @@ class LLM:
 
     >>> llm = LLM(model="tiny")
     >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+
+    ``tensor_parallel_size=N`` (N > 1) runs the model over N ranks: this process is rank 0,
+    N-1 spawned processes hold the other shards (see ``pdserve.engine.tp_local``); ``close()``
+    stops them (they also end with this process).
     """
 
     def __init__(self, model: str = "tiny", dtype: str = "auto", device: str = "auto",
-                 **engine_kwargs: object) -> None:
+                 tensor_parallel_size: int = 1, **engine_kwargs: object) -> None:
         from pdserve.engine.config import CacheConfig, SchedulerConfig
 
         cache_keys = {"block_size", "num_blocks", "enable_prefix_caching", "cpu_cache_bytes",
                       "memory_fraction"}
         sched_keys = {"max_num_batched_tokens", "max_num_seqs", "max_model_len"}
-        unknown = set(engine_kwargs) - cache_keys - sched_keys - {"attention_backend"}
+        unknown = (set(engine_kwargs) - cache_keys - sched_keys
+                   - {"attention_backend", "detokenize"})
         if unknown:
             raise TypeError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
         cache = CacheConfig(**{k: v for k, v in engine_kwargs.items() if k in cache_keys})
         sched = SchedulerConfig(**{k: v for k, v in engine_kwargs.items() if k in sched_keys})
         backend = engine_kwargs.get("attention_backend")
-        self.engine = Engine(EngineConfig(
+        config = EngineConfig(
             model=model, dtype=dtype, device=device, cache=cache, scheduler=sched,
             attention_backend=backend if isinstance(backend, str) else None,
-        ))
+            detokenize=bool(engine_kwargs.get("detokenize", True)),
+        )
+        self._ranks = None
+        if tensor_parallel_size != 1:
+            from pdserve.engine.tp_local import start_local_ranks
+
+            self._ranks = start_local_ranks(config, tensor_parallel_size)
+            try:
+                self.engine = Engine(self._ranks.config, tp=self._ranks.group)
+            except BaseException:
+                self._ranks.group.close()
+                self._ranks.join(timeout_s=1.0)
+                raise
+        else:
+            self.engine = Engine(config)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op without them)."""
+        self.engine.close()
+        if self._ranks is not None:
+            self._ranks.join()
+            self._ranks = None
 
     @property
     def tokenizer(self) -> Tokenizer | None:

@@ -151,16 +151,35 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype, device: torch.device) 
                 len(g.tensors), ", ".join(f"{n} {k}" for k, n in kinds.most_common()), dtype,
                 device)
     model.load_hf_tensors(_Progress(tensors, g.path), dtype, device)
-    freqs = g.tensors.get(ROPE_FREQS)
-    if freqs is not None:
-        raw = torch.from_numpy(np.array(tensors._data[freqs.offset:freqs.offset + freqs.nbytes]))
-        factors = dequantize(raw, freqs.ggml_type, freqs.shape, torch.float32)
-        if factors.numel() != config.head_dim // 2:
-            raise CheckpointError(f"{g.path}: {ROPE_FREQS} has {factors.numel()} values, the "
-                                  f"head dim {config.head_dim} needs {config.head_dim // 2}")
-        inv_freq = rope_inv_freq(config.rope, config.head_dim) / factors
-        positions = torch.arange(config.max_position_embeddings, dtype=torch.int64).float()
-        angles = positions[:, None] * inv_freq[None, :]
-        table = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    table = _rope_freqs_table(g, tensors, config)
+    if table is not None:
         model.rope_cache = table.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _rope_freqs_table(g: GGUFFile, tensors: GGUFTensors, config: ModelConfig
+                      ) -> torch.Tensor | None:
+    """The float32 RoPE table divided by the file's ``rope_freqs`` factors; None without."""
+    freqs = g.tensors.get(ROPE_FREQS)
+    if freqs is None:
+        return None
+    raw = torch.from_numpy(np.array(tensors._data[freqs.offset:freqs.offset + freqs.nbytes]))
+    factors = dequantize(raw, freqs.ggml_type, freqs.shape, torch.float32)
+    if factors.numel() != config.head_dim // 2:
+        raise CheckpointError(f"{g.path}: {ROPE_FREQS} has {factors.numel()} values, the "
+                              f"head dim {config.head_dim} needs {config.head_dim // 2}")
+    inv_freq = rope_inv_freq(config.rope, config.head_dim) / factors
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.int64).float()
+    angles = positions[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def gguf_shard_source(path: str | Path, device: torch.device
+                      ) -> tuple[ModelConfig, GGUFTensors, torch.Tensor | None]:
+    """For a tensor-parallel rank: the file's config, its validated tensors (each read and
+    dequantized on access, one at a time) and its RoPE table when ``rope_freqs`` sets it."""
+    g = read_gguf(path)
+    config = load_gguf_config(path)
+    tensors = GGUFTensors(g, config, device)
+    _validate(g, CausalLM(config), tensors)
+    return config, tensors, _rope_freqs_table(g, tensors, config)

@@ -1,0 +1,106 @@
+"""The model runner of a tensor-parallel engine: rank 0 plans, every rank runs.
+
+Rank 0's engine schedules as any engine does; before each forward pass its runner
+broadcasts the step plan (input ids, positions, attention metadata, rows to sample: plain
+integers, JSON over the group's CPU channel, no pickle) and runs its shard. The other ranks
+sit in ``follow()``: they receive each plan, run their shard of the same forward pass
+(taking part in its all-reduces and in the logits' all-gather) and wait for the next one.
+Every rank thus writes its own KV heads into the same block ids. ``stop_followers()`` (rank 0)
+ends the followers' loops; a rank that dies makes the others' next collective raise
+(``pdserve.engine.tp_group.TPGroupError``) within the group's timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.config import KVCacheSpec
+from pdserve.engine.runner import ModelRunner, RunResult
+from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.tp_group import TPGroup
+
+logger = logging.getLogger(__name__)
+
+_META_FIELDS = [f.name for f in dataclasses.fields(AttentionMetadata) if f.name != "backend_plan"]
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
+                "data": value.flatten().tolist()}
+    return value
+
+
+def _decode(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict):
+        t = torch.tensor(value["data"], dtype=getattr(torch, value["dtype"]), device=device)
+        return t.reshape(value["shape"])
+    return value
+
+
+def encode_plan(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                rows: list[int]) -> dict[str, Any]:
+    """One step's forward pass as JSON-encodable data."""
+    return {
+        "input_ids": _encode(input_ids),
+        "positions": _encode(positions),
+        "meta": {name: _encode(getattr(meta, name)) for name in _META_FIELDS},
+        "rows": rows,
+    }
+
+
+def decode_plan(plan: dict[str, Any], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    meta = AttentionMetadata(**{k: _decode(v, device) for k, v in plan["meta"].items()})
+    return (_decode(plan["input_ids"], device), _decode(plan["positions"], device), meta,
+            list(plan["rows"]))
+
+
+class ParallelRunner(ModelRunner):
+    """A ``ModelRunner`` whose model is one rank's shard (``ParallelCausalLM``). Rank 0 calls
+    ``execute``; the other ranks call ``follow``. No CUDA graphs."""
+
+    def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int,
+                 device: torch.device, backend: AttentionBackend, group: TPGroup) -> None:
+        super().__init__(model, spec, num_blocks, device, backend, cuda_graphs=False)
+        self.group = group
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             rows: list[int]) -> torch.Tensor | None:
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if not rows:
+            return None
+        if len(rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> RunResult:
+        input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
+        self.group.broadcast_json(encode_plan(input_ids, positions, meta, rows))
+        logits = self._run(input_ids, positions, meta, rows)
+        if logits is None:
+            return RunResult([], torch.empty((0, 0), dtype=torch.float32, device=self.device))
+        return RunResult(sampled, logits)
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """Run rank 0's plans until it stops us; returns the number of steps run. Raises
+        ``TPGroupError`` when the group fails (a sibling died)."""
+        steps = 0
+        while True:
+            plan = self.group.broadcast_json()
+            if plan is None:
+                logger.info("rank %d: stopped by rank 0 after %d steps", self.group.rank, steps)
+                return steps
+            self._run(*decode_plan(plan, self.device))
+            steps += 1
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the other ranks' ``follow`` loops."""
+        self.group.broadcast_json(None)
