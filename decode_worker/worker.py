@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -56,9 +56,9 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, kv_transport: str = "nixl",
-                 channel_key: ChannelKey) -> None:
+                 channel_key: ChannelKey, **ranks: Any) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key)
+                         channel_key=channel_key, **ranks)  # ranks: tensor parallelism
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}

@@ -13,9 +13,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -185,14 +186,15 @@ class Engine:
     def tp_rank(self) -> int:
         return 0 if self.tp is None else self.tp.rank
 
-    def follow(self) -> int:
+    def follow(self, handler: Callable[[Any], Any] | None = None) -> int:
         """Ranks other than 0: run rank 0's steps until it calls ``close()``; returns the
-        number of steps. Raises ``TPGroupError`` when a sibling rank dies."""
+        number of steps. Raises ``TPGroupError`` when a sibling rank dies. ``handler``
+        answers rank 0's ``ParallelRunner.call_ranks`` messages (its worker's KV ops)."""
         from pdserve.engine.tp_runner import ParallelRunner
 
         if self.tp is None or self.tp.rank == 0 or not isinstance(self.runner, ParallelRunner):
             raise RuntimeError("follow() is for the ranks other than 0 of a parallel engine")
-        return self.runner.follow()
+        return self.runner.follow(handler)
 
     def close(self) -> None:
         """Release the engine's group: rank 0 first stops the other ranks' loops. Safe to

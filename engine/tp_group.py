@@ -148,6 +148,22 @@ class TPGroup:
         self._wait(self._cpu.broadcast([payload], dist.BroadcastOptions()), "broadcast")
         return obj if self.rank == 0 else json.loads(payload.numpy().tobytes())
 
+    def gather_json(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (JSON-encodable), in rank order, on every rank."""
+        if self._cpu is None:
+            raise TPGroupError("tensor-parallel group is closed")
+        data = json.dumps(obj).encode()
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self._wait(self._cpu.allgather([sizes], [size]), "all-gather")
+        width = max(int(s.item()) for s in sizes)
+        buf = torch.zeros(width, dtype=torch.uint8)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = [torch.empty(width, dtype=torch.uint8) for _ in range(self.world)]
+        self._wait(self._cpu.allgather([out], [buf]), "all-gather")
+        return [json.loads(o[: int(n.item())].numpy().tobytes())
+                for o, n in zip(out, sizes, strict=True)]
+
     def min_int(self, value: int) -> int:
         """The smallest of the ranks' ``value``s."""
         t = torch.tensor([value], dtype=torch.int64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,17 +90,28 @@ class ParallelRunner(ModelRunner):
         return RunResult(sampled, logits)
 
     @torch.inference_mode()
-    def follow(self) -> int:
+    def follow(self, handler: Callable[[Any], Any] | None = None) -> int:
         """Run rank 0's plans until it stops us; returns the number of steps run. Raises
-        ``TPGroupError`` when the group fails (a sibling died)."""
+        ``TPGroupError`` when the group fails (a sibling died). Rank 0's ``call_ranks``
+        messages go to ``handler``, whose JSON answers rank 0 gathers."""
         steps = 0
         while True:
             plan = self.group.broadcast_json()
             if plan is None:
                 logger.info("rank %d: stopped by rank 0 after %d steps", self.group.rank, steps)
                 return steps
+            if "call" in plan:
+                reply = handler(plan["call"]) if handler is not None else None
+                self.group.gather_json(reply)
+                continue
             self._run(*decode_plan(plan, self.device))
             steps += 1
+
+    def call_ranks(self, message: Any, own_reply: Any = None) -> list[Any]:
+        """Rank 0: hand ``message`` to every other rank's ``follow`` handler between steps;
+        returns the replies in rank order (``own_reply`` first)."""
+        self.group.broadcast_json({"call": message})
+        return self.group.gather_json(own_reply)
 
     def stop_followers(self) -> None:
         """Rank 0: end the other ranks' ``follow`` loops."""

@@ -56,7 +56,9 @@ class TransferTarget:
 
     ``agent_name`` is unique per connector incarnation: a restarted worker has a new one, so a
     target taken before the restart is recognised as stale. ``host``/``port`` locate the
-    handshake side channel (empty/0 for the in-process backend).
+    handshake side channel (empty/0 for the in-process backend). ``ranks``: the targets of
+    ranks 1..N-1 of a tensor-parallel worker (this one is rank 0's), each holding its own KV
+    heads of the same block ids; empty for a worker of one rank.
     """
 
     backend: str
@@ -65,6 +67,7 @@ class TransferTarget:
     port: int
     num_blocks: int
     info: PeerInfo
+    ranks: tuple[TransferTarget, ...] = ()
 
 
 class FailureKind(str, enum.Enum):

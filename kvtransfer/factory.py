@@ -37,16 +37,20 @@ def make_connector(
     name: str,
     lease_s: float,
     channel_key: ChannelKey,
+    kv_heads: tuple[int, int] | None = None,
+    total_kv_heads: int | None = None,
 ) -> KVConnector:
     """A connector of ``transport`` around ``kv_cache``, its side channel on ``host`` and
     sealed with ``channel_key`` (the cluster's secret: both transports refuse peers that do
-    not hold it)."""
+    not hold it). ``kv_heads``/``total_kv_heads``: the model KV heads this cache holds, for a
+    tensor-parallel rank (nccl moves head ranges; NIXL moves whole blocks of equal layouts)."""
     check_transport(transport)
     if transport == "nccl":
         from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
 
         return NcclConnector(kv_cache, spec, NcclConfig(
             model=model, host=host, name=name, lease_s=lease_s, channel_key=channel_key,
+            kv_heads=kv_heads, total_kv_heads=total_kv_heads,
         ))
     from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
 

@@ -168,6 +168,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdserve.engine.model.builtin import resolve_model
     from pdserve.engine.model.checkpoint import load_model_config
+    from pdserve.engine.tp_layout import check_tp
     from pdserve.router.cluster import PoolConfig
     from pdserve.router.flow import FlowConfig
     from pdserve.router.served_model import load_chat_template, served_names
@@ -180,7 +181,13 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     device = _check_device(args.device, embedded=ray_address is None)
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     names = served_names(args.model, args.served_model_name or ())
-    load_model_config(resolve_model(args.model))  # a missing or broken model fails here
+    model_config = load_model_config(resolve_model(args.model))  # missing or broken: here
+    for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
+        try:
+            check_tp(model_config.num_heads, model_config.num_kv_heads,
+                     model_config.intermediate_size, tp)
+        except ValueError as e:
+            raise ValueError(f"{flag} {tp}: {e}") from None
     engine = EngineConfig(
         model=args.model, dtype=args.dtype, device=device,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
@@ -195,6 +202,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         prefill_resources=_resources(args.prefill_resource),
         decode_resources=_resources(args.decode_resource),
         kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
+        prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
     )
     tls_cert = _read(args.tls_cert)
     tls_key = _read(args.tls_key)
@@ -354,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how KV blocks move from prefill to decode workers: NIXL (UCX: "
                           "RDMA, NVLink, shared memory, TCP) or torch.distributed point-to-"
                           "point sends (NCCL between GPUs, gloo between CPU workers)")
+    srv.add_argument("--prefill-tp", type=int, default=1, metavar="N",
+                     help="tensor-parallel ranks per prefill worker (one Ray actor and one GPU "
+                          "per rank, placed on one node)")
+    srv.add_argument("--decode-tp", type=int, default=1, metavar="M",
+                     help="tensor-parallel ranks per decode worker; with --kv-transport nixl "
+                          "equal to --prefill-tp, with nccl a multiple of it")
     srv.add_argument("--prefill-resource", action="append",
                      help="Ray resource NAME=AMOUNT each prefill worker needs (repeatable)")
     srv.add_argument("--decode-resource", action="append",

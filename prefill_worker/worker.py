@@ -65,9 +65,9 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True,
-                 kv_transport: str = "nixl", channel_key: ChannelKey) -> None:
+                 kv_transport: str = "nixl", channel_key: ChannelKey, **ranks: Any) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key)
+                         channel_key=channel_key, **ranks)  # ranks: tensor parallelism
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
         self._event_batches = 0

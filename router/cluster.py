@@ -57,6 +57,8 @@ class PoolConfig:
     ping_interval_s: float = 0.5
     ping_timeout_s: float = 10.0
     start_timeout_s: float = 300.0
+    prefill_tp: int = 1  # tensor-parallel ranks per prefill worker (Ray actors, one node)
+    decode_tp: int = 1
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -65,6 +67,28 @@ class PoolConfig:
                 f"{self.num_decode}"
             )
         check_transport(self.kv_transport)
+        check_tp_pair(self.prefill_tp, self.decode_tp, self.kv_transport)
+
+    def tp(self, role: str) -> int:
+        return self.prefill_tp if role == "prefill" else self.decode_tp
+
+
+def check_tp_pair(prefill_tp: int, decode_tp: int, transport: str) -> None:
+    """``ValueError`` unless KV can move from prefill workers of ``prefill_tp`` ranks to
+    decode workers of ``decode_tp`` ranks rank to rank over ``transport``."""
+    if prefill_tp < 1 or decode_tp < 1:
+        raise ValueError(f"tensor-parallel sizes must be at least 1, got --prefill-tp "
+                         f"{prefill_tp} and --decode-tp {decode_tp}")
+    if prefill_tp == decode_tp:
+        return
+    if transport != "nccl":
+        raise ValueError(f"--prefill-tp {prefill_tp} and --decode-tp {decode_tp} differ: "
+                         f"the {transport} transport moves whole blocks between equal layouts; "
+                         "use --kv-transport nccl (it moves head ranges) or equal degrees")
+    if decode_tp % prefill_tp:
+        raise ValueError(f"--decode-tp {decode_tp} must be a multiple of --prefill-tp "
+                         f"{prefill_tp}: each decode rank receives its KV heads from one "
+                         "prefill rank")
 
 
 @dataclass(slots=True, eq=False)
@@ -114,8 +138,8 @@ class Cluster:
                      log_to_driver=True)
         else:
             cfg = self.config
-            logical_cpus = max(os.cpu_count() or 1,
-                               int((cfg.num_prefill + cfg.num_decode) * cfg.cpus_per_worker) + 1)
+            ranks = cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
+            logical_cpus = max(os.cpu_count() or 1, int(ranks * cfg.cpus_per_worker) + 1)
             # address="local": a new Ray of our own even when a `ray start` head runs on
             # this machine (ray.init() would attach to it and refuse num_cpus).
             ray.init(address="local", num_cpus=logical_cpus, namespace=NAMESPACE,
@@ -154,6 +178,9 @@ class Cluster:
             max_concurrency=1000,
         )
         extra: dict[str, Any] = {"kv_transport": cfg.kv_transport}
+        if cfg.tp(role) > 1:  # ranks 1..N-1: Ray actors the worker places beside itself
+            extra.update(tensor_parallel_size=cfg.tp(role), cpus_per_rank=cfg.cpus_per_worker,
+                         gpus_per_rank=cfg.gpus_per_worker)
         if role == "prefill":
             extra["stream_kv"] = cfg.stream_kv
         actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s,

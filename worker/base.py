@@ -33,6 +33,7 @@ from pdserve.worker.protocol import resolve_host
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
     from pdserve.kvtransfer.base import KVConnector
+    from pdserve.worker.tp_ranks import RankGroup
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +62,34 @@ class EngineWorker:
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, kv_transport: str = "nixl", *,
-                 channel_key: ChannelKey) -> None:
+                 channel_key: ChannelKey, tensor_parallel_size: int = 1,
+                 cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0) -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
-        from pdserve.kvtransfer.factory import make_connector
+        from pdserve.worker.tp_connector import RankedConnector
+        from pdserve.worker.tp_ranks import rank_connector
 
         _log_like_the_router()
         self.worker_id = worker_id
         self.kv_transport = kv_transport
         self.channel_key = channel_key
         self.lease_s = lease_s
-        self.engine: Engine = Engine(replace(config, detokenize=False))
-        self.connector: KVConnector = make_connector(
-            kv_transport, self.engine.runner.kv_cache, self.engine.kv_spec,
-            model=str(self.engine.model_config.architecture), host=resolve_host(host),
-            name=worker_id, lease_s=lease_s, channel_key=channel_key,
-        )
+        config = replace(config, detokenize=False)
+        kv = {"transport": kv_transport, "host": resolve_host(host), "name": worker_id,
+              "lease_s": lease_s, "channel_key": channel_key}
+        self.ranks: RankGroup | None = None
+        self._ranks_checked = 0.0
+        if tensor_parallel_size > 1:
+            self.engine, self.ranks = self._start_ranks(config, tensor_parallel_size, kv,
+                                                        cpus_per_rank, gpus_per_rank)
+        else:
+            self.engine = Engine(config)
+        local = rank_connector(self.engine, rank=0, **kv)
+        self.connector: KVConnector = RankedConnector(
+            local, tensor_parallel_size,
+            getattr(self.engine.runner, "call_ranks", None),
+            self.engine.model_config.num_kv_heads, kv_transport)
         self.agent_name = self.connector.describe().agent_name  # new per worker process
         self.driver: EngineDriver | None = None
         self.tombstones = Tombstones(2 * lease_s)
@@ -86,8 +98,39 @@ class EngineWorker:
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._watch_lock = threading.Lock()
 
+    def _start_ranks(self, config: EngineConfig, world: int, kv: dict[str, Any],
+                     cpus_per_rank: float, gpus_per_rank: float) -> tuple[Engine, RankGroup]:
+        """Place ranks 1..world-1 beside this process (rank 0) and build rank 0's engine."""
+        import torch
+
+        from pdserve.engine.engine import Engine, resolve_device
+        from pdserve.engine.tp_group import TPGroup
+        from pdserve.worker.tp_ranks import RankGroup
+
+        device = resolve_device(config.device)
+        if device.type == "cuda":
+            device = torch.device("cuda:0")  # this actor's one GPU
+            config = replace(config, device="cuda:0")
+        torch.set_num_threads(max(1, int(cpus_per_rank)))
+        ranks = RankGroup(config, world, cpus_per_rank=cpus_per_rank,
+                          gpus_per_rank=gpus_per_rank, name=self.worker_id,
+                          timeout_s=self.lease_s, kv=kv)
+        try:
+            group = TPGroup(ranks.address, 0, device, watch=ranks.check)
+            return Engine(config, tp=group), ranks
+        except BaseException:
+            ranks.close()
+            raise
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.ranks is not None and now - self._ranks_checked > 0.1:
+            self._ranks_checked = now
+            self.ranks.check()  # a rank that stopped stops this worker's loop: one unit
+        self._on_tick()
+
     def start_driver(self) -> None:
-        self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
+        self.driver = EngineDriver(self.engine, self._on_outputs, self._tick,
                                    name=f"{self.worker_id}-loop", on_stop=self._on_stop)
         self.driver.start()
         logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
@@ -169,12 +212,27 @@ class EngineWorker:
 
         s, kv = await asyncio.wrap_future(self._driver.call(take))
         return {"worker_id": self.worker_id, "role": self.role, "steps": self._driver.steps,
-                "kv_transport": self.kv_transport, **kv, **self._extra_stats(), **asdict(s)}
+                "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,
+                **kv, **self._extra_stats(), **asdict(s)}
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.ranks is None else self.ranks.world
+
+    async def rank_pids(self) -> list[int]:
+        """The process ids of this worker's ranks, rank 0 (this process) first."""
+        if self.ranks is None:
+            return [os.getpid()]
+        pids = await asyncio.gather(*(a.pid.remote() for a in self.ranks.actors))
+        return [os.getpid(), *pids]
 
     async def shutdown(self) -> None:
         self._stopping = True
         self._driver.stop()
+        self.engine.close()  # stops the other ranks' loops (tensor parallelism)
         self.connector.close()
+        if self.ranks is not None:
+            self.ranks.close()
 
 
 class Tombstones:

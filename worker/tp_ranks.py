@@ -17,6 +17,7 @@ whole worker. Rank actors are owned by rank 0's process: Ray ends them when it e
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from dataclasses import replace
@@ -38,7 +39,8 @@ class RankError(RuntimeError):
 class RankActor:
     """Ray actor body of one rank other than 0."""
 
-    def __init__(self, config: EngineConfig, address: Any, rank: int, threads: int) -> None:
+    def __init__(self, config: EngineConfig, address: Any, rank: int, threads: int,
+                 kv: dict[str, Any] | None = None) -> None:
         import torch
 
         from pdserve.engine.engine import Engine
@@ -54,27 +56,57 @@ class RankActor:
         group = TPGroup(address, rank, torch.device(
             "cuda:0" if config.device.startswith("cuda") else config.device))
         self.engine = Engine(replace(config, detokenize=False), tp=group)
+        self.kv = None
+        if kv is not None:  # this rank's own KV connector, driven by rank 0
+            from pdserve.worker.tp_connector import RankKV
+
+            self.kv = RankKV(rank_connector(self.engine, rank=rank, **kv), rank)
         self._thread = threading.Thread(target=self._follow, name=f"tp-rank-{rank}",
                                         daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
         try:
-            self.engine.follow()
+            self.engine.follow(self.kv.handle if self.kv is not None else None)
         except BaseException as e:
             self.error = f"{type(e).__name__}: {e}"
             logger.error("tensor-parallel rank %d stopped: %s", self.rank, self.error)
         finally:
             self.engine.close()
+            if self.kv is not None:
+                self.kv.connector.close()
             self._done.set()
 
     def ready(self) -> int:
         return self.rank
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def wait(self) -> str:
         """Answers when this rank stopped following, with why ('' when rank 0 stopped it)."""
         self._done.wait()
         return self.error or ""
+
+
+def rank_connector(engine: Any, *, rank: int, transport: str, host: str, name: str,
+                   lease_s: float, channel_key: Any) -> Any:
+    """The KV connector of one rank (any rank, 0 included) around its engine's cache: it
+    holds this rank's KV heads of the model's."""
+    from pdserve.engine.tp_layout import TPLayout
+    from pdserve.kvtransfer.factory import make_connector
+
+    mc = engine.model_config
+    world = 1 if engine.tp is None else engine.tp.world
+    lay = TPLayout(rank, world, mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                   mc.intermediate_size, mc.vocab_size)
+    heads = lay.kv_heads()
+    return make_connector(
+        transport, engine.runner.kv_cache, engine.kv_spec, model=str(mc.architecture),
+        host=host, name=name if rank == 0 else f"{name}-r{rank}", lease_s=lease_s,
+        channel_key=channel_key, kv_heads=(heads.start, heads.stop) if world > 1 else None,
+        total_kv_heads=mc.num_kv_heads if world > 1 else None,
+    )
 
 
 class RankGroup:
@@ -84,7 +116,9 @@ class RankGroup:
     def __init__(self, config: EngineConfig, world: int, *, cpus_per_rank: float = 1.0,
                  gpus_per_rank: float = 0.0, strategy: str = "STRICT_PACK",
                  host: str = "127.0.0.1", timeout_s: float = 60.0, name: str = "worker",
-                 ready_timeout_s: float = 300.0) -> None:
+                 ready_timeout_s: float = 300.0, kv: dict[str, Any] | None = None) -> None:
+        """``kv``: ``rank_connector``'s keyword arguments (the worker's KV transport), for
+        a connector on every rank; None: no KV transfer (an engine alone)."""
         from pdserve.engine.tp_group import TPAddress, free_port
 
         self.world = world
@@ -111,7 +145,7 @@ class RankGroup:
                 max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement, placement_group_bundle_index=rank - 1),
-            ).remote(config, self.address, rank, threads)
+            ).remote(config, self.address, rank, threads, kv)
             for rank in range(1, world)
         ]
         self._waits = [a.wait.remote() for a in self.actors]
