@@ -544,8 +544,11 @@ class LLM:
         )
         self._ranks = None
         if tensor_parallel_size != 1:
+            from pdserve.engine.tp_layout import check_tp
             from pdserve.engine.tp_local import start_local_ranks
 
+            mc = load_model_config(resolve_model(model))  # refuse a bad size before spawning
+            check_tp(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, tensor_parallel_size)
             self._ranks = start_local_ranks(config, tensor_parallel_size)
             try:
                 self.engine = Engine(self._ranks.config, tp=self._ranks.group)

@@ -116,3 +116,19 @@ def test_killing_one_decode_rank_mid_stream_fails_over_and_leaks_nothing(
 
 async def _await(ref):
     return await ref
+
+
+def test_tp2_prefill_to_tp2_decode_over_nixl_equals_colocated(expected) -> None:
+    """Equal degrees: rank i writes rank i its whole blocks (NIXL moves equal layouts)."""
+    prompts, tokens, _ = expected
+    service = ServiceThread("tiny", 1, 1, api_key=None, kv_transport="nixl",
+                            prefill_tp=2, decode_tp=2)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda p: _generate(service, p), prompts))
+        assert results == tokens
+        stats = service.wait_idle()
+        assert [s["tensor_parallel_size"] for s in stats.values()] == [2, 2]
+        assert all(s["num_used_blocks"] == 0 for s in stats.values())
+    finally:
+        service.stop()

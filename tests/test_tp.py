@@ -57,6 +57,8 @@ def test_unsplittable_sizes_are_refused_with_the_sizes_that_fit() -> None:
         check_tp(4, 2, 128, 3)
     with pytest.raises(ValueError, match="KV heads"):
         check_tp(12, 3, 120, 2)
+    with pytest.raises(ValueError, match="tensor-parallel size 3"):
+        LLM("tiny", device="cpu", tensor_parallel_size=3)  # refused before any rank starts
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,17 @@ def test_each_rank_loads_about_half_the_weights_with_tp2(references) -> None:
     # Only the norms (and rank 0's o_proj bias) are replicated: under 1% of these weights.
     for r in range(2):
         assert 0.5 * full <= sizes[r] <= 0.51 * full, (r, sizes[r], full)
+
+
+def test_gguf_ranks_read_their_shards_and_generate_like_tp1(references, tmp_path) -> None:
+    from tests.gguf_files import write_gguf
+
+    path, prompts, expected = references["qwen2-mqa-tied"]
+    gguf = write_gguf(path, tmp_path / "m.gguf")
+    llm = LLM(str(gguf), dtype="float32", device="cpu", tensor_parallel_size=2,
+              num_blocks=64, detokenize=False)
+    try:
+        outs = llm.generate(prompts[:2], GREEDY)
+    finally:
+        llm.close()
+    assert [o.token_ids for o in outs] == [tokens for tokens, _ in expected[:2]]
