@@ -129,15 +129,15 @@ class RankedConnector(KVConnector):
         self._receiving: dict[str, _Parts] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()  # reported: later parts ignored
         self._failed: list[TransferFailure] = []
-        own = local.describe()
-        others = ()
+        self._others: tuple[TransferTarget, ...] = ()
         if world > 1:
             assert call is not None
-            others = tuple(decode_target(d) for d in call({"op": "describe"})[1:])
-        self._target = dataclasses.replace(own, ranks=others)
+            self._others = tuple(decode_target(d) for d in call({"op": "describe"})[1:])
 
     def describe(self) -> TransferTarget:
-        return self._target
+        if not self._others:
+            return self.local.describe()
+        return dataclasses.replace(self.local.describe(), ranks=self._others)
 
     def _moves(self, dst_world: int) -> list[tuple[int, int]]:
         if dst_world == self.world:
