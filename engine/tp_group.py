@@ -42,6 +42,7 @@ class TPAddress:
     name: str
     world: int
     timeout_s: float = 60.0
+    join_timeout_s: float = 300.0  # ranks start processes and load weights: slower than ops
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,8 +81,9 @@ class TPGroup:
             raise ValueError(f"rank {rank} is not in [0, {address.world})")
         self.rank, self.world, self.device = rank, address.world, device
         self.timeout_s = address.timeout_s
+        self.join_timeout_s = max(address.join_timeout_s, address.timeout_s)
         self._store = dist.TCPStore(
-            address.host, address.port, None, rank == 0, _timedelta(address.timeout_s),
+            address.host, address.port, None, rank == 0, _timedelta(self.join_timeout_s),
             wait_for_workers=False, use_libuv=True,
         )
         prefixed = dist.PrefixStore(f"tp/{address.name}/", self._store)
@@ -99,14 +101,14 @@ class TPGroup:
 
     def _await_ranks(self, store: Any, watch: Callable[[], None] | None) -> None:
         keys = [f"joined/{r}" for r in range(self.world)]
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.join_timeout_s
         while not store.check(keys):
             if watch is not None:
                 watch()
             if time.monotonic() > deadline:
                 missing = [r for r in range(self.world) if not store.check([keys[r]])]
                 raise TPGroupError(f"tensor-parallel rank(s) {missing} did not join within "
-                                   f"{self.timeout_s:.0f} s")
+                                   f"{self.join_timeout_s:.0f} s")
             time.sleep(0.1)
 
     def _wait(self, work: Any, what: str) -> None:

@@ -137,7 +137,8 @@ class RankGroup:
                 f"{name}: Ray could not place {world - 1} more ranks of {bundle} "
                 f"({strategy}) within {ready_timeout_s:.0f} s; is the cluster big enough "
                 f"for tensor-parallel size {world}?") from None
-        self.address = TPAddress(host, free_port(host), uuid.uuid4().hex, world, timeout_s)
+        self.address = TPAddress(host, free_port(host), uuid.uuid4().hex, world, timeout_s,
+                                 join_timeout_s=ready_timeout_s)
         threads = max(1, int(cpus_per_rank))
         self.actors = [
             ray.remote(RankActor).options(
