@@ -23,6 +23,7 @@ from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig, KVCacheSpec, ModelConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_events import KVEvent
+from pdserve.engine.logits_processing import TokenContext
 from pdserve.engine.model.builtin import resolve_model
 from pdserve.engine.model.checkpoint import load_model_config
 from pdserve.engine.model.loader import load_model
@@ -83,6 +84,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     return device
+
+
+def _context(seq: Sequence) -> TokenContext | None:
+    """What logits processing reads of ``seq`` (None when its parameters ask for none)."""
+    p = seq.params
+    if not p.processes_logits:
+        return None
+    return TokenContext(seq.token_ids, seq.num_prompt_tokens if p.prompt_len is None
+                        else p.prompt_len)
 
 
 class Engine:
@@ -204,7 +214,8 @@ class Engine:
         seq.max_len = n + (1 if prefill_only else max_tokens)
         detok = None
         if self.tokenizer is not None and not prefill_only:
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                           skip_special_tokens=params.skip_special_tokens)
         self._requests[request_id] = _Request(
             seq, StopChecker(seq, detok, self.eos_token_ids), RequestMetrics(seq.arrival_time)
         )
@@ -340,6 +351,7 @@ class Engine:
             return []
         ids = [s.request_id for s in seqs]
         params = [s.params for s in seqs]
+        contexts = [_context(s) for s in seqs]
         bad = self.sampler.check(ids, params, logits.device)
         keep = [i for i in range(len(seqs)) if i not in bad]
         tokens: dict[int, int] = {}
@@ -348,7 +360,9 @@ class Engine:
             rows = logits if not bad else logits[keep]
             try:
                 got, got_lps = self.sampler.sample(rows, [ids[i] for i in keep],
-                                                   [params[i] for i in keep])
+                                                   [params[i] for i in keep],
+                                                   [contexts[i] for i in keep],
+                                                   self.eos_token_ids)
                 tokens = dict(zip(keep, got, strict=True))
                 lps = dict(zip(keep, got_lps, strict=True))
             except Exception:
@@ -358,8 +372,9 @@ class Engine:
                                  len(keep))
                 for i in keep:
                     try:
-                        (tok,), (lp,) = self.sampler.sample(logits[i : i + 1], [ids[i]],
-                                                            [params[i]])
+                        (tok,), (lp,) = self.sampler.sample(
+                            logits[i : i + 1], [ids[i]], [params[i]], [contexts[i]],
+                            self.eos_token_ids)
                         tokens[i], lps[i] = tok, lp
                     except Exception as exc:
                         bad[i] = f"{type(exc).__name__}: {exc}"

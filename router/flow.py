@@ -63,12 +63,14 @@ logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    """A request that cannot be served; ``code`` names the gRPC status."""
+    """A request that cannot be served; ``code`` names the gRPC status, ``param`` the
+    request field at fault (None: the request as a whole), as OpenAI's error body does."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,8 @@ class Delta:
     prefill_worker: str = ""
     """The last delta's: the worker whose prefill the request's output came from."""
     decode_worker: str = ""
+    index: int = 0
+    """The choice this delta belongs to (``n`` > 1: 0 .. n - 1)."""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
@@ -183,7 +187,9 @@ class Flow:
         ``RequestError``."""
         seq = Sequence(request_id, prompt, params, arrival, 0)
         seq.max_len = max_len
-        stop = StopChecker(seq, IncrementalDetokenizer(self.tokenizer, prompt), self.eos_ids)
+        stop = StopChecker(seq, IncrementalDetokenizer(
+            self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
+            self.eos_ids)
         timing: dict[str, float] = {}
         cached_tokens = 0
         failures = deaths = 0
@@ -293,7 +299,14 @@ class Flow:
             max_tokens=seq.max_len - seq.num_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
             stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-            logprobs=params.logprobs,
+            logprobs=params.logprobs, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+            min_tokens=params.min_tokens, bad_words_ids=params.bad_words_ids,
+            allowed_token_ids=params.allowed_token_ids,
+            # A resumed request's prompt holds the output already sent: the penalties and
+            # min_tokens count the output from the original prompt's end.
+            prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:

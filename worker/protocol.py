@@ -35,6 +35,17 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    """Output tokens still to come before EOS or a stop token id may end the output."""
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    prompt_len: int | None = None
+    """Where the output begins in the prompt sent (a resumed request's prompt holds the
+    output already streamed; penalties count output tokens from here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +154,10 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
         top_k=spec.top_k, min_p=spec.min_p, seed=spec.seed,
         stop_token_ids=spec.stop_token_ids, ignore_eos=spec.ignore_eos, logprobs=spec.logprobs,
+        presence_penalty=spec.presence_penalty, frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty, logit_bias=spec.logit_bias,
+        min_tokens=spec.min_tokens, bad_words_ids=spec.bad_words_ids,
+        allowed_token_ids=spec.allowed_token_ids, prompt_len=spec.prompt_len,
     )
 
 
