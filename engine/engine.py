@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,6 +75,8 @@ class _Request:
     metrics: RequestMetrics
     reported_tokens: int = 0
     reported_logprobs: int = 0
+    parent_id: str | None = None  # a forked choice's request (n > 1)
+    index: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,6 +141,7 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self._requests: dict[str, _Request] = {}
+        self._families: dict[str, set[str]] = {}  # n > 1: request id -> its live choices
         self._order = itertools.count()
         self.num_preemptions = 0
         logger.info(
@@ -234,12 +237,18 @@ class Engine:
 
         ``prefill_only``: compute the prompt's KV and the first token, then hold the blocks
         (status PREFILLED) until ``release``."""
-        seq = self._new_sequence(request_id, prompt, params or SamplingParams(), prefill_only,
-                                 arrival_time)
+        params = params or SamplingParams()
+        if params.n > 1 and not prefill_only:
+            raise ValueError("'n' > 1 is served by the decode role (reserve + commit_kv), "
+                             "which forks the choices from the prompt's KV")
+        seq = self._new_sequence(request_id, prompt, params, prefill_only, arrival_time)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free all it holds. False if unknown."""
+        for member in self._families.pop(request_id, ()):
+            if member != request_id:
+                self.abort(member)
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
@@ -268,6 +277,10 @@ class Engine:
         if not self.kv.allocate(seq, n - prefix.num_tokens, prefix):
             del self._requests[request_id]
             return None
+        if self.pool.num_free_blocks < params.n - 1:  # one block per forked choice
+            self.kv.free(seq)
+            del self._requests[request_id]
+            return None
         seq.status = SequenceStatus.AWAITING_KV
         seq.num_computed_tokens = prefix.num_tokens
         seq.num_cached_tokens = prefix.num_tokens
@@ -285,6 +298,8 @@ class Engine:
         seq = req.seq
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_computed_blocks(seq)
+        for index in range(1, seq.params.n):
+            self._fork(seq, index)
         self.sampler.skip_draw(request_id, seq.params, self.device,
                                self.model_config.vocab_size)
         seq.status = SequenceStatus.RUNNING
@@ -292,6 +307,31 @@ class Engine:
         if not finished:
             self.scheduler.add_running(seq)
         return self._output(req, finished)
+
+    def _fork(self, parent: Sequence, index: int) -> None:
+        """Choice ``index`` of a request with ``n`` > 1, forked from its computed prompt: it
+        shares the prompt's KV blocks (the block holding the last prompt token is copied,
+        since both write after it) and recomputes only that last position, as a decode row,
+        to draw its own first token. Its seed is the request's plus ``index``. When no block
+        is free, it waits and recomputes its prompt here (mostly from the prefix cache)."""
+        p = parent.params
+        params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64)
+        child_id = f"{parent.request_id}#{index}"
+        child = self._new_sequence(child_id, parent.prompt_token_ids, params, False,
+                                   parent.arrival_time)
+        child.max_len = parent.max_len
+        self._requests[child_id].parent_id = parent.request_id
+        self._requests[child_id].index = index
+        self._families.setdefault(parent.request_id, set()).update((parent.request_id,
+                                                                    child_id))
+        copy = self.kv.fork(parent, child)
+        if copy is None:
+            self.scheduler.add(child)
+            return
+        self.runner.copy_block(*copy)
+        child.num_computed_tokens = child.num_tokens - 1
+        child.num_cached_tokens = parent.num_cached_tokens
+        self.scheduler.add_running(child)
 
     def request_status(self, request_id: str) -> str | None:
         """'waiting', 'running', 'awaiting_kv' or 'prefilled'; None if unknown or done."""
@@ -430,6 +470,11 @@ class Engine:
         req.reported_logprobs = len(seq.output_logprobs)
         if finished and seq.status is SequenceStatus.FINISHED:
             del self._requests[seq.request_id]
+            family = self._families.get(req.parent_id or seq.request_id)
+            if family is not None:
+                family.discard(seq.request_id)
+                if not family:
+                    del self._families[req.parent_id or seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -446,6 +491,8 @@ class Engine:
             logprobs=list(seq.output_logprobs),
             new_logprobs=new_lps,
             metrics=req.metrics,
+            parent_id=req.parent_id,
+            index=req.index,
         )
 
     # ------------------------------------------------------------------ introspection

@@ -120,6 +120,25 @@ class KVCacheManager:
             )
         self._num_cached[rid] = num_full
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give ``child`` (the same tokens as ``parent``, whose KV is computed) the parent's
+        blocks up to the one holding the last token, shared (one more reference each), and
+        a new block for that last one: returns ``(src, dst)`` block ids, whose KV the caller
+        copies before either sequence writes again. None (and no change) if no block is
+        free."""
+        blocks = self._blocks.get(parent.request_id, [])
+        last = (parent.num_tokens - 1) // self.block_size
+        if last >= len(blocks) or self.pool.num_free_blocks < 1:
+            return None
+        shared = blocks[:last]
+        self.pool.touch(shared)
+        (new,) = self.pool.allocate(1)
+        self._blocks[child.request_id] = [*shared, new]
+        self._num_cached[child.request_id] = min(self._num_cached.get(parent.request_id, 0),
+                                                 last)
+        child.block_ids = [b.block_id for b in self._blocks[child.request_id]]
+        return blocks[last].block_id, new.block_id
+
     def free(self, seq: Sequence) -> None:
         """Release every block the sequence holds; its tail blocks become evictable first."""
         blocks = self._blocks.pop(seq.request_id, None)

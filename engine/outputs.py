@@ -47,6 +47,10 @@ class RequestOutput:
     error: str | None = None
     """Set (with ``finish_reason`` "error") when the request failed on its own; the engine
     and every other request went on."""
+    parent_id: str | None = None
+    """For a choice forked from a request with ``n`` > 1: that request's id (``index`` is
+    the choice's, 1 .. n - 1; the request itself is choice 0)."""
+    index: int = 0
 
 
 class StopChecker:

@@ -142,6 +142,11 @@ class ModelRunner:
         return input_ids, pos_t, meta, sample_rows, sampled
 
     @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's KV (every layer) into another (a forked sequence's own copy)."""
+        self.kv_cache[dst].copy_(self.kv_cache[src])
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunResult:
         if self.graphs is not None and not batch.prefills and self.graphs.can_run(batch.decodes):
             # Logits of the padding rows too: every matmul of the step sees the padded row

@@ -185,11 +185,18 @@ class Flow:
         """Stream the request's deltas. ``deadline`` (``time.monotonic()``): the client's,
         if it set one; waits for capacity or for workers end there at the latest. Raises
         ``RequestError``."""
-        seq = Sequence(request_id, prompt, params, arrival, 0)
-        seq.max_len = max_len
-        stop = StopChecker(seq, IncrementalDetokenizer(
-            self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
-            self.eos_ids)
+        seqs, stops = [], []
+        for index in range(params.n):  # n > 1: the decode worker forks the choices
+            choice = Sequence(request_id if index == 0 else f"{request_id}#{index}", prompt,
+                              params, arrival, 0)
+            choice.max_len = max_len
+            seqs.append(choice)
+            stops.append(StopChecker(choice, IncrementalDetokenizer(
+                self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
+                self.eos_ids))
+        seq = seqs[0]
+        finished = [False] * params.n
+        worker_finished = [False] * params.n
         timing: dict[str, float] = {}
         cached_tokens = 0
         failures = deaths = 0
@@ -224,25 +231,38 @@ class Flow:
                         if not record.retryable:
                             raise RequestError("internal", "the request failed on its decode "
                                                f"worker: {record.error[:200]}")
+                        if len(seqs) > 1 and any(c.num_output_tokens for c in seqs):
+                            raise RequestError(
+                                "unavailable", f"{record.error[:200]}; a request with n > 1 "
+                                "is not resumed once it has streamed tokens")
                         logger.warning("%s: %s; resuming after %d tokens", attempt.id,
                                        record.error, seq.num_output_tokens)
                         break
-                    delta = self._apply(seq, stop, record)
+                    index = record.index
+                    if not 0 <= index < len(seqs) or finished[index]:
+                        continue  # a choice already ended here (e.g. on a stop string)
+                    choice = seqs[index]
+                    delta = self._apply(choice, stops[index], record)
+                    delta.index = index
                     if "first_token_s" not in timing and delta.token_ids:
                         timing["first_token_s"] = time.monotonic() - arrival
                     if delta.finish_reason is not None:
-                        attempt.done = record.finish_reason is not None
-                        timing["total_s"] = time.monotonic() - arrival
-                        delta.prompt_tokens = seq.num_prompt_tokens
-                        delta.completion_tokens = seq.num_output_tokens
+                        finished[index] = True
+                        worker_finished[index] = record.finish_reason is not None
+                        delta.prompt_tokens = choice.num_prompt_tokens
+                        delta.completion_tokens = choice.num_output_tokens
                         delta.cached_tokens = cached_tokens
                         delta.timing = timing
                         delta.decode_worker = attempt.decode.worker_id
                         if attempt.prefill is not None:
                             delta.prefill_worker = attempt.prefill.worker_id
+                        if all(finished):
+                            attempt.done = all(worker_finished)
+                            timing["total_s"] = time.monotonic() - arrival
+                            yield delta
+                            return
                         yield delta
-                        return
-                    if delta.token_ids or delta.text:
+                    elif delta.token_ids or delta.text:
                         yield delta
                 failures, deaths = self._count_failure(
                     attempt, attempt.decode_died.is_set(), failures, deaths, record.error or "")
@@ -307,6 +327,7 @@ class Flow:
             # A resumed request's prompt holds the output already sent: the penalties and
             # min_tokens count the output from the original prompt's end.
             prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
+            n=params.n,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:

@@ -50,7 +50,13 @@ from pdserve.router.request_log import (
 from pdserve.router.served_model import served_names
 from pdserve.router.stream import TokenInbox
 from pdserve.router.text import TextPool
-from pdserve.router.validation import Prepared, RequestLimits, SamplingArgs, Validator
+from pdserve.router.validation import (
+    ChatOptions,
+    Prepared,
+    RequestLimits,
+    SamplingArgs,
+    Validator,
+)
 from pdserve.worker.protocol import PrefillResult, resolve_host
 
 logger = logging.getLogger(__name__)
@@ -249,9 +255,10 @@ class Router(pb_grpc.GenerationServicer):
 
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
-                      messages: Sequence[dict[str, str]] | None = None) -> Prepared:
+                      messages: Sequence[dict[str, str]] | None = None,
+                      chat: ChatOptions | None = None) -> Prepared:
         """Validate and tokenize a request of either front (``RequestError`` if bad)."""
-        return await self.validator.prepare(model, prompt, args, messages)
+        return await self.validator.prepare(model, prompt, args, messages, chat)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``authorization`` header value carries the API key (any, if none is

@@ -242,8 +242,6 @@ class Validator:
         if len(ids) >= max_len:
             raise self._too_long(len(ids), max_len)
         max_tokens = args.max_tokens if args.max_tokens is not None else max_len - len(ids)
-        if args.n != 1 and isinstance(args.n, int) and not isinstance(args.n, bool):
-            raise _bad(f"'n' other than 1 is not implemented yet, got {args.n}", "n")
         bad_words = await self._bad_words(args.bad_words)
         try:
             params = SamplingParams(

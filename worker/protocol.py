@@ -43,6 +43,7 @@ class SamplingSpec:
     """Output tokens still to come before EOS or a stop token id may end the output."""
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()
+    n: int = 1
     prompt_len: int | None = None
     """Where the output begins in the prompt sent (a resumed request's prompt holds the
     output already streamed; penalties count output tokens from here)."""
@@ -82,6 +83,8 @@ class TokenRecord:
     logprobs: list[Any] | None = None  # [token, logprob, [[token, logprob], ...]] per token
     error: str | None = None
     retryable: bool = True
+    index: int = 0
+    """The choice these tokens belong to (``n`` > 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +138,8 @@ def token_channel(endpoint: str) -> str:
 
 def encode_batch(records: list[TokenRecord]) -> bytes:
     return msgpack.packb(
-        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error, r.retryable]
-         for r in records]
+        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error, r.retryable,
+          r.index] for r in records]
     )
 
 
@@ -157,7 +160,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         presence_penalty=spec.presence_penalty, frequency_penalty=spec.frequency_penalty,
         repetition_penalty=spec.repetition_penalty, logit_bias=spec.logit_bias,
         min_tokens=spec.min_tokens, bad_words_ids=spec.bad_words_ids,
-        allowed_token_ids=spec.allowed_token_ids, prompt_len=spec.prompt_len,
+        allowed_token_ids=spec.allowed_token_ids, prompt_len=spec.prompt_len, n=spec.n,
     )
 
 
