@@ -140,16 +140,14 @@ def test_greedy_forked_choices_equal_the_unforked_output_streamed_over_grpc(svc)
     prompt = _prompt(3, 32)  # the last prompt token ends a full block: it is copied too
     with Client(svc.target, api_key=KEY) as client:
         ref = client.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
-    with grpc.insecure_channel(svc.target) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(
-            max_tokens=8, temperature=0.0, ignore_eos=True, n=3))
         got: dict[int, list[int]] = {}
         finished = []
-        for msg in stub.Generate(request, metadata=AUTH, timeout=60):
-            got.setdefault(msg.index, []).extend(msg.token_ids)
-            if msg.finish_reason:
-                finished.append((msg.index, msg.usage.completion_tokens))
+        for chunk in client.stream(prompt, max_tokens=8, temperature=0.0, ignore_eos=True,
+                                   sampling={"n": 3}):
+            got.setdefault(chunk.index, []).extend(chunk.token_ids)
+            if chunk.finish_reason:
+                assert chunk.usage is not None
+                finished.append((chunk.index, chunk.usage.completion_tokens))
     assert got == {i: list(ref.token_ids) for i in range(3)}
     assert sorted(finished) == [(0, 8), (1, 8), (2, 8)]
     stats = svc.wait_idle()
@@ -226,11 +224,11 @@ def test_tokenize_detokenize_and_version_routes_and_grpc(svc) -> None:
     status, bad = _post(svc, "/detokenize", {"tokens": [10**9]})
     assert status == 400 and bad["error"]["param"] == "tokens"
     assert _get(svc, "/version") == {"version": __version__}
+    with Client(svc.target, api_key=KEY) as client:
+        assert client.detokenize(body["tokens"]) == text["prompt"]
+        assert client.version() == __version__
     with grpc.insecure_channel(svc.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        reply = stub.Detokenize(pb.DetokenizeRequest(token_ids=body["tokens"]), metadata=AUTH)
-        assert reply.text == text["prompt"]
-        assert stub.GetVersion(pb.GetVersionRequest(), metadata=AUTH).version == __version__
         sampling = pb.SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.7,
                                      logit_bias={77: 5.0}, min_tokens=2)
         with pytest.raises(grpc.RpcError) as info:
