@@ -88,6 +88,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+    """Record the logprobs of prompt tokens ``start + 1 ..`` from the logits of positions
+    ``start ..`` (a recomputed chunk replaces what an earlier pass recorded)."""
+    prompt = seq.prompt_token_ids
+    n = min(logits.shape[0], len(prompt) - 1 - start)
+    if n <= 0:
+        return
+    logp = torch.log_softmax(logits[:n], dim=-1)
+    targets = torch.tensor(prompt[start + 1 : start + 1 + n], device=logp.device)
+    chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ranks = (logp > chosen.unsqueeze(1)).sum(dim=1) + 1
+    k = seq.params.prompt_logprobs or 0
+    top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+    out = []
+    for j, (token, lp, rank) in enumerate(zip(targets.tolist(), chosen.tolist(),
+                                              ranks.tolist(), strict=True)):
+        top: tuple[tuple[int, float], ...] = ()
+        if top_v is not None and top_i is not None:
+            top = tuple(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True))
+        out.append(TokenLogprobs(token, lp, top, rank))
+    del seq.prompt_logprobs[start:]
+    seq.prompt_logprobs.extend(out)
+
+
 def _context(seq: Sequence) -> TokenContext | None:
     """What logits processing reads of ``seq`` (None when its parameters ask for none)."""
     p = seq.params
@@ -356,6 +380,8 @@ class Engine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         result = self.runner.execute(batch)
+        for seq, start, rows in result.prompt_logits:
+            _prompt_logprobs(seq, start, rows)
         for seq in batch.decodes:
             seq.num_computed_tokens += 1
             if seq.num_computed_tokens % self.kv.block_size == 0:
@@ -493,6 +519,7 @@ class Engine:
             metrics=req.metrics,
             parent_id=req.parent_id,
             index=req.index,
+            prompt_logprobs=list(seq.prompt_logprobs) if finished else [],
         )
 
     # ------------------------------------------------------------------ introspection

@@ -49,9 +49,10 @@ class KVCacheManager:
     def match_prefix(self, seq: Sequence) -> PrefixMatch:
         """Longest run of cached blocks matching the sequence's tokens. At least one token
         is always left to compute (its logits are needed), so a fully cached sequence gives
-        back its last block."""
-        if not self.pool.enable_caching:
-            return PrefixMatch([], 0)
+        back its last block. None for a prefill that asked for prompt logprobs."""
+        if not self.pool.enable_caching or (seq.prefill_only
+                                             and seq.params.prompt_logprobs is not None):
+            return PrefixMatch([], 0)  # prompt logprobs need every prompt token computed
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         blocks: list[Block] = []

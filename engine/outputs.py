@@ -51,6 +51,9 @@ class RequestOutput:
     """For a choice forked from a request with ``n`` > 1: that request's id (``index`` is
     the choice's, 1 .. n - 1; the request itself is choice 0)."""
     index: int = 0
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """On the finished output, with ``prompt_logprobs`` asked for: prompt token ``i + 1``'s
+    logprobs at ``i``."""
 
 
 class StopChecker:

@@ -145,8 +145,10 @@ def _bad_words(value: Any) -> tuple[tuple[int, ...], ...]:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprobs:
-    """Logprob of the sampled token and the top alternatives, most likely first."""
+    """Logprob of the sampled (or prompt) token and the top alternatives, most likely
+    first; ``rank``: the token's rank in its distribution (1 = most likely), where known."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None

@@ -57,6 +57,7 @@ from pdserve.worker.protocol import (
     SamplingSpec,
     TokenRecord,
     logprobs_from_wire,
+    prompt_logprobs_from_wire,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class Delta:
     decode_worker: str = ""
     index: int = 0
     """The choice this delta belongs to (``n`` > 1: 0 .. n - 1)."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """On the request's first delta, with ``prompt_logprobs`` asked for: prompt token
+    ``i + 1``'s logprobs at ``i``."""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
@@ -197,6 +201,8 @@ class Flow:
         seq = seqs[0]
         finished = [False] * params.n
         worker_finished = [False] * params.n
+        prompt_lps: list[TokenLogprobs] | None = None
+        sent_prompt_lps = params.prompt_logprobs is None
         timing: dict[str, float] = {}
         cached_tokens = 0
         failures = deaths = 0
@@ -223,6 +229,8 @@ class Flow:
                 assert result is not None
                 if attempt_no == 1 or not timing.get("prefill_s"):
                     timing["prefill_s"] = result.prefill_s
+                    if result.prompt_logprobs is not None and prompt_lps is None:
+                        prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
                     timing["transfer_s"] = result.transfer_tail_s
                     cached_tokens = result.num_cached_tokens
                 while True:
@@ -244,6 +252,8 @@ class Flow:
                     choice = seqs[index]
                     delta = self._apply(choice, stops[index], record)
                     delta.index = index
+                    if not sent_prompt_lps and prompt_lps is not None:
+                        delta.prompt_logprobs, sent_prompt_lps = prompt_lps, True
                     if "first_token_s" not in timing and delta.token_ids:
                         timing["first_token_s"] = time.monotonic() - arrival
                     if delta.finish_reason is not None:
@@ -262,7 +272,7 @@ class Flow:
                             yield delta
                             return
                         yield delta
-                    elif delta.token_ids or delta.text:
+                    elif delta.token_ids or delta.text or delta.prompt_logprobs:
                         yield delta
                 failures, deaths = self._count_failure(
                     attempt, attempt.decode_died.is_set(), failures, deaths, record.error or "")
@@ -327,7 +337,7 @@ class Flow:
             # A resumed request's prompt holds the output already sent: the penalties and
             # min_tokens count the output from the original prompt's end.
             prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
-            n=params.n,
+            n=params.n, prompt_logprobs=params.prompt_logprobs,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:

@@ -313,10 +313,10 @@ class HttpFront:
     def _echo_texts(self, parsed: oai.ParsedRequest, prepared: list[Prepared]) -> list[str]:
         """What ``echo`` puts before each prompt's output: the prompt (completions), or the
         last message's content when it is the assistant's (chat, as vLLM does)."""
-        if parsed.args.logprobs is not None:
-            raise RequestError("invalid_argument", "'echo' with 'logprobs' needs the "
-                               "prompt's logprobs, which are not implemented yet", "echo")
         if parsed.messages is not None:
+            if parsed.args.logprobs is not None:
+                raise RequestError("invalid_argument", "chat 'echo' with 'logprobs' is not "
+                                   "implemented (use /v1/completions with 'echo')", "echo")
             last = parsed.messages[-1]
             return [last["content"] if last["role"] == "assistant" else ""]
         return [p if isinstance(p, str) else self.router.tokenizer.decode(
@@ -423,6 +423,9 @@ class _Reply:
         self.want_logprobs = parsed.args.logprobs is not None
         self.choices = [_Choice() for _ in range(len(prepared) * self.n)]
         self.echo = echo
+        for i, choice in enumerate(self.choices):
+            choice.offset = len(self._echo(i))
+        self.prompt_lps: dict[int, list[TokenLogprobs]] = {}
         self.prompt_tokens = sum(len(p) for p in self.prompts)
         self.completion_tokens = 0
         self.cached_tokens: dict[int, int] = {}
@@ -433,6 +436,8 @@ class _Reply:
 
     def add(self, delta: Delta) -> _Choice:
         choice = self.choices[delta.index]
+        if delta.prompt_logprobs is not None:
+            self.prompt_lps[delta.index // self.n] = delta.prompt_logprobs
         choice.text.append(delta.text)
         choice.token_ids += delta.token_ids
         choice.logprobs += delta.logprobs
@@ -466,15 +471,25 @@ class _Reply:
 
     def _choice(self, index: int, text: str | None, finish: str | None,
                 lps: list[TokenLogprobs], ids: list[int], *, delta: bool,
-                role: bool = False) -> dict[str, Any]:
+                role: bool = False, opening: bool = False) -> dict[str, Any]:
+        """One choice's body; ``opening``: its first (for completions with ``echo``: the
+        echoed prompt, with its logprobs when asked for)."""
         token_ids = ids if self.parsed.return_token_ids else None
         choice = self.choices[index]
         if self.chat:
             body = oai.chat_choice(text, finish, self._logprobs(choice, lps), token_ids,
                                    delta=delta, role=role)
         else:
-            body = oai.completion_choice(text or "", finish, self._logprobs(choice, lps),
-                                         token_ids)
+            logprobs = self._logprobs(choice, lps)
+            if opening and self.echo and logprobs is not None:
+                prompt = oai.echo_logprobs(self.prompts[index // self.n],
+                                           self.prompt_lps.get(index // self.n, []),
+                                           self._token)
+                logprobs = {k: prompt[k] + logprobs[k] for k in prompt}
+            body = oai.completion_choice(text or "", finish, logprobs, token_ids)
+            if opening and index // self.n in self.prompt_lps:
+                body["prompt_logprobs"] = oai.prompt_logprobs(
+                    self.prompt_lps[index // self.n], self._token)
         body["index"] = index
         return body
 
@@ -488,33 +503,46 @@ class _Reply:
     def whole(self) -> dict[str, Any]:
         """The non-streamed response."""
         choices = [self._choice(i, self._echo(i) + "".join(c.text), c.finish_reason,
-                                c.logprobs, c.token_ids, delta=False)
+                                c.logprobs, c.token_ids, delta=False, opening=True)
                    for i, c in enumerate(self.choices)]
+        extra = self._extra() or {}
+        if self.chat and 0 in self.prompt_lps:  # vLLM: the chat response's top level
+            extra["prompt_logprobs"] = oai.prompt_logprobs(self.prompt_lps[0], self._token)
         return oai.envelope(self.id, self.object, self.created, self.model, choices,
-                            self.usage, with_usage=True, extra=self._extra())
+                            self.usage, with_usage=True, extra=extra)
 
     def first_chunks(self) -> list[dict[str, Any]]:
-        """The opening chunks: per choice, the assistant role (chat) and any echoed text;
-        for completions without echo, one chunk with the prompts' token ids if asked for
-        (else none)."""
+        """The chat opening chunks (per choice: the assistant role, and any echoed text);
+        for completions, a chunk with the prompts' token ids if asked for. A completion
+        choice's echo opens it when its first delta comes (with the prompt's logprobs)."""
         out = []
+        if not self.chat:
+            if self.parsed.return_token_ids:
+                body = oai.completion_choice("", None, None, [])
+                out.append(self._chunk([body], extra=self._extra()))
+            return out
         for i, choice in enumerate(self.choices):
-            choice.offset = len(self._echo(i))
-            if not (self.chat or self.parsed.return_token_ids or self._echo(i)):
-                continue
-            body = self._choice(i, self._echo(i) or ("" if self.chat else ""), None, [], [],
-                                delta=True, role=True)
+            choice.opened = True
+            body = self._choice(i, self._echo(i), None, [], [], delta=True, role=True)
             out.append(self._chunk([body], extra=self._extra() if i == 0 else None))
         return out
 
     def chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        """The stream chunk of one delta (none if it carries nothing)."""
+        """The stream chunks of one delta (none if it carries nothing)."""
         self.add(delta)
-        if not (delta.token_ids or delta.text or delta.finish_reason):
-            return []
-        choice = self._choice(delta.index, delta.text, delta.finish_reason, delta.logprobs,
-                              delta.token_ids, delta=True)
-        return [self._chunk([choice])]
+        out = []
+        choice = self.choices[delta.index]
+        if not choice.opened:
+            choice.opened = True
+            if self.echo or delta.prompt_logprobs is not None:
+                out.append(self._chunk([self._choice(delta.index, self._echo(delta.index),
+                                                     None, [], [], delta=True,
+                                                     opening=True)]))
+        if delta.token_ids or delta.text or delta.finish_reason:
+            out.append(self._chunk([self._choice(delta.index, delta.text,
+                                                 delta.finish_reason, delta.logprobs,
+                                                 delta.token_ids, delta=True)]))
+        return out
 
     def usage_chunk(self) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""

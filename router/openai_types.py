@@ -13,7 +13,7 @@ builds the sampling parameters.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pdserve.engine.sampling import TokenLogprobs
@@ -211,12 +211,15 @@ def parse_completion(body: Any) -> ParsedRequest:
     prompts = _prompts(body)
     logprobs = _get(body, "logprobs", (int,))
     stream, include_usage = _stream_options(body)
+    args = _sampling(body, _get(body, "max_tokens", (int,), 16), logprobs)
+    echo = _get(body, "echo", (bool,), False)
+    if echo and logprobs is not None and args.prompt_logprobs is None:
+        args = replace(args, prompt_logprobs=logprobs)  # the echoed prompt's logprobs
     return ParsedRequest(
-        model=_get(body, "model", (str,), ""), prompts=prompts, messages=None,
-        args=_sampling(body, _get(body, "max_tokens", (int,), 16), logprobs),
+        model=_get(body, "model", (str,), ""), prompts=prompts, messages=None, args=args,
         stream=stream, include_usage=include_usage,
         return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=False,
-        echo=_get(body, "echo", (bool,), False),
+        echo=echo,
         return_tokens_as_token_ids=_get(body, "return_tokens_as_token_ids", (bool,), False),
         request_id=_get(body, "request_id", (str,)))
 
@@ -357,6 +360,34 @@ def completion_logprobs(lps: Sequence[TokenLogprobs], token_text: TokenText,
         offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [{token_text(t): p for t, p in lp.top} for lp in lps],
+            "text_offset": offsets}
+
+
+def prompt_logprobs(lps: Sequence[TokenLogprobs], token_text: TokenText) -> list[Any]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token a map
+    ``{token id: {"logprob", "rank", "decoded_token"}}`` of it and its top alternatives."""
+    out: list[Any] = [None]
+    for lp in lps:
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank,
+                                    "decoded_token": token_text(lp.token_id)}}
+        for rank, (t, p) in enumerate(lp.top, 1):
+            entry.setdefault(str(t), {"logprob": p, "rank": rank,
+                                      "decoded_token": token_text(t)})
+        out.append(entry)
+    return out
+
+
+def echo_logprobs(prompt_ids: Sequence[int], lps: Sequence[TokenLogprobs],
+                  token_text: TokenText) -> dict[str, Any]:
+    """Legacy completions ``logprobs`` of an echoed prompt (the first token has none)."""
+    tokens = [token_text(t) for t in prompt_ids]
+    offsets, offset = [], 0
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens,
+            "token_logprobs": [None] + [lp.logprob for lp in lps],
+            "top_logprobs": [None] + [{token_text(t): p for t, p in lp.top} for lp in lps],
             "text_offset": offsets}
 
 

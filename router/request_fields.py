@@ -144,7 +144,7 @@ RULES: tuple[FieldRule, ...] = (
           "cannot be changed: special tokens are decoded as the tokenizer spells them",
           _equals(True)),
     _rule("truncate_prompt_tokens", _I),
-    _rule("prompt_logprobs", _R, BOTH, "'prompt_logprobs' is not implemented yet"),
+    _rule("prompt_logprobs", _I),
     _rule("return_token_ids", _I),
     _rule("return_tokens_as_token_ids", _I),
     _rule("add_special_tokens", _I),

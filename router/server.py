@@ -375,6 +375,7 @@ class Router(pb_grpc.GenerationServicer):
             truncate_prompt_tokens=(s.truncate_prompt_tokens
                                     if s.HasField("truncate_prompt_tokens") else None),
             n=s.n if s.HasField("n") else 1,
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
             add_special_tokens=(s.add_special_tokens if s.HasField("add_special_tokens")
                                 else None),
         )
@@ -412,6 +413,10 @@ class Router(pb_grpc.GenerationServicer):
                                   index=delta.index)
         for lp in delta.logprobs:
             msg.logprobs.append(pb.TokenLogprobs(
+                token_id=lp.token_id, logprob=lp.logprob,
+                top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+        for lp in delta.prompt_logprobs or ():
+            msg.prompt_logprobs.append(pb.TokenLogprobs(
                 token_id=lp.token_id, logprob=lp.logprob,
                 top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
         if delta.finish_reason is not None:

@@ -68,6 +68,7 @@ USE: dict[str, Any] = {
     "add_special_tokens": False, "request_id": "abc", "add_generation_prompt": False,
     "continue_final_message": True, "chat_template": "{{ messages }}",
     "chat_template_kwargs": {"enable_thinking": False}, "best_of": 2, "top_logprobs": 2,
+    "prompt_logprobs": 2,
 }
 # What a client that does not use a refused field may still send.
 NON_NEUTRAL: dict[str, Any] = {

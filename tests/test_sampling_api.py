@@ -243,3 +243,41 @@ def test_tokenize_detokenize_and_version_routes_and_grpc(svc) -> None:
         "repetition_penalty": 1.7, "logit_bias": {"77": 5.0}, "min_tokens": 2,
         "return_token_ids": True})
     assert [t for m in msgs for t in m.token_ids] == http["choices"][0]["token_ids"]
+
+
+def test_prompt_logprobs_equal_transformers_and_echo_carries_them(svc) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(svc.router.model_path,
+                                                 dtype=torch.float32).eval()
+    prompt = _prompt(6, 19)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    for _ in range(2):  # the second time the prompt is in the prefix caches: still whole
+        status, body = _post(svc, "/v1/completions", {
+            "model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0,
+            "prompt_logprobs": 2, "echo": True, "logprobs": 1})
+        assert status == 200, body
+        choice = body["choices"][0]
+        got = choice["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(prompt)
+        for i, token in enumerate(prompt[1:], 1):
+            entry = got[i][str(token)]
+            assert abs(entry["logprob"] - logp[i - 1, token].item()) < 1e-3
+            assert entry["rank"] == int((logp[i - 1] > logp[i - 1, token]).sum()) + 1
+            top = logp[i - 1].topk(2).indices.tolist()
+            assert all(str(t) in got[i] for t in top)
+        lps = choice["logprobs"]
+        assert len(lps["tokens"]) == len(prompt) + 3
+        assert lps["token_logprobs"][0] is None
+        assert abs(lps["token_logprobs"][5] - logp[4, prompt[5]].item()) < 1e-3
+    with grpc.insecure_channel(svc.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        msgs = list(stub.Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=prompt),
+            sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)),
+            metadata=AUTH))
+    lps_grpc = [lp for m in msgs for lp in m.prompt_logprobs]
+    assert [lp.token_id for lp in lps_grpc] == prompt[1:]
+    assert abs(lps_grpc[3].logprob - logp[3, prompt[4]].item()) < 1e-3

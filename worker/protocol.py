@@ -44,6 +44,7 @@ class SamplingSpec:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()
     n: int = 1
+    prompt_logprobs: int | None = None
     prompt_len: int | None = None
     """Where the output begins in the prompt sent (a resumed request's prompt holds the
     output already streamed; penalties count output tokens from here)."""
@@ -119,6 +120,9 @@ class PrefillResult:
     transfer_tail_s: float = 0.0  # from the first token to the last write's completion
     error: str = ""
     retryable: bool = True
+    prompt_logprobs: list[Any] | None = None
+    """With ``prompt_logprobs`` asked for: ``[token, logprob, top, rank]`` of prompt tokens
+    1 .. (``prompt_logprobs_to_wire``)."""
 
 
 def resolve_host(host: str) -> str:
@@ -161,6 +165,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         repetition_penalty=spec.repetition_penalty, logit_bias=spec.logit_bias,
         min_tokens=spec.min_tokens, bad_words_ids=spec.bad_words_ids,
         allowed_token_ids=spec.allowed_token_ids, prompt_len=spec.prompt_len, n=spec.n,
+        prompt_logprobs=spec.prompt_logprobs,
     )
 
 
@@ -168,6 +173,15 @@ def logprobs_to_wire(lps: list[TokenLogprobs]) -> list[Any] | None:
     if not lps:
         return None
     return [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in lps]
+
+
+def prompt_logprobs_to_wire(lps: list[TokenLogprobs]) -> list[Any]:
+    return [[lp.token_id, lp.logprob, [list(t) for t in lp.top], lp.rank] for lp in lps]
+
+
+def prompt_logprobs_from_wire(raw: list[Any]) -> list[TokenLogprobs]:
+    return [TokenLogprobs(int(t), float(p), tuple((int(a), float(b)) for a, b in top),
+                          None if rank is None else int(rank)) for t, p, top, rank in raw]
 
 
 def logprobs_from_wire(raw: list[Any] | None) -> TokenLogprobs | None:
