@@ -62,6 +62,7 @@ class DecodeWorker(EngineWorker):
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}
+        self._open_choices: dict[str, int] = {}  # request id -> its choices still running
         self._aborted: set[str] = set()
         self._deferred_free: list[tuple[float, str]] = []
         self._outbox: dict[str, list[TokenRecord]] = {}
@@ -92,12 +93,15 @@ class DecodeWorker(EngineWorker):
         skip = reservation.num_cached_tokens // bs
         self.connector.expect(rid, reservation.block_ids[skip:], req.lease_s)
         self._reply_to[rid] = req.reply_to
+        self._open_choices[rid] = req.sampling.n
         return ReserveResult(rid, self.connector.describe(), reservation.block_ids,
                              reservation.num_cached_tokens, bs)
 
     def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
         self._reply_to.pop(rid, None)
+        self._open_choices.pop(rid, None)
         if engine.request_status(rid) is None:
+            engine.abort(rid)  # its forked choices (n > 1) may outlive it
             self.tombstones.add(rid)  # a reserve still on its way is refused
             return False
         self._aborted.add(rid)
@@ -132,6 +136,7 @@ class DecodeWorker(EngineWorker):
             rid = failure.request_id
             self._deferred_free.append((failure.reuse_after, rid))
             reply_to = self._reply_to.pop(rid, None)
+            self._open_choices.pop(rid, None)
             if reply_to is not None and rid not in self._aborted:
                 logger.warning("%s: KV for %s failed: %s", self.worker_id, rid, failure.message)
                 self._outbox.setdefault(reply_to, []).append(
@@ -152,26 +157,32 @@ class DecodeWorker(EngineWorker):
     def _fail_request(self, rid: str, error: str) -> None:
         """Tell the router that ``rid`` failed on its own (not to be retried elsewhere)."""
         reply_to = self._reply_to.pop(rid, None)
+        self._open_choices.pop(rid, None)
         if reply_to is not None:
             self._outbox.setdefault(reply_to, []).append(
                 TokenRecord(rid, [], error=error[:500], retryable=False))
 
     def _queue(self, out: RequestOutput) -> None:
+        rid = out.parent_id or out.request_id  # a forked choice reports as its request
         if out.error is not None:
-            self._fail_request(out.request_id, out.error)
+            self._fail_request(rid, out.error)
             return
-        reply_to = self._reply_to.get(out.request_id)
+        reply_to = self._reply_to.get(rid)
         if reply_to is None:
             if not out.finished:
                 self.engine.abort(out.request_id)  # nobody listens any more
             return
         self._outbox.setdefault(reply_to, []).append(TokenRecord(
-            out.request_id, out.new_token_ids,
+            rid, out.new_token_ids,
             out.finish_reason if out.finished else None,
-            logprobs_to_wire(out.new_logprobs),
+            logprobs_to_wire(out.new_logprobs), index=out.index,
         ))
         if out.finished:
-            del self._reply_to[out.request_id]
+            left = self._open_choices.get(rid, 1) - 1
+            self._open_choices[rid] = left
+            if left <= 0:
+                del self._reply_to[rid]
+                self._open_choices.pop(rid, None)
 
     def _flush(self) -> None:
         for endpoint, records in self._outbox.items():

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig, KVCacheSpec, ModelConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_events import KVEvent
+from pdserve.engine.logits_processing import TokenContext
 from pdserve.engine.model.builtin import resolve_model
 from pdserve.engine.model.checkpoint import load_model_config
 from pdserve.engine.model.loader import load_model
@@ -74,6 +75,8 @@ class _Request:
     metrics: RequestMetrics
     reported_tokens: int = 0
     reported_logprobs: int = 0
+    parent_id: str | None = None  # a forked choice's request (n > 1)
+    index: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +86,39 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     return device
+
+
+def _prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+    """Record the logprobs of prompt tokens ``start + 1 ..`` from the logits of positions
+    ``start ..`` (a recomputed chunk replaces what an earlier pass recorded)."""
+    prompt = seq.prompt_token_ids
+    n = min(logits.shape[0], len(prompt) - 1 - start)
+    if n <= 0:
+        return
+    logp = torch.log_softmax(logits[:n], dim=-1)
+    targets = torch.tensor(prompt[start + 1 : start + 1 + n], device=logp.device)
+    chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ranks = (logp > chosen.unsqueeze(1)).sum(dim=1) + 1
+    k = seq.params.prompt_logprobs or 0
+    top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+    out = []
+    for j, (token, lp, rank) in enumerate(zip(targets.tolist(), chosen.tolist(),
+                                              ranks.tolist(), strict=True)):
+        top: tuple[tuple[int, float], ...] = ()
+        if top_v is not None and top_i is not None:
+            top = tuple(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True))
+        out.append(TokenLogprobs(token, lp, top, rank))
+    del seq.prompt_logprobs[start:]
+    seq.prompt_logprobs.extend(out)
+
+
+def _context(seq: Sequence) -> TokenContext | None:
+    """What logits processing reads of ``seq`` (None when its parameters ask for none)."""
+    p = seq.params
+    if not p.processes_logits:
+        return None
+    return TokenContext(seq.token_ids, seq.num_prompt_tokens if p.prompt_len is None
+                        else p.prompt_len)
 
 
 class Engine:
@@ -129,6 +165,7 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self._requests: dict[str, _Request] = {}
+        self._families: dict[str, set[str]] = {}  # n > 1: request id -> its live choices
         self._order = itertools.count()
         self.num_preemptions = 0
         logger.info(
@@ -204,7 +241,8 @@ class Engine:
         seq.max_len = n + (1 if prefill_only else max_tokens)
         detok = None
         if self.tokenizer is not None and not prefill_only:
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                           skip_special_tokens=params.skip_special_tokens)
         self._requests[request_id] = _Request(
             seq, StopChecker(seq, detok, self.eos_token_ids), RequestMetrics(seq.arrival_time)
         )
@@ -223,12 +261,18 @@ class Engine:
 
         ``prefill_only``: compute the prompt's KV and the first token, then hold the blocks
         (status PREFILLED) until ``release``."""
-        seq = self._new_sequence(request_id, prompt, params or SamplingParams(), prefill_only,
-                                 arrival_time)
+        params = params or SamplingParams()
+        if params.n > 1 and not prefill_only:
+            raise ValueError("'n' > 1 is served by the decode role (reserve + commit_kv), "
+                             "which forks the choices from the prompt's KV")
+        seq = self._new_sequence(request_id, prompt, params, prefill_only, arrival_time)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free all it holds. False if unknown."""
+        for member in self._families.pop(request_id, ()):
+            if member != request_id:
+                self.abort(member)
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
@@ -257,6 +301,10 @@ class Engine:
         if not self.kv.allocate(seq, n - prefix.num_tokens, prefix):
             del self._requests[request_id]
             return None
+        if self.pool.num_free_blocks < params.n - 1:  # one block per forked choice
+            self.kv.free(seq)
+            del self._requests[request_id]
+            return None
         seq.status = SequenceStatus.AWAITING_KV
         seq.num_computed_tokens = prefix.num_tokens
         seq.num_cached_tokens = prefix.num_tokens
@@ -274,6 +322,8 @@ class Engine:
         seq = req.seq
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_computed_blocks(seq)
+        for index in range(1, seq.params.n):
+            self._fork(seq, index)
         self.sampler.skip_draw(request_id, seq.params, self.device,
                                self.model_config.vocab_size)
         seq.status = SequenceStatus.RUNNING
@@ -281,6 +331,31 @@ class Engine:
         if not finished:
             self.scheduler.add_running(seq)
         return self._output(req, finished)
+
+    def _fork(self, parent: Sequence, index: int) -> None:
+        """Choice ``index`` of a request with ``n`` > 1, forked from its computed prompt: it
+        shares the prompt's KV blocks (the block holding the last prompt token is copied,
+        since both write after it) and recomputes only that last position, as a decode row,
+        to draw its own first token. Its seed is the request's plus ``index``. When no block
+        is free, it waits and recomputes its prompt here (mostly from the prefix cache)."""
+        p = parent.params
+        params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64)
+        child_id = f"{parent.request_id}#{index}"
+        child = self._new_sequence(child_id, parent.prompt_token_ids, params, False,
+                                   parent.arrival_time)
+        child.max_len = parent.max_len
+        self._requests[child_id].parent_id = parent.request_id
+        self._requests[child_id].index = index
+        self._families.setdefault(parent.request_id, set()).update((parent.request_id,
+                                                                    child_id))
+        copy = self.kv.fork(parent, child)
+        if copy is None:
+            self.scheduler.add(child)
+            return
+        self.runner.copy_block(*copy)
+        child.num_computed_tokens = child.num_tokens - 1
+        child.num_cached_tokens = parent.num_cached_tokens
+        self.scheduler.add_running(child)
 
     def request_status(self, request_id: str) -> str | None:
         """'waiting', 'running', 'awaiting_kv' or 'prefilled'; None if unknown or done."""
@@ -305,6 +380,8 @@ class Engine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         result = self.runner.execute(batch)
+        for seq, start, rows in result.prompt_logits:
+            _prompt_logprobs(seq, start, rows)
         for seq in batch.decodes:
             seq.num_computed_tokens += 1
             if seq.num_computed_tokens % self.kv.block_size == 0:
@@ -340,6 +417,7 @@ class Engine:
             return []
         ids = [s.request_id for s in seqs]
         params = [s.params for s in seqs]
+        contexts = [_context(s) for s in seqs]
         bad = self.sampler.check(ids, params, logits.device)
         keep = [i for i in range(len(seqs)) if i not in bad]
         tokens: dict[int, int] = {}
@@ -348,7 +426,9 @@ class Engine:
             rows = logits if not bad else logits[keep]
             try:
                 got, got_lps = self.sampler.sample(rows, [ids[i] for i in keep],
-                                                   [params[i] for i in keep])
+                                                   [params[i] for i in keep],
+                                                   [contexts[i] for i in keep],
+                                                   self.eos_token_ids)
                 tokens = dict(zip(keep, got, strict=True))
                 lps = dict(zip(keep, got_lps, strict=True))
             except Exception:
@@ -358,8 +438,9 @@ class Engine:
                                  len(keep))
                 for i in keep:
                     try:
-                        (tok,), (lp,) = self.sampler.sample(logits[i : i + 1], [ids[i]],
-                                                            [params[i]])
+                        (tok,), (lp,) = self.sampler.sample(
+                            logits[i : i + 1], [ids[i]], [params[i]], [contexts[i]],
+                            self.eos_token_ids)
                         tokens[i], lps[i] = tok, lp
                     except Exception as exc:
                         bad[i] = f"{type(exc).__name__}: {exc}"
@@ -415,6 +496,11 @@ class Engine:
         req.reported_logprobs = len(seq.output_logprobs)
         if finished and seq.status is SequenceStatus.FINISHED:
             del self._requests[seq.request_id]
+            family = self._families.get(req.parent_id or seq.request_id)
+            if family is not None:
+                family.discard(seq.request_id)
+                if not family:
+                    del self._families[req.parent_id or seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -431,6 +517,9 @@ class Engine:
             logprobs=list(seq.output_logprobs),
             new_logprobs=new_lps,
             metrics=req.metrics,
+            parent_id=req.parent_id,
+            index=req.index,
+            prompt_logprobs=list(seq.prompt_logprobs) if finished else [],
         )
 
     # ------------------------------------------------------------------ introspection

@@ -206,7 +206,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
         http_port=args.http_port or None,
         metrics_port=args.metrics_port or None, metrics_open=args.metrics_open,
-        limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes),
+        limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes,
+                             trust_request_chat_template=args.trust_request_chat_template),
         drain_timeout_s=args.drain_timeout,
         flow=FlowConfig(lease_s=args.lease),
         served_model_names=names, chat_template=chat_template,
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--chat-template", metavar="FILE|TEMPLATE",
                      help="Jinja chat template (a file, or the template itself) for chat "
                           "requests, instead of the model's own")
+    srv.add_argument("--trust-request-chat-template", action="store_true",
+                     help="let chat requests bring their own 'chat_template' (Jinja, rendered "
+                          "in a sandbox, but it can spend the router's CPU); off by default")
     srv.add_argument("--disable-log-requests", action="store_true",
                      help="no access line per request")
     srv.add_argument("--disable-log-stats", action="store_true",

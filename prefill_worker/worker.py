@@ -32,7 +32,13 @@ from pdserve.engine.kv_events import KVEvent
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.base import EngineWorker
-from pdserve.worker.protocol import PrefillRequest, PrefillResult, logprobs_to_wire, sampling_params
+from pdserve.worker.protocol import (
+    PrefillRequest,
+    PrefillResult,
+    logprobs_to_wire,
+    prompt_logprobs_to_wire,
+    sampling_params,
+)
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
@@ -54,6 +60,7 @@ class _Job:
     first_logprobs: list[Any] | None = None
     num_cached_tokens: int = 0
     first_token_time: float = 0.0
+    prompt_logprobs: list[Any] | None = None
     aborted: bool = False  # by the router: nobody waits for the result
     expired: bool = False  # missed its write deadline: the router should retry
 
@@ -161,6 +168,8 @@ class PrefillWorker(EngineWorker):
                 job.first_token = out.token_ids[0]
                 wire = logprobs_to_wire(out.logprobs)
                 job.first_logprobs = wire[0] if wire else None
+                if job.req.sampling.prompt_logprobs is not None:
+                    job.prompt_logprobs = prompt_logprobs_to_wire(out.prompt_logprobs)
                 job.num_cached_tokens = out.num_cached_tokens
                 job.first_token_time = now
                 computed = len(job.req.prompt_token_ids) - out.num_cached_tokens
@@ -211,6 +220,7 @@ class PrefillWorker(EngineWorker):
                     rid, True, job.first_token, job.first_logprobs, job.num_cached_tokens,
                     prefill_s=job.first_token_time - job.arrival,
                     transfer_tail_s=now - job.first_token_time,
+                    prompt_logprobs=job.prompt_logprobs,
                 ))
         for failure in result.failed:
             rid = failure.request_id

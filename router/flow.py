@@ -57,18 +57,21 @@ from pdserve.worker.protocol import (
     SamplingSpec,
     TokenRecord,
     logprobs_from_wire,
+    prompt_logprobs_from_wire,
 )
 
 logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    """A request that cannot be served; ``code`` names the gRPC status."""
+    """A request that cannot be served; ``code`` names the gRPC status, ``param`` the
+    request field at fault (None: the request as a whole), as OpenAI's error body does."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,11 @@ class Delta:
     prefill_worker: str = ""
     """The last delta's: the worker whose prefill the request's output came from."""
     decode_worker: str = ""
+    index: int = 0
+    """The choice this delta belongs to (``n`` > 1: 0 .. n - 1)."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """On the request's first delta, with ``prompt_logprobs`` asked for: prompt token
+    ``i + 1``'s logprobs at ``i``."""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
@@ -181,9 +189,20 @@ class Flow:
         """Stream the request's deltas. ``deadline`` (``time.monotonic()``): the client's,
         if it set one; waits for capacity or for workers end there at the latest. Raises
         ``RequestError``."""
-        seq = Sequence(request_id, prompt, params, arrival, 0)
-        seq.max_len = max_len
-        stop = StopChecker(seq, IncrementalDetokenizer(self.tokenizer, prompt), self.eos_ids)
+        seqs, stops = [], []
+        for index in range(params.n):  # n > 1: the decode worker forks the choices
+            choice = Sequence(request_id if index == 0 else f"{request_id}#{index}", prompt,
+                              params, arrival, 0)
+            choice.max_len = max_len
+            seqs.append(choice)
+            stops.append(StopChecker(choice, IncrementalDetokenizer(
+                self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
+                self.eos_ids))
+        seq = seqs[0]
+        finished = [False] * params.n
+        worker_finished = [False] * params.n
+        prompt_lps: list[TokenLogprobs] | None = None
+        sent_prompt_lps = params.prompt_logprobs is None
         timing: dict[str, float] = {}
         cached_tokens = 0
         failures = deaths = 0
@@ -210,6 +229,8 @@ class Flow:
                 assert result is not None
                 if attempt_no == 1 or not timing.get("prefill_s"):
                     timing["prefill_s"] = result.prefill_s
+                    if result.prompt_logprobs is not None and prompt_lps is None:
+                        prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
                     timing["transfer_s"] = result.transfer_tail_s
                     cached_tokens = result.num_cached_tokens
                 while True:
@@ -218,25 +239,40 @@ class Flow:
                         if not record.retryable:
                             raise RequestError("internal", "the request failed on its decode "
                                                f"worker: {record.error[:200]}")
+                        if len(seqs) > 1 and any(c.num_output_tokens for c in seqs):
+                            raise RequestError(
+                                "unavailable", f"{record.error[:200]}; a request with n > 1 "
+                                "is not resumed once it has streamed tokens")
                         logger.warning("%s: %s; resuming after %d tokens", attempt.id,
                                        record.error, seq.num_output_tokens)
                         break
-                    delta = self._apply(seq, stop, record)
+                    index = record.index
+                    if not 0 <= index < len(seqs) or finished[index]:
+                        continue  # a choice already ended here (e.g. on a stop string)
+                    choice = seqs[index]
+                    delta = self._apply(choice, stops[index], record)
+                    delta.index = index
+                    if not sent_prompt_lps and prompt_lps is not None:
+                        delta.prompt_logprobs, sent_prompt_lps = prompt_lps, True
                     if "first_token_s" not in timing and delta.token_ids:
                         timing["first_token_s"] = time.monotonic() - arrival
                     if delta.finish_reason is not None:
-                        attempt.done = record.finish_reason is not None
-                        timing["total_s"] = time.monotonic() - arrival
-                        delta.prompt_tokens = seq.num_prompt_tokens
-                        delta.completion_tokens = seq.num_output_tokens
+                        finished[index] = True
+                        worker_finished[index] = record.finish_reason is not None
+                        delta.prompt_tokens = choice.num_prompt_tokens
+                        delta.completion_tokens = choice.num_output_tokens
                         delta.cached_tokens = cached_tokens
                         delta.timing = timing
                         delta.decode_worker = attempt.decode.worker_id
                         if attempt.prefill is not None:
                             delta.prefill_worker = attempt.prefill.worker_id
+                        if all(finished):
+                            attempt.done = all(worker_finished)
+                            timing["total_s"] = time.monotonic() - arrival
+                            yield delta
+                            return
                         yield delta
-                        return
-                    if delta.token_ids or delta.text:
+                    elif delta.token_ids or delta.text or delta.prompt_logprobs:
                         yield delta
                 failures, deaths = self._count_failure(
                     attempt, attempt.decode_died.is_set(), failures, deaths, record.error or "")
@@ -293,7 +329,15 @@ class Flow:
             max_tokens=seq.max_len - seq.num_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
             stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-            logprobs=params.logprobs,
+            logprobs=params.logprobs, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+            min_tokens=params.min_tokens, bad_words_ids=params.bad_words_ids,
+            allowed_token_ids=params.allowed_token_ids,
+            # A resumed request's prompt holds the output already sent: the penalties and
+            # min_tokens count the output from the original prompt's end.
+            prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
+            n=params.n, prompt_logprobs=params.prompt_logprobs,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:

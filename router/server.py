@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve._version import __version__
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.model.checkpoint import load_model_config
 from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
@@ -49,7 +50,13 @@ from pdserve.router.request_log import (
 from pdserve.router.served_model import served_names
 from pdserve.router.stream import TokenInbox
 from pdserve.router.text import TextPool
-from pdserve.router.validation import Prepared, RequestLimits, SamplingArgs, Validator
+from pdserve.router.validation import (
+    ChatOptions,
+    Prepared,
+    RequestLimits,
+    SamplingArgs,
+    Validator,
+)
 from pdserve.worker.protocol import PrefillResult, resolve_host
 
 logger = logging.getLogger(__name__)
@@ -248,9 +255,10 @@ class Router(pb_grpc.GenerationServicer):
 
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
-                      messages: Sequence[dict[str, str]] | None = None) -> Prepared:
+                      messages: Sequence[dict[str, str]] | None = None,
+                      chat: ChatOptions | None = None) -> Prepared:
         """Validate and tokenize a request of either front (``RequestError`` if bad)."""
-        return await self.validator.prepare(model, prompt, args, messages)
+        return await self.validator.prepare(model, prompt, args, messages, chat)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``authorization`` header value carries the API key (any, if none is
@@ -356,7 +364,24 @@ class Router(pb_grpc.GenerationServicer):
             stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            repetition_penalty=(s.repetition_penalty if s.HasField("repetition_penalty")
+                                else 1.0),
+            logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
+            bad_words=tuple(s.bad_words), allowed_token_ids=tuple(s.allowed_token_ids),
+            include_stop_str_in_output=s.include_stop_str_in_output,
+            skip_special_tokens=(s.skip_special_tokens if s.HasField("skip_special_tokens")
+                                 else True),
+            truncate_prompt_tokens=(s.truncate_prompt_tokens
+                                    if s.HasField("truncate_prompt_tokens") else None),
+            n=s.n if s.HasField("n") else 1,
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+            add_special_tokens=(s.add_special_tokens if s.HasField("add_special_tokens")
+                                else None),
         )
+        if request.priority:
+            raise RequestError("invalid_argument", "'priority' is not implemented yet; "
+                               "leave it 0", "priority")
         return await self.prepare(request.model, prompt, args)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -384,9 +409,14 @@ class Router(pb_grpc.GenerationServicer):
 
     @staticmethod
     def _response(rid: str, delta: Delta) -> pb.GenerateResponse:
-        msg = pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
+        msg = pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text,
+                                  index=delta.index)
         for lp in delta.logprobs:
             msg.logprobs.append(pb.TokenLogprobs(
+                token_id=lp.token_id, logprob=lp.logprob,
+                top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+        for lp in delta.prompt_logprobs or ():
+            msg.prompt_logprobs.append(pb.TokenLogprobs(
                 token_id=lp.token_id, logprob=lp.logprob,
                 top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
         if delta.finish_reason is not None:
@@ -415,6 +445,22 @@ class Router(pb_grpc.GenerationServicer):
         except RequestError as exc:
             await context.abort(_CODES[exc.code], exc.message)
         return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext):
+        await self._authorize(context, request)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        try:
+            self.validator.check_model(request.model)
+            text = await self.validator.detokenize(list(request.token_ids), skip)
+        except RequestError as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetVersion(self, request: pb.GetVersionRequest,
+                         context: grpc.aio.ServicerContext):
+        await self._authorize(context, request)
+        return pb.GetVersionResponse(version=__version__)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext):
         await self._authorize(context, request)

@@ -39,7 +39,8 @@ HTTP_CASES: dict[str, list[tuple[Any, bool]]] = {
     "prompt": [case("Hello there", True), case([5, 6, 7, 8], True), case("", False),
                case([], False), case([-1], False), case([VOCAB], False), case([5, 2**70], False),
                case("\ud800 lone", False), case(123, False), case([1.5], False),
-               case("x" * 200_000, False), case([[1, 2], [3]], False), case(None, False)],
+               case("x" * 200_000, False), case([[1, 2], [3]], True), case([[1, 2], []], False),
+               case(None, False)],
     "max_tokens": [case(1, True), case(3, True), case("omit", True), case(0, False),
                    case(-1, False), case(2**31, False), case(2**31 - 1, False),
                    case(MAX_LEN, False), case(1.5, False), case("3", False), case(True, False)],
@@ -64,7 +65,7 @@ HTTP_CASES: dict[str, list[tuple[Any, bool]]] = {
     "logprobs": [case("omit", True), case(0, True), case(2, True), case(20, True),
                  case(-1, False), case(21, False), case(2**40, False)],
     "ignore_eos": [case(True, True), case(False, True), case("yes", False), case(1, False)],
-    "n": [case("omit", True), case(1, True), case(2, False), case(0, False)],
+    "n": [case("omit", True), case(1, True), case(2, True), case(0, False), case(17, False)],
     "model": [case("tiny", True), case("", True), case("x" * 100_000, False),
               case("nope", False), case(7, False)],
 }

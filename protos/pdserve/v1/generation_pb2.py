@@ -24,49 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/generation.proto\x12\npdserve.v1\"\x98\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x04\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"h\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12\x13\n\x0bstop_reason\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\".\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x11\n\x0fGetStatsRequest\"\xeb\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x1d\n\x15prefix_queried_tokens\x18\x08 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\t \x01(\x04\x12\x1f\n\x17prefill_tokens_computed\x18\n \x01(\x04\"\xda\x01\n\x10GetStatsResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.WorkerStats\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x18\n\x10requests_running\x18\x03 \x01(\x04\x12:\n\x07metrics\x18\x04 \x03(\x0b\x32).pdserve.v1.GetStatsResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb0\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12\x45\n\x08GetStats\x12\x1b.pdserve.v1.GetStatsRequest\x1a\x1c.pdserve.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/generation.proto\x12\npdserve.v1\"\xd6\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x11\n\tbad_words\x18\x10 \x03(\t\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x06\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x14 \x01(\x05H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x15 \x01(\rH\x08\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x16 \x01(\x08H\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x17 \x01(\rH\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokensB\x04\n\x02_nB\x15\n\x13_add_special_tokensB\x12\n\x10_prompt_logprobs\"\xb9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"h\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xa9\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12\x13\n\x0bstop_reason\x18\x08 \x01(\t\x12\r\n\x05index\x18\t \x01(\r\x12\x32\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\".\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"o\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11GetVersionRequest\"%\n\x12GetVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xeb\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05\x61live\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x1d\n\x15prefix_queried_tokens\x18\x08 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\t \x01(\x04\x12\x1f\n\x17prefill_tokens_computed\x18\n \x01(\x04\"\xda\x01\n\x10GetStatsResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.WorkerStats\x12\x16\n\x0erequests_total\x18\x02 \x01(\x04\x12\x18\n\x10requests_running\x18\x03 \x01(\x04\x12:\n\x07metrics\x18\x04 \x03(\x0b\x32).pdserve.v1.GetStatsResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xca\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.pdserve.v1.DetokenizeRequest\x1a\x1e.pdserve.v1.DetokenizeResponse\x12K\n\nGetVersion\x12\x1d.pdserve.v1.GetVersionRequest\x1a\x1e.pdserve.v1.GetVersionResponse\x12\x45\n\x08GetStats\x12\x1b.pdserve.v1.GetStatsRequest\x1a\x1c.pdserve.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.protos.pdserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATSRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=324
-  _globals['_GENERATEREQUEST']._serialized_start=327
-  _globals['_GENERATEREQUEST']._serialized_end=512
-  _globals['_TOKENIDS']._serialized_start=514
-  _globals['_TOKENIDS']._serialized_end=537
-  _globals['_TOKENLOGPROB']._serialized_start=539
-  _globals['_TOKENLOGPROB']._serialized_end=588
-  _globals['_TOKENLOGPROBS']._serialized_start=590
-  _globals['_TOKENLOGPROBS']._serialized_end=679
-  _globals['_USAGE']._serialized_start=681
-  _globals['_USAGE']._serialized_end=761
-  _globals['_TIMING']._serialized_start=763
-  _globals['_TIMING']._serialized_end=867
-  _globals['_GENERATERESPONSE']._serialized_start=870
-  _globals['_GENERATERESPONSE']._serialized_end=1100
-  _globals['_LISTMODELSREQUEST']._serialized_start=1102
-  _globals['_LISTMODELSREQUEST']._serialized_end=1121
-  _globals['_MODELINFO']._serialized_start=1123
-  _globals['_MODELINFO']._serialized_end=1204
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1206
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1265
-  _globals['_TOKENIZEREQUEST']._serialized_start=1267
-  _globals['_TOKENIZEREQUEST']._serialized_end=1313
-  _globals['_TOKENIZERESPONSE']._serialized_start=1315
-  _globals['_TOKENIZERESPONSE']._serialized_end=1352
-  _globals['_GETSTATSREQUEST']._serialized_start=1354
-  _globals['_GETSTATSREQUEST']._serialized_end=1371
-  _globals['_WORKERSTATS']._serialized_start=1374
-  _globals['_WORKERSTATS']._serialized_end=1609
-  _globals['_GETSTATSRESPONSE']._serialized_start=1612
-  _globals['_GETSTATSRESPONSE']._serialized_end=1830
-  _globals['_GETSTATSRESPONSE_METRICSENTRY']._serialized_start=1784
-  _globals['_GETSTATSRESPONSE_METRICSENTRY']._serialized_end=1830
-  _globals['_GENERATION']._serialized_start=1833
-  _globals['_GENERATION']._serialized_end=2137
+  _globals['_SAMPLINGPARAMS']._serialized_end=898
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=664
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=712
+  _globals['_GENERATEREQUEST']._serialized_start=901
+  _globals['_GENERATEREQUEST']._serialized_end=1086
+  _globals['_TOKENIDS']._serialized_start=1088
+  _globals['_TOKENIDS']._serialized_end=1111
+  _globals['_TOKENLOGPROB']._serialized_start=1113
+  _globals['_TOKENLOGPROB']._serialized_end=1162
+  _globals['_TOKENLOGPROBS']._serialized_start=1164
+  _globals['_TOKENLOGPROBS']._serialized_end=1253
+  _globals['_USAGE']._serialized_start=1255
+  _globals['_USAGE']._serialized_end=1335
+  _globals['_TIMING']._serialized_start=1337
+  _globals['_TIMING']._serialized_end=1441
+  _globals['_GENERATERESPONSE']._serialized_start=1444
+  _globals['_GENERATERESPONSE']._serialized_end=1741
+  _globals['_LISTMODELSREQUEST']._serialized_start=1743
+  _globals['_LISTMODELSREQUEST']._serialized_end=1762
+  _globals['_MODELINFO']._serialized_start=1764
+  _globals['_MODELINFO']._serialized_end=1845
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1847
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1906
+  _globals['_TOKENIZEREQUEST']._serialized_start=1908
+  _globals['_TOKENIZEREQUEST']._serialized_end=1954
+  _globals['_TOKENIZERESPONSE']._serialized_start=1956
+  _globals['_TOKENIZERESPONSE']._serialized_end=1993
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1995
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2106
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2108
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2142
+  _globals['_GETVERSIONREQUEST']._serialized_start=2144
+  _globals['_GETVERSIONREQUEST']._serialized_end=2163
+  _globals['_GETVERSIONRESPONSE']._serialized_start=2165
+  _globals['_GETVERSIONRESPONSE']._serialized_end=2202
+  _globals['_GETSTATSREQUEST']._serialized_start=2204
+  _globals['_GETSTATSREQUEST']._serialized_end=2221
+  _globals['_WORKERSTATS']._serialized_start=2224
+  _globals['_WORKERSTATS']._serialized_end=2459
+  _globals['_GETSTATSRESPONSE']._serialized_start=2462
+  _globals['_GETSTATSRESPONSE']._serialized_end=2680
+  _globals['_GETSTATSRESPONSE_METRICSENTRY']._serialized_start=2634
+  _globals['_GETSTATSRESPONSE_METRICSENTRY']._serialized_end=2680
+  _globals['_GENERATION']._serialized_start=2683
+  _globals['_GENERATION']._serialized_end=3141
 # @@protoc_insertion_point(module_scope)
