@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.sampling_limits import FIELDS, GREEDY_BELOW, MAX_LOGPROBS, check
+from pdserve.engine.structured.spec import StructuredSpec
 
 __all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprobs"]
 
@@ -25,6 +26,8 @@ class SamplingParams:
     from the text). stop_token_ids: token ids that end it (kept in ``token_ids``).
     ignore_eos: keep going past the end-of-sequence token. logprobs: if set, return the
     sampled token's logprob and the ``logprobs`` most likely alternatives per step.
+    structured: the output must match this constraint (JSON schema, regex, choice, EBNF;
+    see ``pdserve.engine.structured``); the request finishes when the constraint is complete.
     """
 
     max_tokens: int | None = 16
@@ -37,6 +40,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    structured: StructuredSpec | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -72,6 +72,12 @@ class Tokenizer:
         return len(self._tok)
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying transformers tokenizer (for libraries that read its
+        vocabulary, such as xgrammar)."""
+        return self._tok
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 

@@ -23,6 +23,7 @@ from typing import Any
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_limits import show
 from pdserve.router.flow import RequestError
+from pdserve.router.openai_structured import structured_output
 from pdserve.router.validation import SamplingArgs
 
 ERROR_STATUS = {
@@ -90,7 +91,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise _bad("'echo' is not supported")
     if _get(body, "logit_bias", (dict,), {}):
         raise _bad("'logit_bias' is not supported")
-    for name in ("tools", "functions", "response_format", "suffix"):
+    for name in ("tools", "functions", "suffix"):
         if body.get(name) not in (None, [], {}):
             raise _bad(f"'{name}' is not supported")
 
@@ -120,6 +121,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: int | None
         stop=stops, stop_token_ids=tuple(stop_ids),
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
         logprobs=logprobs,
+        structured=structured_output(body), priority=_get(body, "priority", (int,), 0),
     )
 
 

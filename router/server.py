@@ -36,6 +36,7 @@ from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
 from pdserve.router.errors import public_reason
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
 from pdserve.router.grpc_service import Undecodable
+from pdserve.router.grpc_structured import structured_from_proto
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_log import (
@@ -295,7 +296,8 @@ class Router(pb_grpc.GenerationServicer):
         last: Delta | None = None
         try:
             async for delta in self.flow.generate(rid, prepared.prompt, prepared.params,
-                                                  prepared.max_len, arrival, deadline):
+                                                  prepared.max_len, arrival, deadline,
+                                                  prepared.priority):
                 timer.on_tokens(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     outcome = delta.finish_reason
@@ -356,6 +358,7 @@ class Router(pb_grpc.GenerationServicer):
             stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
+            structured=structured_from_proto(s), priority=request.priority,
         )
         return await self.prepare(request.model, prompt, args)
 

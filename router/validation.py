@@ -18,11 +18,13 @@ vocabulary (a tokenizer may know more ids than the model has embeddings).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
 from pdserve.router.errors import clip
 from pdserve.router.flow import RequestError
@@ -45,6 +47,11 @@ class SamplingArgs:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    priority: int = 0
+    """Lower runs first under ``--scheduling-policy priority`` (vLLM's convention)."""
+    structured: StructuredSpec | None = None
+    """The output's constraint (checked by ``prepare``: a spec the backend cannot
+    compile is refused)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +77,34 @@ class Prepared(NamedTuple):
     params: SamplingParams
     max_len: int
     """Prompt plus max_tokens; never past the model's length."""
+    priority: int = 0
 
 
 def _bad(message: str) -> RequestError:
     return RequestError("invalid_argument", message)
+
+
+_checked: dict[tuple[str, str], str] = {}  # spec key -> "" (fine) or why not; bounded
+_CHECKED_ENTRIES = 1024
+
+
+async def check_structured(spec: StructuredSpec) -> None:
+    """Refuse a constraint the backend cannot build (parsed off the event loop, once per
+    distinct constraint)."""
+    reason = _checked.get(spec.key)
+    if reason is None:
+        from pdserve.engine.structured.grammar import check
+
+        try:
+            await asyncio.to_thread(check, spec)
+            reason = ""
+        except ValueError as exc:
+            reason = str(exc)
+        if len(_checked) >= _CHECKED_ENTRIES:
+            _checked.clear()
+        _checked[spec.key] = reason
+    if reason:
+        raise _bad(reason)
 
 
 def utf8_size(field: str, text: str) -> int:
@@ -174,17 +205,21 @@ class Validator:
                 top_p=1.0 if args.top_p is None else args.top_p,
                 top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
                 stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
-                logprobs=args.logprobs,
+                logprobs=args.logprobs, structured=args.structured,
             )
         except ValueError as exc:
             raise _bad(str(exc)) from None
+        if args.structured is not None:
+            await check_structured(args.structured)
+        if not -(2**31) <= args.priority < 2**31:
+            raise _bad(f"'priority' must be a 32-bit integer, got {args.priority}")
         for i, stop in enumerate(params.stop):
             utf8_size(f"stop[{i}]", stop)
         self._check_ids("stop_token_ids", params.stop_token_ids)
         if len(ids) + max_tokens > max_len:
             raise _bad(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                        f"model's length of {max_len} tokens")
-        return Prepared(ids, params, len(ids) + max_tokens)
+        return Prepared(ids, params, len(ids) + max_tokens, args.priority)
 
     async def _text_ids(self, text: str, max_len: int) -> list[int]:
         size = self.check_text("prompt", text)

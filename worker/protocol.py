@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.kvtransfer.base import TransferTarget
 
 
@@ -35,6 +36,9 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    structured: StructuredSpec | None = None
+    """The output's constraint; both roles apply it (the prefill side's first token obeys
+    it, the decode side rebuilds the matcher from the tokens so far)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class ReserveRequest:
     sampling: SamplingSpec
     reply_to: str  # the router's ZMQ PULL endpoint for this request's tokens
     lease_s: float
+    priority: int = 0  # lower runs first (``--scheduling-policy priority``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,7 @@ class PrefillRequest:
     dst_block_ids: list[int]
     skip_blocks: int
     write_deadline: float = float("inf")
+    priority: int = 0  # lower runs first (``--scheduling-policy priority``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +149,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
         top_k=spec.top_k, min_p=spec.min_p, seed=spec.seed,
         stop_token_ids=spec.stop_token_ids, ignore_eos=spec.ignore_eos, logprobs=spec.logprobs,
+        structured=spec.structured,
     )
 
 
