@@ -82,8 +82,8 @@ class Tokenizer:
         return bool(getattr(self._tok, "chat_template", None))
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
-        chat_template: str | None = None,
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+        chat_template: str | None = None, tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``), rendered
         with ``chat_template`` if given, else the checkpoint's own; the template decides
@@ -99,6 +99,7 @@ class Tokenizer:
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
+            tools=tools or None,
         )
         return list(self._tok.encode(text, add_special_tokens=False))
 

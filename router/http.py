@@ -42,6 +42,12 @@ from pdserve.router import openai_types as oai
 from pdserve.router.errors import public_reason
 from pdserve.router.flow import Delta, RequestError
 from pdserve.router.metrics import CONTENT_TYPE
+from pdserve.router.openai_tools import (
+    ToolStream,
+    apply_tool_calls,
+    check_tool_parser,
+    tool_chunks,
+)
 from pdserve.router.validation import Prepared
 
 if TYPE_CHECKING:
@@ -247,8 +253,10 @@ class HttpFront:
             parsed = oai.parse_chat(body) if chat else oai.parse_completion(body)
             rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
             router.validator.check_request_id(rid)
-            prepared = await router.prepare(parsed.model, parsed.prompt, parsed.args,
-                                            parsed.messages)
+            check_tool_parser(parsed.tools, router.config.tool_call_parser)
+            prepared = await router.prepare(
+                parsed.model, parsed.prompt, parsed.args, parsed.messages,
+                parsed.tools.template_tools if parsed.tools is not None else None)
         except RequestError as exc:
             router.count_refused(exc.code)
             return _error(exc.code, exc.message)
@@ -322,6 +330,9 @@ class _Reply:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self._offset = 0
+        self.tools: ToolStream | None = None
+        if chat and parsed.tools is not None:
+            self.tools = ToolStream(parsed.tools, front.router.config.tool_call_parser)
 
     def add(self, delta: Delta) -> None:
         self.text.append(delta.text)
@@ -356,6 +367,8 @@ class _Reply:
         """The non-streamed response."""
         choice = self._choice("".join(self.text), self.finish_reason, self.logprobs,
                               self.token_ids, delta=False)
+        if self.tools is not None:
+            apply_tool_calls(choice, self.tools.req, self.tools.parser)
         return oai.envelope(self.id, self.object, self.created, self.model, [choice],
                             self.usage, with_usage=True, extra=self._extra())
 
@@ -372,6 +385,8 @@ class _Reply:
         self.add(delta)
         if not (delta.token_ids or delta.text or delta.finish_reason):
             return []
+        if self.tools is not None:
+            return [self._chunk([c]) for c in tool_chunks(self.tools, self._choice, delta)]
         choice = self._choice(delta.text, delta.finish_reason, delta.logprobs,
                               delta.token_ids, delta=True)
         return [self._chunk([choice])]

@@ -17,13 +17,14 @@ checked when the router builds the sampling parameters.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_limits import show
 from pdserve.router.flow import RequestError
 from pdserve.router.openai_structured import structured_output
+from pdserve.router.openai_tools import ToolRequest, parse_tools, tool_constraint, tool_fields
 from pdserve.router.validation import SamplingArgs
 
 ERROR_STATUS = {
@@ -54,6 +55,7 @@ class ParsedRequest:
     include_usage: bool
     return_token_ids: bool
     chat_logprobs: bool
+    tools: ToolRequest | None = None
 
 
 def error_body(code: str, message: str, param: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -91,7 +93,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise _bad("'echo' is not supported")
     if _get(body, "logit_bias", (dict,), {}):
         raise _bad("'logit_bias' is not supported")
-    for name in ("tools", "functions", "suffix"):
+    for name in ("functions", "suffix"):
         if body.get(name) not in (None, [], {}):
             raise _bad(f"'{name}' is not supported")
 
@@ -156,7 +158,7 @@ def parse_completion(body: Any) -> ParsedRequest:
         return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=False)
 
 
-def _message_text(message: Any, index: int) -> dict[str, str]:
+def _message_text(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise _bad(f"'messages[{index}]' must be an object with a 'role'")
     content = message.get("content")
@@ -174,7 +176,7 @@ def _message_text(message: Any, index: int) -> dict[str, str]:
         text = "".join(parts)
     else:
         raise _bad(f"'messages[{index}].content' must be a string or a list of text parts")
-    return {"role": message["role"], "content": text}
+    return {"role": message["role"], "content": text, **tool_fields(message, index)}
 
 
 def parse_chat(body: Any) -> ParsedRequest:
@@ -194,11 +196,18 @@ def parse_chat(body: Any) -> ParsedRequest:
     if top is not None and not want:
         raise _bad("'top_logprobs' needs 'logprobs': true")
     stream, include_usage = _stream_options(body)
+    args = _sampling(body, max_tokens, (top or 0) if want else None)
+    tools = parse_tools(body)
+    if tools is not None and (constraint := tool_constraint(tools)) is not None:
+        if args.structured is not None:
+            raise _bad("'tool_choice' and an output format both constrain the output; "
+                       "give one")
+        args = replace(args, structured=constraint)
     return ParsedRequest(
-        model=_get(body, "model", (str,), ""), prompt=None, messages=parsed,
-        args=_sampling(body, max_tokens, (top or 0) if want else None),
+        model=_get(body, "model", (str,), ""), prompt=None, messages=parsed, args=args,
         stream=stream, include_usage=include_usage,
-        return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=want)
+        return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=want,
+        tools=tools)
 
 
 # ---------------------------------------------------------------------- responses

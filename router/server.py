@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -78,6 +79,8 @@ class RouterConfig:
     served_model_names: tuple[str, ...] = ()
     """Names clients may use in ``model`` (default: the engine's ``model`` as given)."""
     chat_template: str | None = None
+    tool_call_parser: str | None = None
+    """How tool calls are read out of "auto" outputs ("hermes"); None: "auto" is refused."""
     """Jinja chat template for chat requests, instead of the model's own."""
     log_requests: bool = True
     """One access line per request at INFO (``pdserve.access``)."""
@@ -249,9 +252,11 @@ class Router(pb_grpc.GenerationServicer):
 
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
-                      messages: Sequence[dict[str, str]] | None = None) -> Prepared:
-        """Validate and tokenize a request of either front (``RequestError`` if bad)."""
-        return await self.validator.prepare(model, prompt, args, messages)
+                      messages: Sequence[dict[str, Any]] | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> Prepared:
+        """Validate and tokenize a request of either front (``RequestError`` if bad);
+        ``tools`` are given to the chat template."""
+        return await self.validator.prepare(model, prompt, args, messages, tools)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``authorization`` header value carries the API key (any, if none is

@@ -46,8 +46,9 @@ def _run(tokenizer: Tokenizer, kind: str, payload: Any, limit: int) -> Encoded:
     if kind == "encode":
         ids = tokenizer.encode(payload)
     else:
-        messages, template = payload
-        ids = tokenizer.apply_chat_template(messages, chat_template=template)
+        messages, template, *rest = payload
+        ids = tokenizer.apply_chat_template(messages, chat_template=template,
+                                            tools=rest[0] if rest else None)
     return ids if len(ids) <= limit else len(ids)
 
 
@@ -126,13 +127,15 @@ class TextPool:
         """Ids of ``text`` (``size``: its length in UTF-8 bytes, if known)."""
         return await self._encode(len(text) if size is None else size, "encode", text, limit)
 
-    async def chat(self, messages: Sequence[dict[str, str]], limit: int, size: int) -> Encoded:
+    async def chat(self, messages: Sequence[dict[str, Any]], limit: int, size: int,
+                   tools: list[dict[str, Any]] | None = None) -> Encoded:
         """Ids of a conversation rendered with ``chat_template`` or else the model's own;
         ``NoChatTemplateError`` if there is neither, ``TextInputError`` if the template
         refuses the conversation."""
         if self.chat_template is None and not self.tokenizer.has_chat_template:
             self.tokenizer.apply_chat_template(messages)  # raises NoChatTemplateError
-        return await self._encode(size, "chat", [list(messages), self.chat_template], limit)
+        return await self._encode(size, "chat", [list(messages), self.chat_template, tools],
+                                  limit)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

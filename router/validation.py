@@ -19,9 +19,10 @@ vocabulary (a tokenizer may know more ids than the model has embeddings).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.structured.spec import StructuredSpec
@@ -177,13 +178,14 @@ class Validator:
 
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
-                      messages: Sequence[dict[str, str]] | None = None) -> Prepared:
+                      messages: Sequence[dict[str, Any]] | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> Prepared:
         """Tokenize ``prompt`` (text) or ``messages`` (chat), or check ``prompt`` (ids),
         then build the sampling params."""
         self.check_model(model)
         max_len = self._max_model_len()
         if messages is not None:
-            ids = await self._chat_ids(messages, max_len)
+            ids = await self._chat_ids(messages, max_len, tools)
         elif isinstance(prompt, str):
             ids = await self._text_ids(prompt, max_len) if prompt else []
         elif prompt is None:
@@ -228,7 +230,8 @@ class Validator:
             raise self._too_long(got, max_len)
         return got
 
-    async def _chat_ids(self, messages: Sequence[dict[str, str]], max_len: int) -> list[int]:
+    async def _chat_ids(self, messages: Sequence[dict[str, Any]], max_len: int,
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
         if len(messages) > self.limits.max_messages:
             raise _bad(f"'messages' has {len(messages)} items; at most "
                        f"{self.limits.max_messages}")
@@ -236,11 +239,13 @@ class Validator:
         for i, m in enumerate(messages):
             size += utf8_size(f"messages[{i}].role", m["role"])
             size += utf8_size(f"messages[{i}].content", m["content"])
+        if tools or any(len(m) > 2 for m in messages):  # tool calls, results and schemas
+            size += utf8_size("tools", json.dumps([tools, messages], ensure_ascii=False))
         if size > self.max_prompt_bytes:
             raise _bad(f"'messages' have {size} bytes of text; at most "
                        f"{self.max_prompt_bytes}")
         try:
-            got = await self.text.chat(messages, limit=max_len, size=size)
+            got = await self.text.chat(messages, limit=max_len, size=size, tools=tools)
         except NoChatTemplateError as exc:  # a 400 that says how to give one
             raise _bad(str(exc)) from None
         except TextInputError as exc:  # e.g. a template whose roles must alternate

@@ -8,6 +8,10 @@ The scheduler tests drive the pure scheduler with a fake clock and a stand-in mo
 
 from __future__ import annotations
 
+import statistics
+import time
+from typing import Any
+
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
@@ -183,3 +187,71 @@ def test_router_admission_queue_ages_waiters() -> None:
     clock.now = 3.0
     q.enter(0)
     assert q.may_try(old)  # 3 levels better after 3 s: ranks with the fresh priority 0
+
+
+# ------------------------------------------------------------------ the engine, for real
+
+
+def _engine(policy: str, num_blocks: int) -> Any:
+    from pdserve.engine.config import CacheConfig, EngineConfig
+    from pdserve.engine.engine import Engine
+
+    return Engine(EngineConfig(
+        model="tiny", dtype="float32", device="cpu", detokenize=False,
+        cache=CacheConfig(block_size=16, num_blocks=num_blocks, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=16,
+                                  policy=policy)))
+
+
+def _ttft(engine: Any, rid: str, prompt: list[int], priority: int) -> float:
+    start = time.perf_counter()
+    engine.add_request(rid, prompt, SamplingParams(max_tokens=4, temperature=0.0),
+                       priority=priority)
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.new_token_ids:
+                ttft = time.perf_counter() - start
+                engine.abort(rid)
+                return ttft
+
+
+def test_high_priority_ttft_under_a_full_pool_stays_within_2x_of_idle() -> None:
+    engine = _engine("priority", num_blocks=24)
+    prompt = list(range(1, 41))  # 3 blocks
+    idle = statistics.median(_ttft(engine, f"idle{i}", prompt, 0) for i in range(5))
+    # Fill the pool: 8 low-priority requests of 2 blocks that grow until blocks run out.
+    for i in range(8):
+        engine.add_request(f"low{i}", list(range(100 + i, 120 + i)),
+                           SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+                           priority=10)
+    while engine.pool.num_free_blocks > 0 or engine.stats().num_waiting == 0:
+        engine.step()
+    assert engine.stats().num_running >= 6
+    loaded = []
+    for i in range(5):
+        loaded.append(_ttft(engine, f"high{i}", prompt, 0))
+        engine.step()  # the low-priority requests take their blocks back
+    full = statistics.median(loaded)
+    assert engine.stats().num_preemptions > 0
+    assert full <= 2 * idle, (full, idle)
+    assert engine.stats().num_running + engine.stats().num_waiting == 8  # none lost
+
+
+def test_decode_reservation_preempts_lower_priority_only_under_priority_policy() -> None:
+    for policy in ("fcfs", "priority"):
+        engine = _engine(policy, num_blocks=8)
+        for i in range(3):  # three running requests of 2 blocks, admitted with their KV
+            assert engine.reserve(f"low{i}", list(range(10 * i + 1, 10 * i + 31)),
+                                  SamplingParams(max_tokens=50, ignore_eos=True),
+                                  priority=5) is not None
+            engine.commit_kv(f"low{i}", 7)
+        got = engine.reserve("high", list(range(200, 240)), SamplingParams(max_tokens=4),
+                             priority=0)
+        if policy == "fcfs":
+            assert got is None and engine.stats().num_preemptions == 0
+        else:
+            assert got is not None and engine.stats().num_preemptions >= 1
+            assert engine.request_status("low2") == "waiting"  # the youngest went first
+            assert engine.request_status("low0") == "running"
+        assert engine.reserve("equal", list(range(300, 340)), SamplingParams(max_tokens=4),
+                              priority=5) is None  # equal priority never preempts

@@ -19,12 +19,12 @@ import jsonschema
 import openai
 import pytest
 
+from pdserve.bench.structured_cases import CHOICES, REGEX, json_cases
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.router.flow import RequestError
 from pdserve.router.openai_structured import structured_output
 from tests.service import SHARED_API_KEY, shared_service
-from tests.structured_cases import CHOICES, REGEX, json_cases
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,5 +1,5 @@
 """Schemas, prompts, choices and regexes shared by the structured-output tests and the
-benchmark (bench/structured.py): nested objects, arrays, enums and required fields, each
+benchmark (``pdserve.bench.structured``): nested objects, arrays, enums and required fields, each
 bounded (maxLength, maxItems, integer ranges) so that a model that rambles still ends."""
 
 from __future__ import annotations
