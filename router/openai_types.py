@@ -140,6 +140,9 @@ def parse_completion(body: Any) -> ParsedRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     _refuse_unsupported(body)
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            raise _bad(f"'{name}' is for /v1/chat/completions (a completion has no tools)")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one

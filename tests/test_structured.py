@@ -244,3 +244,48 @@ def test_grpc_structured_field() -> None:
             text(bad, "x")
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "regex" in (info.value.details() or "")
+
+
+def _tiny_engine() -> Any:
+    from pdserve.engine.config import CacheConfig, EngineConfig
+    from pdserve.engine.engine import Engine
+
+    return Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                               cache=CacheConfig(block_size=16, num_blocks=64)))
+
+
+def test_disaggregated_hooks_and_resume_equal_the_colocated_engine(llm: LLM) -> None:
+    """The prefill engine's first token obeys the grammar; the decode engine, which rebuilds
+    the matcher from that token, continues to the same greedy output as one engine; a
+    request resumed with part of its output in its prompt finishes it the same way."""
+    import torch
+
+    schema = json_cases()[30][0]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                            structured=StructuredSpec.json_schema(schema))
+    prompt = llm.tokenizer.encode("Return the order as JSON:")
+    want = llm.generate([prompt], params)[0]
+    jsonschema.validate(json.loads(want.text), schema)
+
+    prefill, decode = _tiny_engine(), _tiny_engine()
+    reservation = decode.reserve("r", prompt, params)
+    assert reservation is not None
+    prefill.add_request("r", prompt, params, prefill_only=True)
+    first = None
+    while first is None:
+        first = next((o for o in prefill.step() if o.finished), None)
+    src = torch.tensor(first.block_ids)
+    decode.runner.kv_cache[torch.tensor(reservation.block_ids)] = prefill.runner.kv_cache[src]
+    prefill.release("r")
+    assert first.token_ids[0] == want.token_ids[0]
+    outs = [decode.commit_kv("r", first.token_ids[0])]
+    while not outs[-1].finished:
+        outs += [o for o in decode.step() if o.request_id == "r"]
+    assert outs[-1].token_ids == want.token_ids
+    assert decode.stats().num_used_blocks == 0
+
+    k = len(want.token_ids) // 2
+    resumed = llm.generate([prompt + want.token_ids[:k]], SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0,
+        structured=StructuredSpec("json", params.structured.value, num_output_in_prompt=k)))
+    assert resumed[0].token_ids == want.token_ids[k:]
