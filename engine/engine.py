@@ -261,19 +261,17 @@ class Engine:
             return []
         book = self.grammars
         failed: list[RequestOutput] = []
-        still: list[Sequence] = []
-        for seq in self._awaiting_grammar:
-            if not book.ready(seq.request_id):
-                still.append(seq)
-                continue
+        ready = [s for s in self._awaiting_grammar if book.ready(s.request_id)]
+        self._awaiting_grammar = [s for s in self._awaiting_grammar if s not in ready]
+        for seq in ready:
             try:
                 book.start(seq)
             except Exception as exc:
                 req = self._requests[seq.request_id]
+                seq.status = SequenceStatus.FINISHED  # in no queue: nothing to take it from
                 failed.append(self._fail(req, f"{type(exc).__name__}: {exc}"))
                 continue
             self.scheduler.add(seq)
-        self._awaiting_grammar = still
         return failed
 
     def abort(self, request_id: str) -> bool:

@@ -114,6 +114,7 @@ def test_engine_choice_regex_grammar_and_json_object(llm: LLM) -> None:
         "grammar", 'root ::= "(" [0-9] [0-9]? ")" | "none"')) for i in range(n)]
     obj = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=i,
                           structured=StructuredSpec("json_object")) for i in range(2)]
+    # (any JSON object is unbounded: a random model may still be inside one at max_tokens)
     params = choice + regex + ebnf + obj
     outs = llm.generate([f"Say something {i}" for i in range(len(params))], params)
     texts = [o.text for o in outs]
@@ -122,7 +123,11 @@ def test_engine_choice_regex_grammar_and_json_object(llm: LLM) -> None:
     assert all(re.fullmatch(REGEX, t) for t in texts[n:2 * n]), texts[n:2 * n]
     assert all(re.fullmatch(r"\([0-9]{1,2}\)|none", t) for t in texts[2 * n:3 * n])
     for out in outs[3 * n:]:
-        assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict)
+        assert out.text.startswith("{")
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), dict)
+        else:
+            assert out.finish_reason == "length" and len(out.token_ids) == MAX_TOKENS
 
 
 def test_engine_unconstrained_requests_share_the_batch_unchanged(llm: LLM) -> None:
