@@ -86,7 +86,8 @@ class DecodeWorker(EngineWorker):
         rid = req.request_id
         if rid in self.tombstones:
             raise ValueError(f"request {rid!r} was cancelled")
-        reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling))
+        reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling),
+                                     req.priority)
         if reservation is None:
             return None
         bs = engine.kv_spec.block_size

@@ -33,6 +33,7 @@ from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.structured.book import GrammarBook, Verdict
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._families: dict[str, set[str]] = {}  # n > 1: request id -> its live choices
         self._order = itertools.count()
+        self._grammars: GrammarBook | None = None  # created by the first constrained request
+        self._awaiting_grammar: list[Sequence] = []  # not schedulable until compiled
         self.num_preemptions = 0
         logger.info(
             "engine ready: %s %s on %s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
@@ -201,9 +204,13 @@ class Engine:
         params: SamplingParams,
         prefill_only: bool,
         arrival_time: float | None,
+        priority: int = 0,
     ) -> Sequence:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n > 1 and params.structured is not None:
+            # Each forked choice would need its own matcher; refused rather than unchecked.
+            raise ValueError("'n' > 1 cannot be combined with structured output")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (detokenize=True)")
@@ -237,6 +244,7 @@ class Engine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             arrival_order=next(self._order),
             prefill_only=prefill_only,
+            priority=priority,
         )
         seq.max_len = n + (1 if prefill_only else max_tokens)
         detok = None
@@ -256,17 +264,60 @@ class Engine:
         *,
         prefill_only: bool = False,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request. Bad input raises ``ValueError`` with the reason.
 
         ``prefill_only``: compute the prompt's KV and the first token, then hold the blocks
-        (status PREFILLED) until ``release``."""
+        (status PREFILLED) until ``release``. ``priority``: lower runs first under the
+        "priority" scheduling policy (ignored under "fcfs")."""
         params = params or SamplingParams()
         if params.n > 1 and not prefill_only:
             raise ValueError("'n' > 1 is served by the decode role (reserve + commit_kv), "
                              "which forks the choices from the prompt's KV")
-        seq = self._new_sequence(request_id, prompt, params, prefill_only, arrival_time)
+        seq = self._new_sequence(request_id, prompt, params, prefill_only, arrival_time,
+                                 priority)
+        if seq.params.structured is not None:
+            # Compiled on the grammar pool; joins the scheduler's queue once ready (step).
+            self.grammars.submit(seq)
+            self._awaiting_grammar.append(seq)
+            return
         self.scheduler.add(seq)
+
+    @property
+    def grammars(self) -> GrammarBook:
+        """Structured-output state (xgrammar and the tokenizer load on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarBook(self._tokenizer_info, self.model_config.vocab_size)
+        return self._grammars
+
+    def _tokenizer_info(self) -> object:
+        import xgrammar as xgr
+
+        tokenizer = self.tokenizer or Tokenizer(self.model_path)
+        return xgr.TokenizerInfo.from_huggingface(
+            tokenizer.hf_tokenizer, vocab_size=self.model_config.vocab_size,
+            stop_token_ids=list(self.eos_token_ids))
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Move requests whose grammar is compiled into the scheduler's queue; fail those
+        whose grammar cannot be built."""
+        if not self._awaiting_grammar:
+            return []
+        book = self.grammars
+        failed: list[RequestOutput] = []
+        ready = [s for s in self._awaiting_grammar if book.ready(s.request_id)]
+        self._awaiting_grammar = [s for s in self._awaiting_grammar if s not in ready]
+        for seq in ready:
+            try:
+                book.start(seq)
+            except Exception as exc:
+                req = self._requests[seq.request_id]
+                seq.status = SequenceStatus.FINISHED  # in no queue: nothing to take it from
+                failed.append(self._fail(req, f"{type(exc).__name__}: {exc}"))
+                continue
+            self.scheduler.add(seq)
+        return failed
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free all it holds. False if unknown."""
@@ -277,9 +328,14 @@ class Engine:
         if req is None:
             return False
         seq = req.seq
-        self.scheduler.remove(seq)
+        if seq in self._awaiting_grammar:
+            self._awaiting_grammar.remove(seq)
+        else:
+            self.scheduler.remove(seq)
         self.kv.free(seq)
         self.sampler.forget(request_id)
+        if self._grammars is not None:
+            self._grammars.forget(request_id)
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = FinishReason.ABORT
@@ -290,21 +346,34 @@ class Engine:
         return self.abort(request_id)
 
     def reserve(
-        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+        priority: int = 0,
     ) -> Reservation | None:
         """Decode role: reserve blocks for a prompt whose KV will be written from outside,
         reusing this engine's own cached prefix blocks. None if the blocks are not free now
-        (the caller queues or refuses); ValueError for bad input."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, False, None)
-        prefix = self.kv.match_prefix(seq)
+        (the caller queues or refuses); ValueError for bad input. Under the "priority"
+        policy, running requests of strictly lower priority are preempted (worst first;
+        they recompute here later) when that makes the blocks free."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, False, None, priority)
         n = seq.num_tokens
-        if not self.kv.allocate(seq, n - prefix.num_tokens, prefix):
+        prefix = self.kv.match_prefix(seq)
+
+        def fits() -> bool:
+            nonlocal prefix
+            prefix = self.kv.match_prefix(seq)  # a victim's freed blocks may be cached
+            return self.kv.allocate(seq, n - prefix.num_tokens, prefix)
+
+        fitted, preempted = self.scheduler.make_room(seq, fits)
+        self.num_preemptions += len(preempted)
+        if not fitted:
             del self._requests[request_id]
             return None
         if self.pool.num_free_blocks < params.n - 1:  # one block per forked choice
             self.kv.free(seq)
             del self._requests[request_id]
             return None
+        if params.structured is not None:
+            self.grammars.submit(seq)  # compiles while the KV is being written
         seq.status = SequenceStatus.AWAITING_KV
         seq.num_computed_tokens = prefix.num_tokens
         seq.num_cached_tokens = prefix.num_tokens
@@ -320,6 +389,11 @@ class Engine:
         if req is None or req.seq.status is not SequenceStatus.AWAITING_KV:
             raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
         seq = req.seq
+        if seq.params.structured is not None:
+            # Usually compiled by now (it started at reserve); the matcher replays the
+            # output this request already has, then takes the first token in _append.
+            self.grammars.wait(request_id)
+            self.grammars.start(seq)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_computed_blocks(seq)
         for index in range(1, seq.params.n):
@@ -342,7 +416,7 @@ class Engine:
         params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64)
         child_id = f"{parent.request_id}#{index}"
         child = self._new_sequence(child_id, parent.prompt_token_ids, params, False,
-                                   parent.arrival_time)
+                                   parent.arrival_time, parent.priority)
         child.max_len = parent.max_len
         self._requests[child_id].parent_id = parent.request_id
         self._requests[child_id].index = index
@@ -363,17 +437,20 @@ class Engine:
         return None if req is None else req.seq.status.value
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or bool(self._awaiting_grammar)
 
     # ------------------------------------------------------------------ step loop
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report every request that got a new
         token or finished (prefill-only requests also report chunk progress)."""
+        failed = self._admit_compiled()
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
-            return []
+            if not failed and self._awaiting_grammar:
+                self.grammars.wait(self._awaiting_grammar[0].request_id, timeout=0.005)
+            return failed
         now = time.monotonic()
         for seq, _ in batch.prefills:
             metrics = self._requests[seq.request_id].metrics
@@ -389,7 +466,7 @@ class Engine:
         for seq, n in batch.prefills:
             seq.num_computed_tokens += n
             self.kv.cache_computed_blocks(seq)
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = failed
         for seq, tok, lp, error in self._sample(result.sampled, result.logits):
             req = self._requests[seq.request_id]
             if error is None:
@@ -418,6 +495,8 @@ class Engine:
         ids = [s.request_id for s in seqs]
         params = [s.params for s in seqs]
         contexts = [_context(s) for s in seqs]
+        if self._grammars is not None:
+            self._grammars.apply(seqs, logits)  # one batched mask for the constrained rows
         bad = self.sampler.check(ids, params, logits.device)
         keep = [i for i in range(len(seqs)) if i not in bad]
         tokens: dict[int, int] = {}
@@ -455,6 +534,8 @@ class Engine:
         seq.finish_reason = FinishReason.ERROR
         self.scheduler.remove(seq)
         self.sampler.forget(seq.request_id)
+        if self._grammars is not None:
+            self._grammars.forget(seq.request_id)
         req.metrics.finished_time = time.monotonic()
         if seq.prefill_only:
             seq.status = SequenceStatus.PREFILLED
@@ -474,11 +555,18 @@ class Engine:
         now = time.monotonic()
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
+        verdict = Verdict.GOING
+        if self._grammars is not None and not seq.prefill_only:
+            verdict = self._grammars.accept(seq, token_id)  # ValueError: not allowed
         if seq.prefill_only:
             seq.finish_reason = FinishReason.PREFILL_DONE
         elif not req.stop.append(token_id):
-            return False
+            if verdict is not Verdict.TERMINATED:
+                return False
+            req.stop.finish(FinishReason.STOP)  # the constraint is complete
         self.scheduler.remove(seq)
+        if self._grammars is not None:
+            self._grammars.forget(seq.request_id)
         req.metrics.finished_time = now
         if seq.prefill_only:
             seq.status = SequenceStatus.PREFILLED  # blocks stay held until release()

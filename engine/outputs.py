@@ -88,6 +88,13 @@ class StopChecker:
             self.text += self.detok.flush()
         return seq.finish_reason is not None
 
+    def finish(self, reason: FinishReason) -> None:
+        """End the output for a reason found outside these rules (a structured-output
+        constraint that is complete), flushing the text held back."""
+        self.seq.finish_reason = reason
+        if self.detok is not None:
+            self.text += self.detok.flush()
+
     def _find_stop(self) -> bool:
         window_start = max(0, self.emitted - self._holdback)
         best: tuple[int, str] | None = None

@@ -20,6 +20,7 @@ from pdserve.engine.sampling_limits import (
     check,
     show,
 )
+from pdserve.engine.structured.spec import StructuredSpec
 
 __all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprobs"]
 
@@ -53,6 +54,8 @@ class SamplingParams:
     computed once and shared). prompt_len: where the output begins in the token ids, when the
     engine's prompt also holds output already streamed (a request resumed after a failover);
     None: the prompt's own length.
+    structured: the output must match this constraint (JSON schema, regex, choice, EBNF;
+    see ``pdserve.engine.structured``); the request finishes when the constraint is complete.
     """
 
     max_tokens: int | None = 16
@@ -77,6 +80,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     prompt_len: int | None = None
+    structured: StructuredSpec | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

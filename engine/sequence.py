@@ -61,6 +61,7 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     max_len: int = 0  # prompt + output tokens at most (set by the engine)
+    priority: int = 0  # lower runs first under the "priority" scheduling policy
     user_data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

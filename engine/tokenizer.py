@@ -73,6 +73,12 @@ class Tokenizer:
         return len(self._tok)
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying transformers tokenizer (for libraries that read its
+        vocabulary, such as xgrammar)."""
+        return self._tok
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
@@ -80,12 +86,14 @@ class Tokenizer:
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
         chat_template: str | None = None, *, continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``), rendered
         with ``chat_template`` if given, else the checkpoint's own; the template decides
         special tokens, none are added on top unless ``add_special_tokens``.
         ``continue_final_message``: the last message is left open (no end of turn after it)
         for the model to continue. ``template_kwargs``: extra variables of the template.
+        ``tools``: the request's tool definitions, given to the template as ``tools``.
         ``NoChatTemplateError`` when there is no template (no generic template is guessed:
         the model would be prompted in a format it was not trained on)."""
         if chat_template is None and not self.has_chat_template:
@@ -98,7 +106,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
-            **(template_kwargs or {}),
+            **{**(template_kwargs or {}), **({"tools": tools} if tools else {})},
         )
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 

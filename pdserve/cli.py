@@ -186,7 +186,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           cpu_cache_bytes=args.cpu_cache_mb << 20),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs),
+                                  max_num_seqs=args.max_num_seqs,
+                                  policy=args.scheduling_policy),
     )
     pools = PoolConfig(
         engine=engine, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
@@ -209,7 +210,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes,
                              trust_request_chat_template=args.trust_request_chat_template),
         drain_timeout_s=args.drain_timeout,
-        flow=FlowConfig(lease_s=args.lease),
+        flow=FlowConfig(lease_s=args.lease, scheduling_policy=args.scheduling_policy),
         served_model_names=names, chat_template=chat_template,
         log_requests=not args.disable_log_requests,
         stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
@@ -346,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--cpu-cache-mb", type=int, default=512,
                      help="KV cache size per CPU worker when --num-blocks is not given")
     srv.add_argument("--max-num-seqs", type=int, default=128)
+    srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                     help="'priority': requests with a LOWER 'priority' value are admitted "
+                          "first and preempted last (vLLM's convention; aging: one level "
+                          "per 10 s of waiting, so none starves)")
     srv.add_argument("--lease", type=float, default=30.0,
                      help="seconds a KV reservation or transfer may take before it fails")
     srv.add_argument("--kv-host", default="127.0.0.1",

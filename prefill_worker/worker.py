@@ -126,7 +126,8 @@ class PrefillWorker(EngineWorker):
                 rid, False, error="aborted", retryable=False)))
             return
         params = replace(sampling_params(req.sampling), max_tokens=1)
-        engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True)
+        engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True,
+                           priority=req.priority)
         bs = engine.kv_spec.block_size
         num_blocks = -(-len(req.prompt_token_ids) // bs)
         if len(req.dst_block_ids) < num_blocks:

@@ -26,13 +26,14 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.engine.hashing import hash_blocks
 from pdserve.engine.outputs import StopChecker
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.router.admission import AdmissionQueue
 from pdserve.router.attempt import (
     Attempt,
     AttemptCalls,
@@ -42,6 +43,7 @@ from pdserve.router.attempt import (
 )
 from pdserve.router.balancer import (
     Balancer,
+    DecodeChoice,
     LoadView,
     NoWorkerAvailableError,
     PrefillChoice,
@@ -81,6 +83,8 @@ class FlowConfig:
     max_waiting: int = 256  # requests waiting for a decode reservation; past it: overload
     max_attempts: int = 4  # failed transfers before a request gives up
     max_worker_deaths: int = 1  # workers that may die under one request; one more fails it
+    scheduling_policy: str = "fcfs"  # "priority": see pdserve.router.admission
+    priority_aging_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -127,6 +131,8 @@ class Flow:
         self._attempts: dict[str, Attempt] = {}
         self.calls = AttemptCalls(cluster, on_stats=self.refresh_loads)
         self._waiting = 0
+        self.admission = AdmissionQueue(config.scheduling_policy == "priority",
+                                        config.priority_aging_s)
         self.failovers = 0
         self.on_prefill: PrefillObserver | None = None
 
@@ -185,9 +191,11 @@ class Flow:
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        max_len: int, arrival: float,
-                       deadline: float | None = None) -> AsyncIterator[Delta]:
+                       deadline: float | None = None,
+                       priority: int = 0) -> AsyncIterator[Delta]:
         """Stream the request's deltas. ``deadline`` (``time.monotonic()``): the client's,
-        if it set one; waits for capacity or for workers end there at the latest. Raises
+        if it set one; waits for capacity or for workers end there at the latest.
+        ``priority``: lower is admitted first under the priority policy. Raises
         ``RequestError``."""
         seqs, stops = [], []
         for index in range(params.n):  # n > 1: the decode worker forks the choices
@@ -210,7 +218,7 @@ class Flow:
         while True:
             attempt_no += 1
             attempt = await self._admit(f"{request_id}.{attempt_no}", seq, params, timing,
-                                        arrival, deadline)
+                                        arrival, deadline, priority)
             queue = self.inbox.open(attempt.id)
             try:
                 outcome = await self._prefill(attempt, seq, params)
@@ -325,6 +333,10 @@ class Flow:
     # ------------------------------------------------------------------ admission
 
     def _spec(self, seq: Sequence, params: SamplingParams) -> SamplingSpec:
+        structured = params.structured
+        if structured is not None and seq.num_output_tokens:
+            # Resumed: the output so far travels in the prompt; the matcher replays it.
+            structured = replace(structured, num_output_in_prompt=seq.num_output_tokens)
         return SamplingSpec(
             max_tokens=seq.max_len - seq.num_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
@@ -337,7 +349,7 @@ class Flow:
             # A resumed request's prompt holds the output already sent: the penalties and
             # min_tokens count the output from the original prompt's end.
             prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
-            n=params.n, prompt_logprobs=params.prompt_logprobs,
+            n=params.n, prompt_logprobs=params.prompt_logprobs, structured=structured,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:
@@ -346,7 +358,7 @@ class Flow:
 
     async def _admit(self, attempt_id: str, seq: Sequence, params: SamplingParams,
                      timing: dict[str, float], arrival: float,
-                     deadline: float | None) -> Attempt:
+                     deadline: float | None, priority: int = 0) -> Attempt:
         """Reserve blocks on a decode worker, waiting (bounded) while the pool is full, and
         while a pool has no live worker (until a replacement is up, the request's deadline
         or the lease, whichever comes first)."""
@@ -355,6 +367,7 @@ class Flow:
                                f"{self._waiting} requests already wait for decode capacity; "
                                "retry later")
         self._waiting += 1
+        ticket = self.admission.enter(priority)
         try:
             route = self._route(attempt_id, seq)
             start = time.monotonic()
@@ -369,14 +382,18 @@ class Flow:
                         raise RequestError(
                             "unavailable", f"no {missing[0]} worker is alive (waited "
                             f"{now - start:.1f} s for a replacement)")
-                else:
+                elif self.admission.may_try(ticket):
                     choice = self.balancer.choose_decode(
                         route, self._alive(self.decode_view.current()))
+                    if choice is None and self.admission.by_priority:
+                        # The pool looks full: the decode worker may still make room by
+                        # preempting requests of lower priority than this one.
+                        choice = self._roomiest_decode(route)
                     if choice is not None:
                         handle = self.cluster.workers[choice.worker_id]
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
                                              self._spec(seq, params), self.inbox.endpoint,
-                                             self.config.lease_s)
+                                             self.config.lease_s, priority)
                         try:
                             res = await self.calls.reserve(handle, req)
                         except RequestFailed as exc:
@@ -386,6 +403,7 @@ class Flow:
                             self.decode_view.add_decode(handle.worker_id,
                                                         choice.blocks_to_reserve)
                             attempt = Attempt(attempt_id, handle, route)
+                            attempt.priority = priority
                             attempt.reservation = res
                             attempt.reserved_at = time.time()
                             self._attempts[attempt_id] = attempt
@@ -400,6 +418,15 @@ class Flow:
                 delay = min(delay * 2, 0.1)
         finally:
             self._waiting -= 1
+            self.admission.leave(ticket)
+
+    def _roomiest_decode(self, route: RouteRequest) -> DecodeChoice | None:
+        loads = self._alive(self.decode_view.current())
+        if not loads:
+            return None
+        best = max(loads, key=lambda ld: (ld.free_blocks, ld.worker_id))
+        needed = self.balancer.blocks_needed(route)
+        return DecodeChoice(best.worker_id, needed, 0, 0.0)
 
     async def _prefill(self, attempt: Attempt, seq: Sequence,
                        params: SamplingParams) -> PrefillOutcome:
@@ -417,7 +444,7 @@ class Flow:
         # Writes must start well inside the decode side's lease (see PrefillRequest).
         deadline = attempt.reserved_at + 0.9 * self.config.lease_s
         req = PrefillRequest(attempt.id, list(seq.token_ids), self._spec(seq, params), res.target,
-                             res.block_ids, skip, deadline)
+                             res.block_ids, skip, deadline, attempt.priority)
         outcome = await self.calls.prefill(attempt, handle, req)
         result = outcome.result
         if result is not None and result.ok:

@@ -27,6 +27,7 @@ for a scraper on a private network.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
@@ -42,10 +43,16 @@ from aiohttp import web
 from pdserve._version import __version__
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.router import openai_types as oai
-from pdserve.router.errors import public_reason
+from pdserve.router.errors import param_of, public_reason
 from pdserve.router.flow import Delta, RequestError
 from pdserve.router.metrics import CONTENT_TYPE
-from pdserve.router.validation import Prepared, param_of
+from pdserve.router.openai_tools import (
+    ToolStream,
+    apply_tool_calls,
+    check_tool_parser,
+    tool_chunks,
+)
+from pdserve.router.validation import Prepared
 
 if TYPE_CHECKING:
     from pdserve.router.server import Router
@@ -284,9 +291,11 @@ class HttpFront:
             parsed = oai.parse_chat(body) if chat else oai.parse_completion(body)
             rid = parsed.request_id or request.headers.get("X-Request-Id") or uuid.uuid4().hex
             router.validator.check_request_id(rid)
+            check_tool_parser(parsed.tools, router.config.tool_call_parser)
             if chat:
+                tools = parsed.tools.template_tools if parsed.tools is not None else None
                 prepared = [await router.prepare(parsed.model, None, parsed.args,
-                                                 parsed.messages, parsed.chat)]
+                                                 parsed.messages, parsed.chat, tools)]
             else:
                 prepared = [await router.prepare(parsed.model, p, parsed.args)
                             for p in parsed.prompts]
@@ -430,6 +439,10 @@ class _Reply:
         self.completion_tokens = 0
         self.cached_tokens: dict[int, int] = {}
         self._done = 0
+        # Tool calls are parsed from the one choice's text (n > 1 with tools is refused).
+        self.tools: ToolStream | None = None
+        if chat and parsed.tools is not None:
+            self.tools = ToolStream(parsed.tools, front.router.config.tool_call_parser)
 
     def _echo(self, index: int) -> str:
         return self.echo[index // self.n] if self.echo else ""
@@ -505,6 +518,9 @@ class _Reply:
         choices = [self._choice(i, self._echo(i) + "".join(c.text), c.finish_reason,
                                 c.logprobs, c.token_ids, delta=False, opening=True)
                    for i, c in enumerate(self.choices)]
+        if self.tools is not None:
+            for choice in choices:
+                apply_tool_calls(choice, self.tools.req, self.tools.parser)
         extra = self._extra() or {}
         if self.chat and 0 in self.prompt_lps:  # vLLM: the chat response's top level
             extra["prompt_logprobs"] = oai.prompt_logprobs(self.prompt_lps[0], self._token)
@@ -538,10 +554,13 @@ class _Reply:
                 out.append(self._chunk([self._choice(delta.index, self._echo(delta.index),
                                                      None, [], [], delta=True,
                                                      opening=True)]))
-        if delta.token_ids or delta.text or delta.finish_reason:
-            out.append(self._chunk([self._choice(delta.index, delta.text,
-                                                 delta.finish_reason, delta.logprobs,
-                                                 delta.token_ids, delta=True)]))
+        if not (delta.token_ids or delta.text or delta.finish_reason):
+            return out
+        if self.tools is not None:
+            make = functools.partial(self._choice, delta.index)
+            return out + [self._chunk([c]) for c in tool_chunks(self.tools, make, delta)]
+        out.append(self._chunk([self._choice(delta.index, delta.text, delta.finish_reason,
+                                             delta.logprobs, delta.token_ids, delta=True)]))
         return out
 
     def usage_chunk(self) -> dict[str, Any]:

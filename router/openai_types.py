@@ -19,6 +19,8 @@ from typing import Any
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_limits import show
 from pdserve.router.flow import RequestError
+from pdserve.router.openai_structured import structured_field, structured_output
+from pdserve.router.openai_tools import ToolRequest, parse_tools, tool_constraint, tool_fields
 from pdserve.router.request_fields import CHAT, COMPLETIONS, check_fields
 from pdserve.router.validation import ChatOptions, SamplingArgs, Validator
 
@@ -59,6 +61,7 @@ class ParsedRequest:
     echo: bool = False
     return_tokens_as_token_ids: bool = False
     request_id: str | None = None
+    tools: ToolRequest | None = None
 
     @property
     def prompt(self) -> str | list[int] | None:
@@ -154,6 +157,8 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: int | None
         truncate_prompt_tokens=_get(body, "truncate_prompt_tokens", (int,)),
         add_special_tokens=_get(body, "add_special_tokens", (bool,)),
         n=_get(body, "n", (int,), 1),
+        structured=structured_output(body), structured_field=structured_field(body),
+        priority=_get(body, "priority", (int,), 0),
     )
 
 
@@ -224,7 +229,7 @@ def parse_completion(body: Any) -> ParsedRequest:
         request_id=_get(body, "request_id", (str,)))
 
 
-def _message_text(message: Any, index: int) -> dict[str, str]:
+def _message_text(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise _bad(f"'messages[{index}]' must be an object with a 'role'", "messages")
     content = message.get("content")
@@ -244,7 +249,7 @@ def _message_text(message: Any, index: int) -> dict[str, str]:
     else:
         raise _bad(f"'messages[{index}].content' must be a string or a list of text parts",
                    "messages")
-    return {"role": message["role"], "content": text}
+    return {"role": message["role"], "content": text, **tool_fields(message, index)}
 
 
 RESERVED_TEMPLATE_VARIABLES = frozenset({
@@ -286,14 +291,21 @@ def parse_chat(body: Any) -> ParsedRequest:
     if top is not None and not want:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     stream, include_usage = _stream_options(body)
+    args = _sampling(body, max_tokens, (top or 0) if want else None)
+    tools = parse_tools(body)
+    if tools is not None and (constraint := tool_constraint(tools)) is not None:
+        if args.structured is not None:
+            raise _bad("'tool_choice' and an output format both constrain the output; "
+                       "give one", "tool_choice")
+        args = replace(args, structured=constraint, structured_field="tool_choice")
     return ParsedRequest(
-        model=_get(body, "model", (str,), ""), prompts=(), messages=parsed,
-        args=_sampling(body, max_tokens, (top or 0) if want else None),
+        model=_get(body, "model", (str,), ""), prompts=(), messages=parsed, args=args,
         stream=stream, include_usage=include_usage,
         return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=want,
         chat=_chat_options(body), echo=_get(body, "echo", (bool,), False),
         return_tokens_as_token_ids=_get(body, "return_tokens_as_token_ids", (bool,), False),
-        request_id=_get(body, "request_id", (str,)))
+        request_id=_get(body, "request_id", (str,)), tools=tools)
+
 
 
 def _only(body: dict[str, Any], allowed: set[str], route: str) -> None:
@@ -339,7 +351,6 @@ def parse_detokenize(body: Any) -> tuple[str, list[int]]:
             isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise _bad("'tokens' must be a list of token ids", "tokens")
     return _get(body, "model", (str,), ""), tokens
-
 
 # ---------------------------------------------------------------------- responses
 

@@ -124,11 +124,11 @@ RULES: tuple[FieldRule, ...] = (
     _rule("functions", _R, _H, "'functions' is the deprecated form of 'tools'", _empty),
     _rule("function_call", _R, _H, "'function_call' is the deprecated form of "
           "'tool_choice'", _equals("none")),
-    # Owned by structured output / tools / scheduling.
-    _rule("response_format", _R, BOTH, f"'response_format' is {NOT_YET}"),
-    _rule("tools", _R, _H, f"'tools' is {NOT_YET}", _empty),
-    _rule("tool_choice", _R, _H, f"'tool_choice' is {NOT_YET}", _equals("none")),
-    _rule("parallel_tool_calls", _R, _H, f"'parallel_tool_calls' is {NOT_YET}"),
+    # Structured output (xgrammar) and tool calling.
+    _rule("response_format", _I),
+    _rule("tools", _I, _H),
+    _rule("tool_choice", _I, _H),
+    _rule("parallel_tool_calls", _I, _H),
     # ---------------------------------------------------------------- vLLM extras, both
     _rule("top_k", _I),
     _rule("min_p", _I),
@@ -160,14 +160,15 @@ RULES: tuple[FieldRule, ...] = (
           "'kv_transfer_params' from clients are not accepted"),
     _rule("vllm_xargs", _R, BOTH, "'vllm_xargs' (custom extension arguments) are not "
           "accepted", _empty),
-    _rule("priority", _R, BOTH, f"'priority' is {NOT_YET}", _equals(0)),
-    _rule("structured_outputs", _R, BOTH, f"'structured_outputs' is {NOT_YET}"),
-    _rule("guided_json", _R, BOTH, f"'guided_json' is {NOT_YET}"),
-    _rule("guided_regex", _R, BOTH, f"'guided_regex' is {NOT_YET}"),
-    _rule("guided_choice", _R, BOTH, f"'guided_choice' is {NOT_YET}"),
-    _rule("guided_grammar", _R, BOTH, f"'guided_grammar' is {NOT_YET}"),
-    _rule("guided_decoding_backend", _R, BOTH, f"'guided_decoding_backend' is {NOT_YET}"),
-    _rule("guided_whitespace_pattern", _R, BOTH, f"'guided_whitespace_pattern' is {NOT_YET}"),
+    _rule("priority", _I),
+    _rule("structured_outputs", _I),
+    _rule("guided_json", _I),
+    _rule("guided_regex", _I),
+    _rule("guided_choice", _I),
+    _rule("guided_grammar", _I),
+    _rule("guided_decoding_backend", _I),  # xgrammar (or "auto"); others are refused
+    _rule("guided_whitespace_pattern", _R, BOTH, "'guided_whitespace_pattern' cannot be "
+          "changed: JSON output is compact (xgrammar's default whitespace)"),
     # ---------------------------------------------------------------- vLLM extras
     _rule("prompt_embeds", _R, _C, "prompt embeddings are not accepted; send text or token "
           "ids"),

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -37,6 +38,7 @@ from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
 from pdserve.router.errors import public_reason
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
 from pdserve.router.grpc_service import Undecodable
+from pdserve.router.grpc_structured import structured_from_proto
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_log import (
@@ -84,6 +86,8 @@ class RouterConfig:
     served_model_names: tuple[str, ...] = ()
     """Names clients may use in ``model`` (default: the engine's ``model`` as given)."""
     chat_template: str | None = None
+    tool_call_parser: str | None = None
+    """How tool calls are read out of "auto" outputs ("hermes"); None: "auto" is refused."""
     """Jinja chat template for chat requests, instead of the model's own."""
     log_requests: bool = True
     """One access line per request at INFO (``pdserve.access``)."""
@@ -255,10 +259,12 @@ class Router(pb_grpc.GenerationServicer):
 
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
-                      messages: Sequence[dict[str, str]] | None = None,
-                      chat: ChatOptions | None = None) -> Prepared:
-        """Validate and tokenize a request of either front (``RequestError`` if bad)."""
-        return await self.validator.prepare(model, prompt, args, messages, chat)
+                      messages: Sequence[dict[str, Any]] | None = None,
+                      chat: ChatOptions | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> Prepared:
+        """Validate and tokenize a request of either front (``RequestError`` if bad);
+        ``tools`` are given to the chat template."""
+        return await self.validator.prepare(model, prompt, args, messages, chat, tools)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``authorization`` header value carries the API key (any, if none is
@@ -303,7 +309,8 @@ class Router(pb_grpc.GenerationServicer):
         last: Delta | None = None
         try:
             async for delta in self.flow.generate(rid, prepared.prompt, prepared.params,
-                                                  prepared.max_len, arrival, deadline):
+                                                  prepared.max_len, arrival, deadline,
+                                                  prepared.priority):
                 timer.on_tokens(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     outcome = delta.finish_reason
@@ -378,10 +385,8 @@ class Router(pb_grpc.GenerationServicer):
             prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
             add_special_tokens=(s.add_special_tokens if s.HasField("add_special_tokens")
                                 else None),
+            structured=structured_from_proto(s), priority=request.priority,
         )
-        if request.priority:
-            raise RequestError("invalid_argument", "'priority' is not implemented yet; "
-                               "leave it 0", "priority")
         return await self.prepare(request.model, prompt, args)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

@@ -58,16 +58,16 @@ class TextInputError(ValueError):
 def _run(tokenizer: Tokenizer, kind: str, payload: Any, limit: int) -> Encoded:
     """``encode``: ``payload`` is ``[text, add_special_tokens]``; ``chat``: ``[messages,
     template or None, add_generation_prompt, continue_final_message, template variables,
-    add_special_tokens]``."""
+    add_special_tokens, tools or None]``."""
     if kind == "encode":
         text, add_special = payload
         ids = tokenizer.encode(text, add_special_tokens=add_special)
     else:
-        messages, template, add_generation, continue_final, kwargs, add_special = payload
+        messages, template, add_generation, continue_final, kwargs, add_special, tools = payload
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation, chat_template=template,
             continue_final_message=continue_final, template_kwargs=kwargs,
-            add_special_tokens=add_special)
+            add_special_tokens=add_special, tools=tools)
     return ids if len(ids) <= limit else len(ids)
 
 
@@ -150,10 +150,12 @@ class TextPool:
 
     async def chat(self, messages: Sequence[dict[str, Any]], limit: int, size: int,
                    options: ChatOptions | None = None, *,
-                   add_special_tokens: bool = False) -> Encoded:
+                   add_special_tokens: bool = False,
+                   tools: list[dict[str, Any]] | None = None) -> Encoded:
         """Ids of a conversation rendered with the request's template (``options``), else
-        ``chat_template``, else the model's own; ``NoChatTemplateError`` if there is none,
-        ``TextInputError`` if the template refuses the conversation."""
+        ``chat_template``, else the model's own, given the request's ``tools``;
+        ``NoChatTemplateError`` if there is none, ``TextInputError`` if the template
+        refuses the conversation."""
         options = options or ChatOptions()
         template = options.chat_template or self.chat_template
         if template is None and not self.tokenizer.has_chat_template:
@@ -161,7 +163,7 @@ class TextPool:
         return await self._encode(size, "chat", [
             list(messages), template, options.add_generation_prompt,
             options.continue_final_message, dict(options.chat_template_kwargs),
-            add_special_tokens], limit)
+            add_special_tokens, tools], limit)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (bounded by the caller), on the thread pool."""

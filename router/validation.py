@@ -18,15 +18,17 @@ vocabulary (a tokenizer may know more ids than the model has embeddings).
 
 from __future__ import annotations
 
-import re
+import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sampling_limits import INT32_MAX, MAX_BAD_WORDS, Field
+from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
-from pdserve.router.errors import clip
+from pdserve.router.errors import clip, param_of
 from pdserve.router.flow import RequestError
 from pdserve.router.text import ChatOptions, TextInputError, TextPool
 
@@ -67,6 +69,13 @@ class SamplingArgs:
     """Whether tokenizing a text prompt adds the tokenizer's special tokens (BOS). None:
     yes for a plain prompt; no for a chat, whose template places them."""
     n: int = 1
+    priority: int = 0
+    """Lower runs first under ``--scheduling-policy priority`` (vLLM's convention)."""
+    structured: StructuredSpec | None = None
+    """The output's constraint (checked by ``prepare``: a spec the backend cannot
+    compile is refused)."""
+    structured_field: str = "structured"
+    """The request field that carried ``structured`` (the ``param`` of its errors)."""
 
 
 BAD_WORD_FIELD = Field(str, max_items=MAX_BAD_WORDS, max_chars=256, nonempty=True)
@@ -98,19 +107,37 @@ class Prepared(NamedTuple):
     params: SamplingParams
     max_len: int
     """Prompt plus max_tokens; never past the model's length."""
+    priority: int = 0
 
 
 def _bad(message: str, param: str | None = None) -> RequestError:
     return RequestError("invalid_argument", message, param if param else param_of(message))
 
 
-_QUOTED_FIELD = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)(?:\[\d+\])?")
 
 
-def param_of(message: str) -> str | None:
-    """The field an error message names first (``'top_p' must be ...`` -> ``top_p``)."""
-    match = _QUOTED_FIELD.search(message)
-    return match.group(1) if match else None
+_checked: dict[tuple[str, str], str] = {}  # spec key -> "" (fine) or why not; bounded
+_CHECKED_ENTRIES = 1024
+
+
+async def check_structured(spec: StructuredSpec, field: str = "structured") -> None:
+    """Refuse a constraint the backend cannot build (parsed off the event loop, once per
+    distinct constraint); the error's ``param`` is ``field``, the request field that
+    carried the constraint."""
+    reason = _checked.get(spec.key)
+    if reason is None:
+        from pdserve.engine.structured.grammar import check
+
+        try:
+            await asyncio.to_thread(check, spec)
+            reason = ""
+        except ValueError as exc:
+            reason = str(exc)
+        if len(_checked) >= _CHECKED_ENTRIES:
+            _checked.clear()
+        _checked[spec.key] = reason
+    if reason:
+        raise _bad(reason, field)
 
 
 def utf8_size(field: str, text: str) -> int:
@@ -205,9 +232,16 @@ class Validator:
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
                       messages: Sequence[dict[str, Any]] | None = None,
-                      chat: ChatOptions | None = None) -> Prepared:
-        """Tokenize ``prompt`` (text) or ``messages`` (chat, rendered as ``chat`` says), or
-        check ``prompt`` (ids), then build the sampling params."""
+                      chat: ChatOptions | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> Prepared:
+        """Tokenize ``prompt`` (text) or ``messages`` (chat, rendered as ``chat`` says, with
+        ``tools`` given to the template), or check ``prompt`` (ids), then build the sampling
+        params. ``n`` > 1 is refused with structured output or tools: each forked choice
+        would need its own grammar matcher and tool-call parser."""
+        if args.n != 1 and (args.structured is not None or tools):
+            what = "'tools'" if tools else "structured output"
+            raise _bad(f"'n' > 1 cannot be combined with {what}; send n separate requests",
+                       "n")
         self.check_model(model)
         max_len = self._max_model_len()
         truncate = args.truncate_prompt_tokens
@@ -224,7 +258,7 @@ class Validator:
         limit = max_len if keep is None else None
         if messages is not None:
             ids = await self._chat_ids(messages, limit, chat or ChatOptions(),
-                                       bool(args.add_special_tokens))
+                                       bool(args.add_special_tokens), tools)
         elif isinstance(prompt, str):
             add_special = True if args.add_special_tokens is None else args.add_special_tokens
             ids = await self._text_ids(prompt, limit, add_special) if prompt else []
@@ -257,10 +291,14 @@ class Validator:
                 allowed_token_ids=args.allowed_token_ids,
                 include_stop_str_in_output=args.include_stop_str_in_output,
                 skip_special_tokens=args.skip_special_tokens,
-                prompt_logprobs=args.prompt_logprobs, n=args.n,
+                prompt_logprobs=args.prompt_logprobs, n=args.n, structured=args.structured,
             )
         except ValueError as exc:
             raise _bad(str(exc), param_of(str(exc))) from None
+        if args.structured is not None:
+            await check_structured(args.structured, args.structured_field)
+        if not -(2**31) <= args.priority < 2**31:
+            raise _bad(f"'priority' must be a 32-bit integer, got {args.priority}", "priority")
         for i, stop in enumerate(params.stop):
             utf8_size(f"stop[{i}]", stop)
         self._check_ids("stop_token_ids", params.stop_token_ids)
@@ -272,7 +310,7 @@ class Validator:
         if len(ids) + max_tokens > max_len:
             raise _bad(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                        f"model's length of {max_len} tokens", "max_tokens")
-        return Prepared(ids, params, len(ids) + max_tokens)
+        return Prepared(ids, params, len(ids) + max_tokens, args.priority)
 
     async def _bad_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Token id sequences of ``bad_words``: each word as written (leading spaces
@@ -305,7 +343,8 @@ class Validator:
         return got
 
     async def _chat_ids(self, messages: Sequence[dict[str, Any]], limit: int | None,
-                        chat: ChatOptions, add_special: bool) -> list[int]:
+                        chat: ChatOptions, add_special: bool,
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
         if len(messages) > self.limits.max_messages:
             raise _bad(f"'messages' has {len(messages)} items; at most "
                        f"{self.limits.max_messages}", "messages")
@@ -313,6 +352,8 @@ class Validator:
         for i, m in enumerate(messages):
             size += utf8_size(f"messages[{i}].role", m["role"])
             size += utf8_size(f"messages[{i}].content", m["content"])
+        if tools or any(len(m) > 2 for m in messages):  # tool calls, results and schemas
+            size += utf8_size("tools", json.dumps([tools, messages], ensure_ascii=False))
         if size > self.max_prompt_bytes:
             raise _bad(f"'messages' have {size} bytes of text; at most "
                        f"{self.max_prompt_bytes}", "messages")
@@ -331,7 +372,8 @@ class Validator:
                        "assistant's", "continue_final_message")
         try:
             got = await self.text.chat(messages, limit=limit or INT32_MAX, size=size,
-                                       options=chat, add_special_tokens=add_special)
+                                       options=chat, add_special_tokens=add_special,
+                                       tools=tools)
         except NoChatTemplateError as exc:  # a 400 that says how to give one
             raise _bad(str(exc), "messages") from None
         except TextInputError as exc:  # e.g. a template whose roles must alternate

@@ -68,15 +68,18 @@ USE: dict[str, Any] = {
     "add_special_tokens": False, "request_id": "abc", "add_generation_prompt": False,
     "continue_final_message": True, "chat_template": "{{ messages }}",
     "chat_template_kwargs": {"enable_thinking": False}, "best_of": 2, "top_logprobs": 2,
-    "prompt_logprobs": 2,
+    "prompt_logprobs": 2, "priority": 1, "response_format": {"type": "json_object"},
+    "structured_outputs": {"regex": "a+"}, "guided_json": {"type": "object"},
+    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": 'root ::= "x"',
+    "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+    "parallel_tool_calls": False,
 }
 # What a client that does not use a refused field may still send.
 NON_NEUTRAL: dict[str, Any] = {
     "best_of": 3, "suffix": "end", "store": True, "service_tier": "flex",
     "modalities": ["text", "audio"], "functions": [{"name": "f"}], "function_call": "auto",
-    "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
     "use_beam_search": True, "length_penalty": 0.5, "spaces_between_special_tokens": False,
-    "include_reasoning": False, "priority": 1, "logits_processors": ["x.y"],
+    "include_reasoning": False, "logits_processors": ["x.y"], "guided_whitespace_pattern": " ",
     "vllm_xargs": {"a": 1}, "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1},
     "media_io_kwargs": {"a": 1},
 }
@@ -107,7 +110,16 @@ def _walk(endpoint: str, names: tuple[str, ...]) -> None:
             extra["n"] = value
         if name == "continue_final_message":
             extra["add_generation_prompt"] = False
-        needs = {"stream_options": {"stream": True}, "top_logprobs": {"logprobs": True}}
+        if name == "guided_decoding_backend":  # names the one backend; any other is refused
+            assert _parse(endpoint, {"guided_json": {}, name: "xgrammar"}) == _parse(
+                endpoint, {"guided_json": {}})
+            with pytest.raises(RequestError) as info:
+                _parse(endpoint, {"guided_json": {}, name: "outlines"})
+            assert info.value.param == name
+            continue
+        tools = {"tools": USE["tools"]}
+        needs = {"stream_options": {"stream": True}, "top_logprobs": {"logprobs": True},
+                 "tool_choice": tools, "parallel_tool_calls": tools}
         if name in needs:  # only meaningful with another field: compare against that
             assert _parse(endpoint, {**extra, **needs[name]}) != _parse(endpoint, needs[name])
             continue

@@ -202,9 +202,14 @@ def test_chat_template_options(svc) -> None:
 
 def test_errors_name_the_field_in_param(svc) -> None:
     for extra, param in (({"temperature": 500}, "temperature"), ({"best_of": 3}, "best_of"),
-                         ({"guided_json": {}}, "guided_json"), ({"bogus": 1}, "bogus"),
+                         ({"guided_json": 5}, "guided_json"), ({"bogus": 1}, "bogus"),
                          ({"min_tokens": 50, "max_tokens": 4}, "min_tokens"),
-                         ({"logit_bias": {"99999999": 1}}, "logit_bias")):
+                         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                         ({"priority": 2**40}, "priority"), ({"guided_regex": "(("},
+                                                             "guided_regex"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {
+                             "schema": {"type": "nonsense"}}}}, "response_format"),
+                         ({"guided_choice": ["a"], "n": 2}, "n")):
         status, body = _post(svc, "/v1/completions", {"model": "tiny", "prompt": "Hi",
                                                       **extra})
         assert status == 400 and body["error"]["param"] == param, (extra, body)

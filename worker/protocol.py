@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.kvtransfer.base import TransferTarget
 
 
@@ -48,6 +49,9 @@ class SamplingSpec:
     prompt_len: int | None = None
     """Where the output begins in the prompt sent (a resumed request's prompt holds the
     output already streamed; penalties count output tokens from here)."""
+    structured: StructuredSpec | None = None
+    """The output's constraint; both roles apply it (the prefill side's first token obeys
+    it, the decode side rebuilds the matcher from the tokens so far)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class ReserveRequest:
     sampling: SamplingSpec
     reply_to: str  # the router's ZMQ PULL endpoint for this request's tokens
     lease_s: float
+    priority: int = 0  # lower runs first (``--scheduling-policy priority``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ class PrefillRequest:
     dst_block_ids: list[int]
     skip_blocks: int
     write_deadline: float = float("inf")
+    priority: int = 0  # lower runs first (``--scheduling-policy priority``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +171,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         repetition_penalty=spec.repetition_penalty, logit_bias=spec.logit_bias,
         min_tokens=spec.min_tokens, bad_words_ids=spec.bad_words_ids,
         allowed_token_ids=spec.allowed_token_ids, prompt_len=spec.prompt_len, n=spec.n,
-        prompt_logprobs=spec.prompt_logprobs,
+        prompt_logprobs=spec.prompt_logprobs, structured=spec.structured,
     )
 
 
