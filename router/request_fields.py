@@ -63,9 +63,6 @@ class FieldRule:
     neutral: Callable[[Any], bool] = _none
 
 
-NOT_YET = "not implemented yet"
-
-
 def _rule(name: str, status: Status, endpoints: frozenset[str] = BOTH, reason: str = "",
           neutral: Callable[[Any], bool] = _none) -> FieldRule:
     return FieldRule(name, status, endpoints, reason, neutral)
