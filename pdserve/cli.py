@@ -7,7 +7,8 @@ front and ``/metrics`` beside it (default port 8000) and the built-in tiny model
 ``pdserve bench serve`` measures a running server (``pdserve.bench.serve``).
 ``pdserve generate "text"`` streams a completion from a running service through the SDK
 (``--offline``: from an engine in this process). ``pdserve model NAME`` builds a built-in
-checkpoint and prints its folder.
+checkpoint and prints its folder. ``pdserve plan`` simulates the service on a trace and
+recommends a P:D split of N GPUs (``pdserve.planner``).
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return bench_serve(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pdserve.planner.command import main as plan_main
+
+    return plan_main(args)
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from pdserve.engine.model.builtin import builtin_checkpoint
 
@@ -252,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=_cmd_bench_serve)
+
+    plan = sub.add_parser(
+        "plan", help="simulate the service on a trace and recommend a P:D split of N GPUs "
+                     "(--watch: from a running service's metrics)")
+    from pdserve.planner.command import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_cmd_plan)
 
     model = sub.add_parser("model", help="build a built-in checkpoint and print its folder")
     model.add_argument("name", choices=["tiny", "small"])
