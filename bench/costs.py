@@ -156,7 +156,7 @@ def calibrate(model: str = "tiny", *, quick: bool = False, repeats: int = 7,
     engine = _engine(model, block_size, max(num_blocks, 16384), max_num_batched_tokens,
                      max_num_seqs)
     if quick:
-        repeats = min(repeats, 3)
+        repeats = min(repeats, 5)
     prefill = measure_prefill(engine, QUICK_PREFILL if quick else PREFILL_POINTS, repeats, clock)
     decode = measure_decode(engine, QUICK_DECODE if quick else DECODE_POINTS, repeats, clock)
     spec = engine.kv_spec

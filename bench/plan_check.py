@@ -342,12 +342,16 @@ def rank(values: dict[str, float]) -> list[str]:
 
 
 def calibrate_here() -> HardwareCosts:
-    """The engine's step costs measured now, in this process (``pdserve.bench.costs``), on
-    a machine of ``os.cpu_count()`` cores shared by the workers."""
+    """The engine's step costs measured now, in this process (``pdserve.bench.costs``, CPU
+    time of the stepping thread), on a machine of ``os.cpu_count()`` cores shared by the
+    workers."""
     from pdserve.bench.costs import calibrate
     from pdserve.planner.costs import parse_costs
 
-    data = calibrate("tiny", quick=True)
+    # CPU time: what a step costs on a core of its own, whatever else runs meanwhile (on
+    # an idle machine the same as the wall clock); the workers' sharing of the cores is
+    # the host model's.
+    data = calibrate("tiny", quick=True, cpu_time=True, repeats=5)
     data["transfer"] = dict(LOCAL_LINK)
     data["host"] = {"cores": os.cpu_count() or 1, "threads_per_worker": 1,
                     "background_threads": BACKGROUND_THREADS}

@@ -98,6 +98,8 @@ class Simulation:
         self._stretch = 1.0
         self._pre = costs.overheads.request_s / 2
         self._cached = 0
+        self._ticks = 0
+        self._ticking = False
 
     # ------------------------------------------------------------------ the loop
 
@@ -115,7 +117,7 @@ class Simulation:
         settings = self.spec.router
         tick = settings.events_interval_s
         refresh_every = max(1, round(settings.ping_interval_s / tick))
-        self._push(float(wl.arrival_s[0]) + tick, _TICK, 1)
+        self._ticking = False  # router rounds only while requests are in flight
         heap = self._heap
         fifo = self._fifo
         heappop = heapq.heappop
@@ -139,6 +141,10 @@ class Simulation:
                 if ta == inf:
                     break
                 self.now = ta
+                if not self._ticking:
+                    self._ticking = True
+                    self._ticks += 1
+                    self._push(ta + tick, _TICK, self._ticks)
                 self._in_flight += 1
                 j = i - base
                 self._admit(SimRequest(i, ta, prompt[j], output[j], hashes[i]))
@@ -167,8 +173,11 @@ class Simulation:
                 self.router.feed_events()
                 if item[3] % refresh_every == 0:
                     self.router.refresh()
-                if i < n or self._in_flight:
-                    self._push(self.now + tick, _TICK, item[3] + 1)
+                if self._in_flight:
+                    self._ticks += 1
+                    self._push(self.now + tick, _TICK, self._ticks)
+                else:
+                    self._ticking = False
         return self._result(time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ router
