@@ -77,10 +77,14 @@ def format_plan(result: Plan) -> str:
         s = r.at_common_rate
         assert s is not None
         mark = " **(recommended)**" if r is best else ""
+        more = "+" if r.capped else ""
         lines.append(
-            f"| {r.label}{mark} | {r.goodput_rps:.3g} | {r.goodput_rps / r.gpus:.3g} | "
+            f"| {r.label}{mark} | {r.goodput_rps:.3g}{more} | {r.goodput_rps / r.gpus:.3g}{more} | "
             f"{_ms(s.ttft_ms)} | {_ms(s.tpot_ms)} | {s.slo_attainment:.0%} |")
     lines.append("")
+    if any(r.capped for r in result.splits):
+        lines.append("+: at least this; the replayed requests ran out before the SLO did "
+                     "(replay more with --requests)")
     if best.goodput_rps > 0:
         lines.append(f"recommended: {best.label} ({best.prefill} prefill + {best.decode} "
                      f"decode workers), {best.goodput_rps:.3g} req/s at the SLO")

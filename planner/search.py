@@ -56,6 +56,9 @@ class SplitResult:
     goodput_rps: float
     """The highest request rate sustained at the SLO (0: not even the slowest replay)."""
     rate_scale: float
+    capped: bool = False
+    """The replay got too short to measure a higher rate: the goodput is a lower bound
+    (replay more requests)."""
     at_common_rate: Summary | None = None
 
     @property
@@ -80,18 +83,29 @@ class Plan:
 
 
 def max_rate_scale(workload: Workload, costs: HardwareCosts, spec: ClusterSpec, slo: SLO,
-                   cfg: SearchConfig, counter: list[int], hint: float = 1.0) -> float:
+                   cfg: SearchConfig, counter: list[int],
+                   hint: float = 1.0) -> tuple[float, bool]:
     """The largest arrival-rate scale (bisection, log scale) at which ``spec`` meets the SLO
     for ``cfg.attainment`` of the requests, over a replay long enough to mean a rate
-    (module docstring); 0.0 if even ``cfg.min_scale`` does not."""
+    (module docstring), and whether the replay's length, not the SLO, set the bound;
+    (0.0, False) if even ``cfg.min_scale`` does not."""
+    too_short: dict[float, bool] = {}
 
     def ok(scale: float) -> bool:
         counter[0] += 1
         replay = workload.scaled(scale)
         res = simulate(replay, costs, spec)
         if float(meets(res, slo).mean()) < cfg.attainment:
+            too_short[scale] = False
             return False
-        return replay.duration_s >= cfg.min_span_latencies * float(np.nanmedian(res.e2e_s))
+        long_enough = (replay.duration_s
+                       >= cfg.min_span_latencies * float(np.nanmedian(res.e2e_s)))
+        too_short[scale] = not long_enough
+        return long_enough
+
+    def bound(lo: float) -> tuple[float, bool]:
+        failed = [s for s in too_short if s > lo]  # every scale tried above lo failed
+        return lo, bool(failed) and too_short[min(failed)]
 
     lo, hi = hint, hint
     if ok(hint):
@@ -101,7 +115,7 @@ def max_rate_scale(workload: Workload, costs: HardwareCosts, spec: ClusterSpec, 
                 break
             lo = hi
         else:
-            return lo
+            return lo, False
     else:
         lo = hint
         while lo > cfg.min_scale:
@@ -110,14 +124,14 @@ def max_rate_scale(workload: Workload, costs: HardwareCosts, spec: ClusterSpec, 
                 break
             hi = lo
         else:
-            return 0.0
+            return 0.0, False
     for _ in range(cfg.bisect_steps):
         mid = math.sqrt(lo * hi)
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return lo
+    return bound(lo)
 
 
 def _splits(workers: int, coarse: bool) -> list[int]:
@@ -143,11 +157,12 @@ def plan(workload: Workload, costs_by_tp: Sequence[HardwareCosts], gpus: int, sl
         key = (costs.tp, p)
         if key not in results:
             spec = ClusterSpec(p, workers - p, router=cfg.router, seed=cfg.seed)
-            scale = max_rate_scale(workload, costs, spec, slo, cfg, counter, hint)
+            scale, capped = max_rate_scale(workload, costs, spec, slo, cfg, counter, hint)
             goodput = scale * rate
-            results[key] = SplitResult(p, workers - p, costs.tp, goodput, scale)
+            results[key] = SplitResult(p, workers - p, costs.tp, goodput, scale, capped)
             if progress:
-                progress(f"{results[key].label}: goodput {goodput:.3g} req/s")
+                more = " (or more: the replay got too short)" if capped else ""
+                progress(f"{results[key].label}: goodput {goodput:.3g} req/s{more}")
         return results[key]
 
     for costs in costs_by_tp:
