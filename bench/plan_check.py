@@ -77,6 +77,24 @@ class CheckWorkload:
                             name=f"{self.trace}[{self.offset}:{self.offset + self.requests}]")
 
 
+def machine_busy_fraction(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU time spent busy over ``seconds`` (from /proc/stat), while
+    this process sleeps: the other work a latency measurement here would share cores
+    with."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else 0.0
+
+
 def parse_config(label: str) -> tuple[int, int]:
     """'2P1D' -> (2, 1)."""
     text = label.upper()

@@ -6,7 +6,8 @@ configuration; then 1P1D, 2P1D and 1P2D each serve the same replayed trace for r
 (``pdserve serve`` on a local Ray head, ``pdserve bench serve``'s trace replay), and the
 simulation of each must come within 20% of the measured TTFT and TPOT medians and order
 the configurations as the measurements do (pairs closer than ``RANK_MARGIN`` are not
-ranked). About 1.5 minutes on two idle cores.
+ranked). About 1.5 minutes on two idle cores; skipped, saying why, when other work keeps
+the machine's cores more than half busy.
 """
 
 from __future__ import annotations
@@ -20,17 +21,26 @@ from pdserve.bench.plan_check import (
     CheckWorkload,
     calibrate_here,
     check,
+    machine_busy_fraction,
     same_order,
 )
 
 CONFIGS = ("1P1D", "2P1D", "1P2D")
 TOLERANCE = 0.20
+MAX_BUSY = 0.5
+"""Latencies measured while other work keeps the cores busier than this say nothing of the
+service (a shared machine at a load of 20 ran every configuration 3-5x slower than its
+engine steps)."""
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_simulated_medians_match_real_runs_and_rank_the_configurations_alike(
         tmp_path_factory: pytest.TempPathFactory) -> None:
+    busy = machine_busy_fraction()
+    if busy > MAX_BUSY:
+        pytest.skip(f"the machine is {busy:.0%} busy with other work: latencies would not be "
+                    "the service's")
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     result = check(calibrate_here(), CONFIGS, CheckWorkload(), log=print)
     print(f"overheads {result.overheads}; {result.seconds:.0f} s\n{result.table()}")
