@@ -191,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="time steps in the thread's CPU time instead of the wall clock")
     p.add_argument("--kv-bytes-per-token", type=int, default=131072,
                    help="with --from-gpu: KV bytes per token of the model (Llama-3-8B's)")
+    p.add_argument("--link-bytes-per-s", type=float, default=None,
+                   help="the link's rate, when no --kvtransfer result is at hand")
+    p.add_argument("--link-latency-s", type=float, default=0.0)
     p.add_argument("--cores", type=float, default=None,
                    help="workers share this many cores (adds the host section)")
     p.add_argument("--background-threads", type=float, default=0.3,
@@ -218,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             data["name"] = args.name
     if args.kvtransfer:
         data["transfer"] = link_from_kvtransfer(json.loads(Path(args.kvtransfer).read_text()))
+    elif args.link_bytes_per_s:
+        data["transfer"] = {"link_bytes_per_s": args.link_bytes_per_s,
+                            "latency_s": args.link_latency_s}
     if args.cores:
         data["host"] = {"cores": args.cores, "threads_per_worker": 1,
                         "background_threads": args.background_threads}
