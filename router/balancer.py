@@ -489,7 +489,8 @@ class LoadView:
     ``update`` installs a fresh sample; between samples each worker's pending prefill
     tokens drain at its rate (a fluid queue) and grow by what this router sends it
     (``add_prefill``), and decode reservations made by this router come off the free
-    blocks (``add_decode``). Other routers' traffic is only seen at the next sample.
+    blocks (``add_decode``). Other routers' traffic is only seen at the next sample (pushed by
+    the workers as their load changes: ``set_one``).
     """
 
     def __init__(self, *, clock: Clock = time.monotonic, default_rate: float = 10_000.0) -> None:
@@ -502,6 +503,11 @@ class LoadView:
         now = self._clock()
         self._loads = {ld.worker_id: ld for ld in loads}
         self._backlog = {ld.worker_id: (float(ld.pending_prefill_tokens), now) for ld in loads}
+
+    def set_one(self, load: WorkerLoad) -> None:
+        """Install a fresh sample of one worker (pushed with its KV events)."""
+        self._loads[load.worker_id] = load
+        self._backlog[load.worker_id] = (float(load.pending_prefill_tokens), self._clock())
 
     def _drained(self, worker_id: str, now: float) -> float:
         tokens, since = self._backlog[worker_id]
