@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -268,18 +269,29 @@ def _attach_config(args: argparse.Namespace) -> RouterConfig:
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("--ray-address (or $RAY_ADDRESS) names the Ray cluster to join")
-    _check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port)])
+    _check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port),
+                             ("--metrics-port", args.metrics_port)])
     tls_cert, tls_key = _read(args.tls_cert), _read(args.tls_key)
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    _, info = fetch()
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            _, info = fetch()
+            break
+        except LookupError:
+            if time.monotonic() >= deadline:
+                raise
+            logging.getLogger("pdserve").info("no pdserve cluster in this Ray yet; waiting")
+            time.sleep(2.0)
     pools = replace(info.pools, ray_address=address, attach=True)
     return RouterConfig(
         pools=pools, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
         tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
         http_port=args.http_port or None, metrics_open=args.metrics_open,
+        metrics_port=args.metrics_port or None,
         drain_timeout_s=args.drain_timeout, flow=FlowConfig(lease_s=pools.lease_s),
         served_model_names=info.served_model_names, chat_template=info.chat_template,
         log_requests=not args.disable_log_requests,
@@ -464,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "$PDSERVE_API_KEY)")
     rtr.add_argument("--metrics-open", action="store_true",
                      help="serve /metrics on the HTTP port without the API key")
+    rtr.add_argument("--metrics-port", type=int, default=0,
+                     help="also serve /metrics (no key, plain HTTP) on this port (0: off)")
+    rtr.add_argument("--wait", type=float, default=0.0,
+                     help="seconds to wait for the cluster's first router to publish it "
+                          "(default: fail at once when it is not there)")
     rtr.add_argument("--balancer", default="prefix_aware",
                      choices=["prefix_aware", "least_loaded", "round_robin"])
     rtr.add_argument("--drain-timeout", type=float, default=60.0)

@@ -75,6 +75,7 @@ class Directory:
 def publish(info: ClusterInfo) -> Any:
     """Create the directory actor (replacing one left by another router); its handle."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pdserve.router.cluster import NAMESPACE
 
@@ -86,11 +87,13 @@ def publish(info: ClusterInfo) -> Any:
         logger.warning("another pdserve cluster had published itself in this Ray; `pdserve "
                        "router` now attaches to this one")
         ray.kill(old, no_restart=True)
+    # On this router's node: it lives as long as this router does, not as long as another.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     for attempt in range(50):
         try:
             return ray.remote(Directory).options(
-                name=DIRECTORY_NAME, namespace=NAMESPACE, num_cpus=0,
-                max_restarts=0).remote(info)
+                name=DIRECTORY_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=0,
+                scheduling_strategy=here).remote(info)
         except ValueError:  # the killed one's name is not released yet
             if attempt == 49:
                 raise
