@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -51,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read live metrics and print the split to move to, every --interval")
     w.add_argument("--metrics-url", default=None, help="the router's /metrics URL")
     w.add_argument("--target", default=None, help="the router's gRPC address (GetStats)")
-    w.add_argument("--api-key", default=None)
+    w.add_argument("--api-key", default=None,
+                   help="the router's API key (or $PDSERVE_API_KEY), for GetStats and for "
+                        "/metrics on its HTTP port")
     w.add_argument("--interval", type=float, default=60.0, help="seconds between scrapes")
     w.add_argument("--rounds", type=int, default=None, help="stop after N rounds")
     w.add_argument("--horizon", type=float, default=300.0,
@@ -153,8 +156,9 @@ def run_watch(args: argparse.Namespace) -> int:
     slo = SLO.parse(args.slo)
     if bool(args.metrics_url) == bool(args.target):
         raise ValueError("--watch needs one of --metrics-url or --target")
-    scrape = ((lambda: scrape_http(args.metrics_url)) if args.metrics_url
-              else (lambda: scrape_grpc(args.target, args.api_key)))
+    api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
+    scrape = ((lambda: scrape_http(args.metrics_url, api_key)) if args.metrics_url
+              else (lambda: scrape_grpc(args.target, api_key)))
     costs = _costs(args)
     lengths = _workload(args) if args.trace else None
 

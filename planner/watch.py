@@ -103,9 +103,13 @@ def traffic(before: Mapping[str, float], after: Mapping[str, float], seconds: fl
                    _workers(after, "prefill"), _workers(after, "decode"))
 
 
-def scrape_http(url: str, timeout: float = 10.0) -> dict[str, float]:
-    """The samples of a ``/metrics`` URL."""
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user's URL
+def scrape_http(url: str, api_key: str | None = None, timeout: float = 10.0
+                ) -> dict[str, float]:
+    """The samples of a ``/metrics`` URL (``api_key``: sent as a bearer token, for a router
+    whose ``/metrics`` on its HTTP port needs the key)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - user's URL
         return parse_prometheus(resp.read().decode("utf-8"))
 
 

@@ -8,6 +8,12 @@ client's deadline also bounds the request's waits. No client ever reads a traceb
 unexpected error is logged here and answered INTERNAL with a short message. The standard
 health service and server reflection are served beside ``pdserve.v1.Generation``.
 
+The router's view of the workers is pushed to it: every worker publishes its KV events and
+load as they happen (``router.events`` applies them to this router's prefix index and load
+view; a gap is repaired from a snapshot). Several routers may serve one cluster: the one
+that creates the pools publishes a directory (``router.directory``), and a router whose
+``PoolConfig.attach`` is set serves those pools instead of creating its own.
+
 The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on the
 same event loop and goes through the same ``Router.prepare`` (validation) and ``Router.run``
 (the request path, with its metrics): no second implementation of either. ``router.app``

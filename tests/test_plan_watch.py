@@ -25,7 +25,8 @@ def test_watch_reads_live_metrics_and_prints_a_split(svc, capsys: pytest.Capture
     from pdserve_client import Client
 
     url = f"{svc.http_url}/metrics"
-    assert scrape_http(url)["pdserve:worker_up{role=\"prefill\",worker=\"prefill-0\"}"] == 1.0
+    samples = scrape_http(url, SHARED_API_KEY)
+    assert samples["pdserve:worker_up{role=\"prefill\",worker=\"prefill-0\"}"] == 1.0
     done = threading.Event()
 
     def traffic() -> None:
@@ -38,9 +39,9 @@ def test_watch_reads_live_metrics_and_prints_a_split(svc, capsys: pytest.Capture
     sender = threading.Thread(target=traffic)
     rc_box: list[int] = []
     watcher = threading.Thread(target=lambda: rc_box.append(cli_main([
-        "plan", "--watch", "--metrics-url", url, "--slo", "ttft:2000,tpot:200",
-        "--costs", "cpu-tiny", "--interval", "8", "--rounds", "1", "--horizon", "30",
-        "--json", "-"])))
+        "plan", "--watch", "--metrics-url", url, "--api-key", SHARED_API_KEY,
+        "--slo", "ttft:2000,tpot:200", "--costs", "cpu-tiny", "--interval", "8",
+        "--rounds", "1", "--horizon", "30", "--json", "-"])))
     watcher.start()
     sender.start()
     sender.join(60)
