@@ -119,14 +119,14 @@ def test_sealed_pub_sub_late_join_resyncs_and_forgeries_are_refused() -> None:
         forger = zmq.Context.instance().socket(zmq.PUB)
         forger.bind("tcp://127.0.0.1:0")
         sub._sock.connect(forger.getsockopt_string(zmq.LAST_ENDPOINT))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while sub.resyncs == 0 and time.monotonic() < deadline:
             pub.maybe_publish([], {"num_cached_blocks": float(len(cache))})  # heartbeats
             forger.send(b"not sealed at all" * 4)
             forger.send(ChannelKey.generate().sealer("kv-events").seal(b"x"))
             await asyncio.sleep(0.02)
         push(list(range(200, 212)))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while index.stored_hashes("p0") != frozenset(cache) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         forger.close(linger=0)
@@ -139,4 +139,13 @@ def test_sealed_pub_sub_late_join_resyncs_and_forgeries_are_refused() -> None:
     assert index.stored_hashes("p0") == frozenset(cache)
     assert not index.needs_resync("p0")
     assert sub.refused >= 2
-    assert sub.lag and max(sub.lag) < 1.0
+    assert sub.lag and 0 <= min(sub.lag) and max(sub.lag) < 10.0  # seconds, same clock
+
+
+def test_pdserve_router_without_a_cluster_address_says_what_to_give(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["router", "--port", "0", "--http-port", "0"]) == 2
+    assert "--ray-address" in capsys.readouterr().err
