@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -47,8 +48,8 @@ class DecodeWorker(EngineWorker):
     role = "decode"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0) -> None:
-        super().__init__(worker_id, config, host, lease_s)
+                 lease_s: float = 30.0, *, cpus: Sequence[int] | None = None) -> None:
+        super().__init__(worker_id, config, host, lease_s, cpus)
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, zmq.Socket] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}

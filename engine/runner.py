@@ -149,7 +149,8 @@ class ModelRunner:
             logits = self.model.compute_logits(self.graphs.run(batch.decodes))
             return RunResult(list(batch.decodes), logits[: len(batch.decodes)])
         input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        step = self.backend.plan_step(meta)
+        hidden = self.model(input_ids, positions, self.kv_cache, step, self.backend)
         if not rows:
             return RunResult([], hidden.new_empty((0, 0), dtype=torch.float32))
         if len(rows) != hidden.shape[0]:

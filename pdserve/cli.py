@@ -124,6 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             prefill_resources=_resources(args.prefill_resource),
             decode_resources=_resources(args.decode_resource),
             kv_host=args.kv_host, lease_s=args.lease,
+            pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
         )
         tls_cert = _read(args.tls_cert)
         tls_key = _read(args.tls_key)
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray resource NAME=AMOUNT each prefill worker needs (repeatable)")
     srv.add_argument("--decode-resource", action="append",
                      help="Ray resource NAME=AMOUNT each decode worker needs (repeatable)")
+    srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
+                     help="give each worker its own cores of this host ('auto': when "
+                          "pdserve starts its own local Ray)")
     srv.set_defaults(func=_cmd_serve)
 
     gen = sub.add_parser("generate", help="stream a completion from a running service")

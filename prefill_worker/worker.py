@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +59,9 @@ class PrefillWorker(EngineWorker):
     role = "prefill"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0, *, stream_kv: bool = True) -> None:
-        super().__init__(worker_id, config, host, lease_s)
+                 lease_s: float = 30.0, *, stream_kv: bool = True,
+                 cpus: Sequence[int] | None = None) -> None:
+        super().__init__(worker_id, config, host, lease_s, cpus)
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
         self._event_batches = 0

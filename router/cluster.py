@@ -22,6 +22,7 @@ import ray
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.worker.affinity import plan_cpu_sets
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class PoolConfig:
     ping_interval_s: float = 0.5
     ping_timeout_s: float = 10.0
     start_timeout_s: float = 300.0
+    # Pin each worker to its own cores (pdserve.worker.affinity): None = only when this
+    # router starts a local Ray, i.e. every worker runs on this host.
+    pin_cpus: bool | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -82,6 +86,7 @@ class Cluster:
         self._on_death: DeathCallback | None = None
         self._replacing: set[str] = set()
         self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
+        self._cpu_sets: dict[str, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -105,6 +110,12 @@ class Cluster:
     async def start(self) -> None:
         """Create every worker and wait until all are ready."""
         self.connect()
+        cfg = self.config
+        if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
+            ids = [f"prefill-{i}" for i in range(cfg.num_prefill)]
+            ids += [f"decode-{i}" for i in range(cfg.num_decode)]
+            self._cpu_sets = plan_cpu_sets(sorted(os.sched_getaffinity(0)), ids)
+            logger.info("worker cores: %s", self._cpu_sets or "shared (fewer cores than workers)")
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]
         await asyncio.gather(*(self._wait_ready(h) for h in handles))
@@ -123,7 +134,9 @@ class Cluster:
             max_restarts=0,
             max_concurrency=1000,
         )
-        extra = {"stream_kv": cfg.stream_kv} if role == "prefill" else {}
+        extra: dict[str, Any] = {"stream_kv": cfg.stream_kv} if role == "prefill" else {}
+        if worker_id in self._cpu_sets:
+            extra["cpus"] = self._cpu_sets[worker_id]
         actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s, **extra)
         handle = WorkerHandle(worker_id, role, actor, generation)
         self.workers[worker_id] = handle

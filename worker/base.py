@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.driver import EngineDriver
 from pdserve.engine.outputs import RequestOutput
+from pdserve.worker.affinity import pin_process
 from pdserve.worker.protocol import resolve_host
 
 if TYPE_CHECKING:
@@ -33,11 +35,14 @@ class EngineWorker:
     role = "worker"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0) -> None:
+                 lease_s: float = 30.0, cpus: Sequence[int] | None = None) -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
         from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
+
+        if cpus:  # this worker's own cores (router.cluster plans them per host)
+            pin_process(cpus)
 
         self.worker_id = worker_id
         self.engine: Engine = Engine(replace(config, detokenize=False))
@@ -87,7 +92,9 @@ class EngineWorker:
         return {"worker_id": self.worker_id, "pid": os.getpid(),
                 "block_size": self.engine.kv_spec.block_size,
                 "num_blocks": self.engine.num_blocks,
-                "max_model_len": self.engine.max_model_len}
+                "max_model_len": self.engine.max_model_len,
+                "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else None}
 
     async def abort(self, request_id: str) -> bool:
         return await asyncio.wrap_future(
