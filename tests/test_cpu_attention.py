@@ -207,6 +207,7 @@ def test_without_a_compiler_the_torch_path_is_used_after_one_warning(tmp_path) -
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("CXX", "PDSERVE_CPU_KERNELS")}
     env["PATH"] = str(tmp_path)  # no c++ / g++ here
+    env["CXX"] = str(tmp_path / "no-such-c++")  # and $CXX names a compiler that is missing
     env["PDSERVE_KERNEL_CACHE"] = str(tmp_path / "cache")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120)

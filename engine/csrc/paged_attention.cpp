@@ -123,33 +123,15 @@ inline void token_rows(const Cache& c, const int32_t* table, int64_t kc, int n, 
 }
 
 #ifdef PDSERVE_AVX512
-constexpr int kPrefetchChunks = 1;  // how many chunks ahead keys and values are fetched
-
-// Ask for tokens [from, to)'s keys and values (all heads: run_bytes per token) to be
-// brought into L2: they sit in blocks the hardware prefetcher cannot guess.
+// One token's keys and values of every head (run_bytes each, the engine's layout keeps
+// them contiguous) into L2.
 template <typename T>
-inline void prefetch_tokens(const Cache& c, const int32_t* table, int64_t from, int64_t to,
-                            int64_t run_bytes) {
-  const int64_t elem = static_cast<int64_t>(sizeof(T));
-  int64_t t = from;
-  while (t < to) {
-    const int64_t off = t % c.block_size;
-    const int64_t n = std::min(c.block_size - off, to - t);
-    const char* k = c.base + (table[t / c.block_size] * c.s_block + off * c.s_tok) * elem;
-    const char* v = k + c.s_kv * elem;
-    if (c.s_tok * elem == run_bytes) {  // the block's tokens are one run (the engine's layout)
-      for (int64_t o = 0; o < n * run_bytes; o += 64) {
-        _mm_prefetch(k + o, _MM_HINT_T1);
-        _mm_prefetch(v + o, _MM_HINT_T1);
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t o = 0; o < run_bytes; o += 64) {
-          _mm_prefetch(k + i * c.s_tok * elem + o, _MM_HINT_T1);
-          _mm_prefetch(v + i * c.s_tok * elem + o, _MM_HINT_T1);
-        }
-    }
-    t += n;
+inline void prefetch_run(const T* key, int64_t s_kv, int64_t run_bytes) {
+  const char* k = reinterpret_cast<const char*>(key);
+  const char* v = reinterpret_cast<const char*>(key + s_kv);
+  for (int64_t o = 0; o < run_bytes; o += 64) {
+    _mm_prefetch(k + o, _MM_HINT_T1);
+    _mm_prefetch(v + o, _MM_HINT_T1);
   }
 }
 #endif
@@ -345,14 +327,8 @@ void item_avx512(const Batch& b, const Sequence& s, const TileRows& rows, int64_
   for (int64_t kc = k_begin; kc < k_end; kc += kChunk) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, k_end - kc));
     std::copy(tok_next, tok_next + n, tok);
-    if (kc + kChunk < k_end)
-      token_rows<T>(c, s.table, kc + kChunk,
-                    static_cast<int>(std::min<int64_t>(kChunk, k_end - kc - kChunk)), tok_next);
-    if (kc == k_begin)
-      prefetch_tokens<T>(c, s.table, kc + kChunk, std::min(k_end, kc + kPrefetchChunks * kChunk),
-                         run_bytes);
-    prefetch_tokens<T>(c, s.table, std::min(k_end, kc + kPrefetchChunks * kChunk),
-                       std::min(k_end, kc + (kPrefetchChunks + 1) * kChunk), run_bytes);
+    const int n_next = static_cast<int>(std::clamp<int64_t>(k_end - kc - kChunk, 0, kChunk));
+    if (n_next > 0) token_rows<T>(c, s.table, kc + kChunk, n_next, tok_next);
     // Which lanes each key counts for (only chunks reaching past a query need a mask).
     const bool masked = kc + n - 1 > rows.qpos_min;
     for (int j = 0; j < n; ++j)
@@ -366,9 +342,16 @@ void item_avx512(const Batch& b, const Sequence& s, const TileRows& rows, int64_
       const T* krow[kChunk];
       for (int j = 0; j < n; ++j) krow[j] = tok[j] + h * c.s_head;
       int j = 0;
-      for (; j + 8 <= n; j += 8) dot.template dot<8>(krow + j, sc + j);
+      for (; j + 8 <= n; j += 8) {
+        dot.template dot<8>(krow + j, sc + j);
+        if (h == 0)  // the next chunk's tokens, a few at a time (see the decode path)
+          for (int p = j; p < std::min(j + 8, n_next); ++p)
+            prefetch_run(tok_next[p], c.s_kv, run_bytes);
+      }
       for (; j + 4 <= n; j += 4) dot.template dot<4>(krow + j, sc + j);
       for (; j < n; ++j) dot.template dot<1>(krow + j, sc + j);
+      if (h == 0)
+        for (int p = n - n % 8; p < n_next; ++p) prefetch_run(tok_next[p], c.s_kv, run_bytes);
 
       __m512 cmax = _mm512_set1_ps(kNoMax);
       for (j = 0; j < n; ++j) {
@@ -524,21 +507,20 @@ void item_decode_avx512(const Batch& b, const Sequence& s, const TileRows& rows,
   for (int64_t kc = k_begin; kc < k_end; kc += kChunk) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, k_end - kc));
     std::copy(tok_next, tok_next + n, tok);
-    if (kc + kChunk < k_end)
-      token_rows<T>(c, s.table, kc + kChunk,
-                    static_cast<int>(std::min<int64_t>(kChunk, k_end - kc - kChunk)), tok_next);
-    if (kc == k_begin)
-      prefetch_tokens<T>(c, s.table, kc + kChunk, std::min(k_end, kc + kPrefetchChunks * kChunk),
-                         run_bytes);
-    prefetch_tokens<T>(c, s.table, std::min(k_end, kc + kPrefetchChunks * kChunk),
-                       std::min(k_end, kc + (kPrefetchChunks + 1) * kChunk), run_bytes);
+    const int n_next = static_cast<int>(std::clamp<int64_t>(k_end - kc - kChunk, 0, kChunk));
+    if (n_next > 0) token_rows<T>(c, s.table, kc + kChunk, n_next, tok_next);
     for (int64_t h = 0; h < heads; ++h) {
       const DecodeQueries<T, D>& q = qs[h];
       HeadState& hs = st[h];
-      // Scores, 16 keys at a time.
+      // Scores, 16 keys at a time. The next chunk's keys and values are requested one
+      // token at a time along the first head's pass: spread out, the requests stay within
+      // what the core can keep in flight (a burst of hundreds would mostly be dropped).
       for (int j0 = 0; j0 < n; j0 += 16) {
         const int m = std::min(16, n - j0);
-        for (int j = 0; j < m; ++j) q.partials(tok[j0 + j] + h * c.s_head, group, partial[j]);
+        for (int j = 0; j < m; ++j) {
+          q.partials(tok[j0 + j] + h * c.s_head, group, partial[j]);
+          if (h == 0 && j0 + j < n_next) prefetch_run(tok_next[j0 + j], c.s_kv, run_bytes);
+        }
         for (int j = m; j < 16; ++j)
           for (int g = 0; g < group; ++g) partial[j][g] = _mm512_setzero_ps();
         for (int g = 0; g < group; ++g) {
