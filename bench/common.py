@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pdserve.bench.trace import data_path
 
@@ -75,3 +76,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def start_server(cmd: Sequence[str], log: Progress, timeout_s: float = 600.0) -> Any:
+    """Start ``pdserve serve`` (``cmd``) in its own session, its output going to a log file
+    (a pipe nobody drains would block the server once full); returns the ``Popen`` once it
+    prints that it serves."""
+    import subprocess
+    import tempfile
+
+    out = tempfile.NamedTemporaryFile("w+", prefix="pdserve-serve-", suffix=".log",
+                                      delete=False)
+    log(f"server log: {out.name}")
+    server = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(out.name) as f:
+            if any(line.startswith("pdserve: serving") for line in f):
+                return server
+        if server.poll() is not None:
+            raise SystemExit(f"pdserve serve exited with {server.returncode}; see {out.name}")
+        time.sleep(0.5)
+    server.kill()
+    raise SystemExit(f"pdserve serve did not start in {timeout_s:.0f} s; see {out.name}")

@@ -1,19 +1,26 @@
-"""KV transfer throughput and latency: NIXL between two processes vs torch copy vs TCP.
+"""KV transfer throughput and latency: the KV transports between two processes vs torch
+copy vs TCP.
 
-    python -m pdserve.bench.kvtransfer [--dtypes float32,bfloat16] [--json PATH]
+    python -m pdserve.bench.kvtransfer [--transports nixl,nccl] [--dtypes float32,bfloat16]
+                                       [--json PATH]
 
-One receiver process, the sender in this process, same run and machine for every row:
+One receiver process, the sender in this process, same run and machine for every row. Each
+transport (``nixl``: NIXL/UCX; ``nccl``: torch.distributed pair groups, gloo on CPU) has one
+connector per side around the same cache, and their writes alternate, repetition by
+repetition, so that their ratio is measured side by side:
 
-- ``nixl blocks``: the KV of a ``--prompt-tokens`` prompt of the "small" checkpoint shape
-  (``--layers/--kv-heads/--head-dim``), one write of shuffled, non-contiguous block ids;
-- ``nixl region``: ``--regions-mib`` contiguous regions (consecutive 1 MiB blocks);
+- ``<transport> blocks``: the KV of a ``--prompt-tokens`` prompt of the "small" checkpoint
+  shape (``--layers/--kv-heads/--head-dim``), one write of shuffled, non-contiguous block ids;
+- ``<transport> region``: ``--regions-mib`` contiguous regions (consecutive 1 MiB blocks);
 - ``torch copy``: the same bytes copied in memory in one process (gather for block lists);
 - ``tcp socket``: the same bytes over a loopback TCP socket (sendall + 1-byte ack);
-- ``nixl 1 block``: latency of one 16-token block write, write call to completion.
+- ``<transport> 1 block``: latency of one 16-token block write, write call to completion.
 
 Times run from the call to the sender's completion (NIXL reports a WRITE done once the data
-is in the receiver's memory). UCX transports are read from UCX's protocol table
-(``UCX_PROTO_INFO``) printed during the run.
+is in the receiver's memory; the nccl transport once the receiver acknowledged that the blocks
+landed in its cache). UCX transports are read from UCX's protocol table (``UCX_PROTO_INFO``)
+printed during the run. What this cannot measure (GPU to GPU) is modelled by
+``python -m pdserve.bench.transfer_model``.
 """
 
 from __future__ import annotations
@@ -36,11 +43,14 @@ import numpy as np
 import torch
 
 from pdserve.engine.config import KVCacheSpec
-from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
+from pdserve.kvtransfer.auth import ChannelKey
+from pdserve.kvtransfer.base import KVConnector
+from pdserve.kvtransfer.factory import check_transport
 
 MIB = 1 << 20
 REGION_SPEC = dict(num_layers=2, num_kv_heads=16, head_dim=256, block_size=16, dtype="float32")
 MODEL = "bench"
+_KEY = ChannelKey.generate()  # the sender's; its secret goes to the receiver with "open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,36 +80,56 @@ def _row(case: str, method: str, dtype: str, nbytes: int, descs: int, times: lis
     )
 
 
-def _config(args: argparse.Namespace, side: str) -> NixlConfig:
-    progress = args.progress_thread in (side, "both")
-    return NixlConfig(model=MODEL, name=f"bench-{side}", progress_thread=progress)
+def _connector(
+    transport: str, cache: torch.Tensor, spec: KVCacheSpec, progress: str, side: str,
+    key: ChannelKey,
+) -> KVConnector:
+    name = f"bench-{transport}-{side}"
+    if transport == "nccl":
+        from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
+
+        return NcclConnector(cache, spec, NcclConfig(model=MODEL, name=name, lease_s=600.0,
+                                                     channel_key=key))
+    from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
+
+    config = NixlConfig(model=MODEL, name=name, progress_thread=progress in (side, "both"),
+                        channel_key=key)
+    return NixlConnector(cache, spec, config)
+
+
+def _open(
+    transports: list[str], cache: torch.Tensor, spec: KVCacheSpec, progress: str, side: str,
+    key: ChannelKey = _KEY,
+) -> dict[str, KVConnector]:
+    """One connector per transport around the same ``cache``."""
+    return {t: _connector(t, cache, spec, progress, side, key) for t in transports}
 
 
 # -- receiver process ---------------------------------------------------------------------
 
 
 def _receiver(conn: Any) -> None:
-    connector: NixlConnector | None = None
+    connectors: dict[str, KVConnector] = {}
     cache: torch.Tensor | None = None
     while True:
         cmd, args = conn.recv()
         if cmd == "open":
-            if connector is not None:
-                connector.close()
-            spec, num_blocks, config = KVCacheSpec(**args[0]), args[1], args[2]
+            for c in connectors.values():
+                c.close()
+            spec, num_blocks, transports, progress, secret = KVCacheSpec(**args[0]), *args[1:]
             cache = torch.zeros(spec.shape(num_blocks), dtype=getattr(torch, spec.dtype))
-            connector = NixlConnector(cache, spec, config)
-            conn.send(connector.describe())
+            connectors = _open(transports, cache, spec, progress, "receiver", ChannelKey(secret))
+            conn.send({t: c.describe() for t, c in connectors.items()})
         elif cmd == "expect":
-            assert connector is not None
-            for rid, ids in args[0]:
-                connector.expect(rid, ids, 600.0)
+            transport, pairs = args
+            for rid, ids in pairs:
+                connectors[transport].expect(rid, ids, 600.0)
             conn.send(None)
         elif cmd == "collect":  # wait until the named requests are all received
-            assert connector is not None
-            pending, deadline, failed = set(args[0]), time.monotonic() + 30, []
+            transport, rids = args
+            pending, deadline, failed = set(rids), time.monotonic() + 30, []
             while pending and time.monotonic() < deadline and not failed:
-                result = connector.poll()
+                result = connectors[transport].poll()
                 pending -= {r.request_id for r in result.received}
                 failed += result.failed
             conn.send((sorted(pending), [str(f) for f in failed]))
@@ -113,8 +143,8 @@ def _receiver(conn: Any) -> None:
             threading.Thread(target=_tcp_sink, args=(server, size, rounds), daemon=True).start()
             conn.send(server.getsockname()[1])
         elif cmd == "stop":
-            if connector is not None:
-                connector.close()
+            for c in connectors.values():
+                c.close()
             conn.send(None)
             return
 
@@ -150,7 +180,7 @@ class _Remote:
 # -- measurements ---------------------------------------------------------------------------
 
 
-def _timed_write(sender: NixlConnector, target: Any, rid: str, src: Any, dst: Any) -> float:
+def _timed_write(sender: KVConnector, target: Any, rid: str, src: Any, dst: Any) -> float:
     start = time.perf_counter()
     sender.write_blocks(target, rid, src, dst, last=True)
     while True:
@@ -159,25 +189,35 @@ def _timed_write(sender: NixlConnector, target: Any, rid: str, src: Any, dst: An
             raise RuntimeError(f"transfer failed: {result.failed}")
         if rid in result.sent:
             return time.perf_counter() - start
+        time.sleep(0)  # yield the GIL: the nccl transport's threads run in this process
 
 
-def _nixl_times(
+def _interleaved_times(
     remote: _Remote,
-    sender: NixlConnector,
-    target: Any,
+    senders: dict[str, KVConnector],
+    targets: dict[str, Any],
     src: list[int],
     dst: list[int],
     repeats: int,
     tag: str,
-) -> list[float]:
-    """Like a decode worker, the receiver expects every request before it is written."""
-    rids = [f"{tag}-{i}" for i in range(repeats + 1)]
-    remote.call("expect", [(rid, dst) for rid in rids])
-    sender.connect(target)
-    times = [_timed_write(sender, target, rid, src, dst) for rid in rids][1:]
-    pending, failed = remote.call("collect", rids)
-    if pending or failed:
-        raise RuntimeError(f"receiver did not get {pending}; failures: {failed}")
+) -> dict[str, list[float]]:
+    """Per transport, ``repeats`` timed writes of ``src`` into ``dst`` (after one untimed
+    warm-up each), the transports taking turns. Like a decode worker, the receiver expects
+    every request before it is written."""
+    rids = {t: [f"{tag}-{t}-{i}" for i in range(repeats + 1)] for t in senders}
+    times: dict[str, list[float]] = {t: [] for t in senders}
+    for t, sender in senders.items():
+        remote.call("expect", t, [(rid, dst) for rid in rids[t]])
+        sender.connect(targets[t])  # type: ignore[attr-defined]
+    for i in range(repeats + 1):
+        for t, sender in senders.items():
+            elapsed = _timed_write(sender, targets[t], rids[t][i], src, dst)
+            if i:
+                times[t].append(elapsed)
+    for t in senders:
+        pending, failed = remote.call("collect", t, rids[t])
+        if pending or failed:
+            raise RuntimeError(f"{t}: receiver did not get {pending}; failures: {failed}")
     return times
 
 
@@ -210,22 +250,32 @@ def _block_list_rows(args: argparse.Namespace, remote: _Remote, dtype: str) -> l
     n = -(-args.prompt_tokens // args.block_size)
     num_blocks = 2 * n
     cache = torch.randn(spec.shape(num_blocks)).to(getattr(torch, dtype))
-    target = remote.call("open", asdict(spec), num_blocks, _config(args, "receiver"))
+    targets = remote.call(
+        "open", asdict(spec), num_blocks, args.transports, args.progress_thread, _KEY.secret
+    )
     rng = np.random.default_rng(0)
     src = rng.permutation(num_blocks)[:n].tolist()
     dst = rng.permutation(num_blocks)[:n].tolist()
     nbytes = n * spec.block_bytes
     case = f"{args.prompt_tokens}-token KV, {n} blocks"
-    with NixlConnector(cache, spec, _config(args, "sender")) as sender:
-        times = _nixl_times(remote, sender, target, src, dst, args.repeats, f"bl-{dtype}")
-        rows = [_row(case, "nixl blocks", dtype, nbytes, n, times)]
+    rows: list[Row] = []
+    senders = _open(args.transports, cache, spec, args.progress_thread, "sender")
+    try:
+        times = _interleaved_times(remote, senders, targets, src, dst, args.repeats, f"bl-{dtype}")
+        rows += [_row(case, f"{t} blocks", dtype, nbytes, n, times[t]) for t in senders]
         rows_digest = cache.view(torch.uint8).reshape(num_blocks, -1)[src].numpy().tobytes()
         if remote.call("digest", dst) != hashlib.sha256(rows_digest).hexdigest():
             raise RuntimeError("received blocks differ from the sent ones")
-        lat = _nixl_times(
-            remote, sender, target, src[:1], dst[:1], args.latency_iters, f"lat-{dtype}"
+        lat = _interleaved_times(
+            remote, senders, targets, src[:1], dst[:1], args.latency_iters, f"lat-{dtype}"
         )
-        rows.append(_row("1 block (16 tokens)", "nixl 1 block", dtype, spec.block_bytes, 1, lat))
+        rows += [
+            _row("1 block (16 tokens)", f"{t} 1 block", dtype, spec.block_bytes, 1, lat[t])
+            for t in senders
+        ]
+    finally:
+        for sender in senders.values():
+            sender.close()
     rows2d = cache.view(num_blocks, -1)  # one row per block, as the transfer sees it
     other = torch.empty_like(rows2d)
     src_t, dst_t = torch.tensor(src), torch.tensor(dst)
@@ -260,13 +310,23 @@ def _region_rows(args: argparse.Namespace, remote: _Remote) -> list[Row]:
     assert spec.block_bytes == MIB
     num_blocks = max(args.regions_mib)
     cache = torch.randn(spec.shape(num_blocks))
-    target = remote.call("open", asdict(spec), num_blocks, _config(args, "receiver"))
+    targets = remote.call(
+        "open", asdict(spec), num_blocks, args.transports, args.progress_thread, _KEY.secret
+    )
     rows = []
-    with NixlConnector(cache, spec, _config(args, "sender")) as sender:
+    senders = _open(args.transports, cache, spec, args.progress_thread, "sender")
+    try:
         for mib in args.regions_mib:
             ids = list(range(mib))
-            times = _nixl_times(remote, sender, target, ids, ids, args.repeats, f"rg-{mib}")
-            rows.append(_row(f"{mib} MiB region", "nixl region", "float32", mib * MIB, mib, times))
+            times = _interleaved_times(remote, senders, targets, ids, ids, args.repeats,
+                                       f"rg-{mib}")
+            rows += [
+                _row(f"{mib} MiB region", f"{t} region", "float32", mib * MIB, mib, times[t])
+                for t in senders
+            ]
+    finally:
+        for sender in senders.values():
+            sender.close()
     flat = cache.view(torch.uint8).reshape(-1)
     other = torch.empty_like(flat)
     for mib in args.regions_mib:
@@ -326,8 +386,53 @@ def _print_table(rows: list[Row], out: Any) -> None:
         )
 
 
+def _summary(args: argparse.Namespace, rows: list[Row], dtypes: list[str],
+             transports: list[str]) -> tuple[dict[str, Any], list[str]]:
+    by = {(r.case, r.method, r.dtype): r for r in rows}
+    big = max(args.regions_mib)
+    n = -(-args.prompt_tokens // args.block_size)
+    blocks_case = f"{args.prompt_tokens}-token KV, {n} blocks"
+    summary: dict[str, Any] = {
+        "ucx_tls": os.environ.get("UCX_TLS", "(unset)"),
+        "ucx_put_transports": transports,
+    }
+    lines = [f"UCX_TLS={summary['ucx_tls']}; UCX put transports: "
+             f"{', '.join(transports) or 'unknown'}"]
+    tcp_big = by[(f"{big} MiB region", "tcp socket", "float32")].gb_per_s
+    for t in args.transports:
+        t_big = by[(f"{big} MiB region", f"{t} region", "float32")].gb_per_s
+        summary[f"{t}_vs_tcp_large_region"] = t_big / tcp_big
+        summary[f"{t}_blocks_vs_large_region"] = {
+            d: by[(blocks_case, f"{t} blocks", d)].gb_per_s / t_big for d in dtypes
+        }
+        lines.append(f"{t} / TCP ({big} MiB region): {t_big / tcp_big:.2f}x"
+                     + (" (target >= 0.8x)" if t == "nixl" else ""))
+        for d, ratio in summary[f"{t}_blocks_vs_large_region"].items():
+            lines.append(f"{t} block list / {t} {big} MiB region ({d}): {ratio:.2f}x"
+                         + (" (target >= 0.5x)" if t == "nixl" else ""))
+    if {"nixl", "nccl"} <= set(args.transports):
+        ratios: dict[str, float] = {}
+        for d in dtypes:
+            ratios[f"blocks {d}"] = (by[(blocks_case, "nccl blocks", d)].gb_per_s
+                                     / by[(blocks_case, "nixl blocks", d)].gb_per_s)
+            ratios[f"1 block latency {d}"] = (
+                by[("1 block (16 tokens)", "nccl 1 block", d)].median_ms
+                / by[("1 block (16 tokens)", "nixl 1 block", d)].median_ms)
+        for mib in args.regions_mib:
+            ratios[f"{mib} MiB region"] = (
+                by[(f"{mib} MiB region", "nccl region", "float32")].gb_per_s
+                / by[(f"{mib} MiB region", "nixl region", "float32")].gb_per_s)
+        summary["nccl_vs_nixl"] = ratios
+        for what, ratio in ratios.items():
+            kind = "latency" if "latency" in what else "throughput"
+            lines.append(f"nccl (gloo) / NIXL {kind}, {what}: {ratio:.2f}x")
+    return summary, lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transports", default="nixl,nccl",
+                        help="KV transports to measure, side by side (nixl, nccl)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -346,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.regions_mib = [int(x) for x in args.regions_mib.split(",") if x]
+    args.transports = [check_transport(t) for t in args.transports.split(",") if t]
     dtypes = [d for d in args.dtypes.split(",") if d]
 
     remote = _Remote()  # started before UCX_PROTO_INFO is set: only our side prints tables
@@ -365,35 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         transports = _transports(capture.read())
 
     _print_table(rows, real_stdout)
-    by = {(r.case, r.method, r.dtype): r for r in rows}
-    big = max(args.regions_mib)
-    nixl_big = by[(f"{big} MiB region", "nixl region", "float32")].gb_per_s
-    tcp_big = by[(f"{big} MiB region", "tcp socket", "float32")].gb_per_s
-    n = -(-args.prompt_tokens // args.block_size)
-    summary = {
-        "ucx_tls": os.environ.get("UCX_TLS", "(unset)"),
-        "ucx_put_transports": transports,
-        "nixl_vs_tcp_large_region": nixl_big / tcp_big,
-        "blocks_vs_large_region": {
-            d: by[(f"{args.prompt_tokens}-token KV, {n} blocks", "nixl blocks", d)].gb_per_s
-            / nixl_big
-            for d in dtypes
-        },
-    }
-    print(
-        f"\nUCX_TLS={summary['ucx_tls']}; UCX put transports: {', '.join(transports) or 'unknown'}",
-        file=real_stdout,
-    )
-    print(
-        f"NIXL / TCP ({big} MiB region): {summary['nixl_vs_tcp_large_region']:.2f}x "
-        "(target >= 0.8x)",
-        file=real_stdout,
-    )
-    for d, ratio in summary["blocks_vs_large_region"].items():
-        print(
-            f"NIXL block list / NIXL {big} MiB region ({d}): {ratio:.2f}x (target >= 0.5x)",
-            file=real_stdout,
-        )
+    summary, lines = _summary(args, rows, dtypes, transports)
+    print("\n" + "\n".join(lines), file=real_stdout)
     real_stdout.flush()
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -55,11 +55,12 @@ import numpy as np
 from pdserve.bench.common import Progress, markdown_table
 from pdserve.bench.trace import RESULTS_DIR
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.router.app import serve
 from pdserve.router.cluster import NAMESPACE, PoolConfig
 from pdserve.router.flow import FlowConfig
 from pdserve.router.server import Router, RouterConfig
-from pdserve.worker.protocol import TokenRecord, encode_batch
+from pdserve.worker.protocol import TokenRecord, encode_batch, token_channel
 
 FIRST_REGULAR_TOKEN = 3
 """Prompt token ids start here: 0..2 are the built-in checkpoints' BOS, EOS and PAD."""
@@ -360,7 +361,7 @@ def part_transfer(opts: Options, log: Progress) -> dict[str, Any]:
 # ---------------------------------------------------------------------- part 3: token path
 
 
-def _inbox_child(conn: Connection, batch: int) -> None:
+def _inbox_child(conn: Connection, batch: int, key: ChannelKey) -> None:
     """Receives steps with the router's ``TokenInbox``; acks each step once every one of its
     ``batch`` records sits in its request's queue."""
     import zmq
@@ -368,7 +369,7 @@ def _inbox_child(conn: Connection, batch: int) -> None:
     from pdserve.router.stream import TokenInbox
 
     async def main() -> None:
-        inbox = TokenInbox()
+        inbox = TokenInbox(key)
         inbox.start()
         queues = [inbox.open(f"req-{i}") for i in range(batch)]
         ctx = zmq.Context.instance()
@@ -421,14 +422,17 @@ def _bench_zmq(opts: Options, per_record: bool) -> dict[str, float]:
 
     ctx = zmq.Context.instance()
     parent, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_inbox_child, args=(child, opts.batch))
+    key = ChannelKey.generate()
+    proc = mp.get_context("spawn").Process(target=_inbox_child, args=(child, opts.batch, key))
     proc.start()
     ack = ctx.socket(zmq.PULL)
     ack_port = ack.bind_to_random_port("tcp://127.0.0.1")
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
     push.setsockopt(zmq.SNDHWM, 100_000)
-    push.connect(parent.recv())
+    endpoint = parent.recv()
+    push.connect(endpoint)
+    sealer = key.sealer(token_channel(endpoint))  # as decode workers seal (HMAC-SHA256)
     parent.send(f"tcp://127.0.0.1:{ack_port}")
     send_t: list[float] = []
     rtt: list[float] = []
@@ -436,9 +440,9 @@ def _bench_zmq(opts: Options, per_record: bool) -> dict[str, float]:
     def send(records: list[TokenRecord]) -> None:
         if per_record:
             for r in records:
-                push.send(encode_batch([r]), zmq.NOBLOCK)
+                push.send(sealer.seal(encode_batch([r])), zmq.NOBLOCK)
         else:
-            push.send(encode_batch(records), zmq.NOBLOCK)
+            push.send(sealer.seal(encode_batch(records)), zmq.NOBLOCK)
 
     for step in range(opts.steps + 20):
         records = _step_records(opts.batch, step)

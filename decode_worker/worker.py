@@ -5,7 +5,13 @@ around the engine's cache. Admission control lives here: ``reserve`` refuses (re
 when the blocks are not free, so a full pool makes the router wait or reject instead of
 freezing. A reservation becomes a running sequence only when the connector reports every
 block landed; if its transfer fails or its lease expires, the blocks are freed once no late
-write can reach them (``reuse_after``) and the router is told.
+write can reach them (``reuse_after``) and the router is told. An abort whose caller knows no
+write can land any more (``writes_done``) frees them at once.
+
+Token batches go to each router's inbox over ZMQ PUSH, sealed with the cluster's key
+(``pdserve.kvtransfer.auth``, channel ``tokens/<endpoint>``). A request that fails on its own
+(its sampling, a first token it cannot take) is reported as a non-retryable error record;
+the engine and every other request go on.
 
 Used as a Ray actor (``pdserve.router.cluster`` wraps it); every public method is async, so Ray runs
 them on the actor's event loop while the engine runs on its own thread.
@@ -24,6 +30,7 @@ import zmq
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.outputs import RequestOutput
+from pdserve.kvtransfer.auth import ChannelKey, Sealer
 from pdserve.worker.base import EngineWorker
 from pdserve.worker.protocol import (
     ReserveRequest,
@@ -33,6 +40,7 @@ from pdserve.worker.protocol import (
     logprobs_from_wire,
     logprobs_to_wire,
     sampling_params,
+    token_channel,
 )
 
 if TYPE_CHECKING:
@@ -48,10 +56,12 @@ class DecodeWorker(EngineWorker):
     role = "decode"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0, *, cpus: Sequence[int] | None = None) -> None:
-        super().__init__(worker_id, config, host, lease_s, cpus)
+                 lease_s: float = 30.0, *, kv_transport: str = "nixl",
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None) -> None:
+        super().__init__(worker_id, config, host, lease_s, kv_transport,
+                         channel_key=channel_key, cpus=cpus)
         self._ctx = zmq.Context.instance()
-        self._sockets: dict[str, zmq.Socket] = {}  # driver thread only
+        self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}
         self._aborted: set[str] = set()
         self._deferred_free: list[tuple[float, str]] = []
@@ -67,13 +77,15 @@ class DecodeWorker(EngineWorker):
 
     async def shutdown(self) -> None:
         await super().shutdown()
-        for sock in self._sockets.values():
+        for sock, _ in self._sockets.values():
             sock.close(linger=0)
 
     # ------------------------------------------------------------------ driver thread
 
     def _reserve(self, engine: Engine, req: ReserveRequest) -> ReserveResult | None:
         rid = req.request_id
+        if rid in self.tombstones:
+            raise ValueError(f"request {rid!r} was cancelled")
         reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling))
         if reservation is None:
             return None
@@ -84,16 +96,20 @@ class DecodeWorker(EngineWorker):
         return ReserveResult(rid, self.connector.describe(), reservation.block_ids,
                              reservation.num_cached_tokens, bs)
 
-    def _abort(self, engine: Engine, rid: str) -> bool:
+    def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
         self._reply_to.pop(rid, None)
+        if engine.request_status(rid) is None:
+            self.tombstones.add(rid)  # a reserve still on its way is refused
+            return False
         self._aborted.add(rid)
         if any(r == rid for _, r in self._deferred_free):
+            if writes_done:
+                self._deferred_free = [(0.0 if r == rid else t, r) for t, r in self._deferred_free]
             return True
-        seq_status = engine.request_status(rid)
-        if seq_status == "awaiting_kv":
-            # Writes may still land in its blocks: free them after the failure report's
-            # reuse_after (the next poll reports the abort).
-            self.connector.abort(rid)
+        if engine.request_status(rid) == "awaiting_kv":
+            # Unless the caller knows better, writes may still land in its blocks: free them
+            # after the failure report's reuse_after (the next poll reports the abort).
+            self.connector.abort(rid, writes_done=writes_done)
             return True
         self._aborted.discard(rid)
         return engine.abort(rid)
@@ -103,8 +119,14 @@ class DecodeWorker(EngineWorker):
         result = self.connector.poll()
         for rec in result.received:
             rid = rec.request_id
-            token, lps = msgpack.unpackb(rec.payload)
-            out = engine.commit_kv(rid, int(token), logprobs_from_wire(lps))
+            try:
+                token, lps = msgpack.unpackb(rec.payload)
+                out = engine.commit_kv(rid, int(token), logprobs_from_wire(lps))
+            except Exception as exc:  # this request's own first token or state
+                logger.warning("%s: cannot admit %s: %r", self.worker_id, rid, exc)
+                engine.abort(rid)
+                self._fail_request(rid, f"{type(exc).__name__}: {exc}")
+                continue
             self._queue(out)
         now = time.monotonic()
         for failure in result.failed:
@@ -128,7 +150,17 @@ class DecodeWorker(EngineWorker):
             self._queue(out)
         self._flush()
 
+    def _fail_request(self, rid: str, error: str) -> None:
+        """Tell the router that ``rid`` failed on its own (not to be retried elsewhere)."""
+        reply_to = self._reply_to.pop(rid, None)
+        if reply_to is not None:
+            self._outbox.setdefault(reply_to, []).append(
+                TokenRecord(rid, [], error=error[:500], retryable=False))
+
     def _queue(self, out: RequestOutput) -> None:
+        if out.error is not None:
+            self._fail_request(out.request_id, out.error)
+            return
         reply_to = self._reply_to.get(out.request_id)
         if reply_to is None:
             if not out.finished:
@@ -146,15 +178,17 @@ class DecodeWorker(EngineWorker):
         for endpoint, records in self._outbox.items():
             if not records:
                 continue
-            sock = self._sockets.get(endpoint)
-            if sock is None:
+            entry = self._sockets.get(endpoint)
+            if entry is None:
                 sock = self._ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 100_000)
                 sock.connect(endpoint)
-                self._sockets[endpoint] = sock
+                entry = self._sockets[endpoint] = (sock, self.channel_key.sealer(
+                    token_channel(endpoint)))
+            sock, sealer = entry
             try:
-                sock.send(encode_batch(records), zmq.NOBLOCK)
+                sock.send(sealer.seal(encode_batch(records)), zmq.NOBLOCK)
             except zmq.Again:
                 logger.error("%s: router %s is not reading; dropped %d records",
                              self.worker_id, endpoint, len(records))

@@ -6,7 +6,10 @@ work with ``call(fn)`` (``fn(engine)`` runs between two steps; the result comes 
 ``on_outputs``, and on every turn of the loop, busy or idle, it calls ``on_tick`` (where a
 worker polls its KV transfers). Both hooks run on the driver's thread. An exception in a
 hook or a step is logged and stops the driver: ``error`` then holds it and every pending and
-later ``call`` fails with it, so nothing waits forever on a dead loop.
+later ``call`` fails with it, so nothing waits forever on a dead loop, and ``on_stop`` is
+called (on the driver's thread, last) so that its owner can tell others at once. A request
+that fails on its own does not stop the loop: the engine ends that request alone
+(``RequestOutput.error``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine loop has stopped: the engine (and its owner) can serve nothing more."""
+
+
 class EngineDriver:
     """Owns ``engine`` from ``start()`` until ``stop()``."""
 
@@ -38,10 +45,12 @@ class EngineDriver:
         on_tick: Callable[[], None] | None = None,
         idle_wait_s: float = 0.002,
         name: str = "engine-driver",
+        on_stop: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.engine = engine
         self._on_outputs = on_outputs
         self._on_tick = on_tick
+        self._on_stop = on_stop
         self._idle_wait_s = idle_wait_s
         self._calls: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]]] = (
             queue.SimpleQueue()
@@ -67,7 +76,7 @@ class EngineDriver:
         """Run ``fn(engine)`` on the driver thread between steps."""
         fut: Future[T] = Future()
         if self.error is not None:
-            fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+            fut.set_exception(EngineStoppedError(f"engine loop stopped: {self.error!r}"))
             return fut
         self._calls.put((fn, fut))
         return fut
@@ -106,6 +115,11 @@ class EngineDriver:
             self.error = exc
         finally:
             self._fail_pending()
+            if self._on_stop is not None:
+                try:
+                    self._on_stop(self.error)
+                except Exception:
+                    logger.exception("on_stop hook failed")
 
     def _fail_pending(self) -> None:
         reason = self.error or RuntimeError("engine loop stopped")
@@ -115,4 +129,4 @@ class EngineDriver:
             except queue.Empty:
                 return
             if fut.set_running_or_notify_cancel():
-                fut.set_exception(RuntimeError(f"engine loop stopped: {reason!r}"))
+                fut.set_exception(EngineStoppedError(f"engine loop stopped: {reason!r}"))

@@ -313,21 +313,76 @@ class Engine:
             seq.num_computed_tokens += n
             self.kv.cache_computed_blocks(seq)
         outputs: list[RequestOutput] = []
-        if result.sampled:
-            tokens, logprobs = self.sampler.sample(
-                result.logits,
-                [s.request_id for s in result.sampled],
-                [s.params for s in result.sampled],
-            )
-            for seq, tok, lp in zip(result.sampled, tokens, logprobs, strict=True):
-                req = self._requests[seq.request_id]
-                finished = self._append(req, tok, lp)
-                outputs.append(self._output(req, finished))
+        for seq, tok, lp, error in self._sample(result.sampled, result.logits):
+            req = self._requests[seq.request_id]
+            if error is None:
+                try:
+                    finished = self._append(req, tok, lp)
+                except Exception as exc:  # this request's own stop rules or text
+                    error = f"{type(exc).__name__}: {exc}"
+                else:
+                    outputs.append(self._output(req, finished))
+                    continue
+            outputs.append(self._fail(req, error))
         sampled = set(map(id, result.sampled))
         for seq, _ in batch.prefills:
             if seq.prefill_only and id(seq) not in sampled:
                 outputs.append(self._output(self._requests[seq.request_id], False))
         return outputs
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> list[tuple[Sequence, int, TokenLogprobs | None, str | None]]:
+        """(sequence, token, logprobs, error) per sampled row. A row whose parameters the
+        sampler cannot run gets an error and draws nothing; the other rows are sampled as
+        if it were not there (seeded rows stay reproducible)."""
+        if not seqs:
+            return []
+        ids = [s.request_id for s in seqs]
+        params = [s.params for s in seqs]
+        bad = self.sampler.check(ids, params, logits.device)
+        keep = [i for i in range(len(seqs)) if i not in bad]
+        tokens: dict[int, int] = {}
+        lps: dict[int, TokenLogprobs | None] = {}
+        if keep:
+            rows = logits if not bad else logits[keep]
+            try:
+                got, got_lps = self.sampler.sample(rows, [ids[i] for i in keep],
+                                                   [params[i] for i in keep])
+                tokens = dict(zip(keep, got, strict=True))
+                lps = dict(zip(keep, got_lps, strict=True))
+            except Exception:
+                # Not foreseen by check(): find the culprit row by row (seeded rows drawn
+                # before the failure may have advanced their generators).
+                logger.exception("sampling a batch of %d rows failed; sampling row by row",
+                                 len(keep))
+                for i in keep:
+                    try:
+                        (tok,), (lp,) = self.sampler.sample(logits[i : i + 1], [ids[i]],
+                                                            [params[i]])
+                        tokens[i], lps[i] = tok, lp
+                    except Exception as exc:
+                        bad[i] = f"{type(exc).__name__}: {exc}"
+        return [(seq, tokens.get(i, -1), lps.get(i), bad.get(i)) for i, seq in enumerate(seqs)]
+
+    def _fail(self, req: _Request, error: str) -> RequestOutput:
+        """End a request that failed on its own (its sampling or stop rules), freeing what
+        it holds; every other request goes on. A prefill-only request keeps its blocks until
+        ``release``, as when it finishes (its KV may still be being sent)."""
+        seq = req.seq
+        logger.warning("request %s failed in the engine: %s", seq.request_id, error)
+        seq.finish_reason = FinishReason.ERROR
+        self.scheduler.remove(seq)
+        self.sampler.forget(seq.request_id)
+        req.metrics.finished_time = time.monotonic()
+        if seq.prefill_only:
+            seq.status = SequenceStatus.PREFILLED
+        else:
+            seq.status = SequenceStatus.FINISHED
+            self.kv.free(seq)
+        out = self._output(req, True)
+        out.error = error
+        return out
 
     def _append(self, req: _Request, token_id: int, lp: TokenLogprobs | None) -> bool:
         """Add a sampled token; apply stop rules; on finish, free or hold the blocks."""

@@ -43,6 +43,9 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     metrics: RequestMetrics | None = None
+    error: str | None = None
+    """Set (with ``finish_reason`` "error") when the request failed on its own; the engine
+    and every other request went on."""
 
 
 class StopChecker:

@@ -16,7 +16,11 @@ from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 
 class Sampler:
     """Picks one token per row of float32 logits. Holds the per-request generators;
-    ``forget(request_id)`` drops one when its request ends. Not thread-safe."""
+    ``forget(request_id)`` drops one when its request ends. Not thread-safe.
+
+    ``check`` finds the rows a batch cannot sample (their parameters are out of what torch
+    can run, e.g. a seed wider than 64 bits when validation was bypassed) BEFORE anything is
+    drawn, so the engine can fail those requests alone and sample the rest unchanged."""
 
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
@@ -31,6 +35,23 @@ class Sampler:
             gen.manual_seed(seed)
             self._generators[request_id] = gen
         return gen
+
+    def check(self, request_ids: list[str], params: list[SamplingParams],
+              device: torch.device) -> dict[int, str]:
+        """Row index -> why that row cannot be sampled. Creates the seeded rows'
+        generators (where an out-of-range seed fails); draws nothing."""
+        bad: dict[int, str] = {}
+        for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
+            try:
+                if p.greedy:
+                    continue
+                if not 0 < p.temperature < float("inf"):
+                    raise ValueError(f"temperature {p.temperature!r} cannot be sampled")
+                if p.seed is not None:
+                    self._generator(rid, p.seed, device)
+            except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+                bad[i] = f"{type(exc).__name__}: {exc}"
+        return bad
 
     def skip_draw(
         self, request_id: str, params: SamplingParams, device: torch.device, vocab_size: int
@@ -80,8 +101,8 @@ class Sampler:
         if any(p.top_k > 0 for p in params):
             vocab = logits.shape[1]
             ks = torch.tensor(
-                [p.top_k if p.top_k > 0 else vocab for p in params], device=device
-            ).clamp(max=vocab)
+                [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device
+            )
             sorted_desc = scaled.sort(dim=-1, descending=True).values
             kth = sorted_desc.gather(1, (ks - 1).unsqueeze(1))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -100,7 +121,7 @@ class Sampler:
             probs = probs.masked_fill(probs < threshold, 0.0)
         noise = torch.empty_like(probs).exponential_()
         for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
-            if p.seed is not None:
+            if p.seed is not None and not p.greedy:
                 noise[i].exponential_(generator=self._generator(rid, p.seed, device))
         tokens = (probs / noise).argmax(dim=-1)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]

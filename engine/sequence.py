@@ -33,6 +33,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the model's length
     ABORT = "abort"  # aborted by the caller
     PREFILL_DONE = "prefill_done"  # prefill-only request sampled its first token
+    ERROR = "error"  # failed on its own (e.g. its sampling); ``RequestOutput.error`` says why
 
 
 @dataclass(slots=True, eq=False)

@@ -1,6 +1,7 @@
 """The checkpoint's tokenizer, loaded offline, plus incremental detokenization for streaming.
 
-``Tokenizer`` wraps transformers' ``AutoTokenizer`` for a checkpoint folder (never the hub).
+``Tokenizer`` wraps transformers' ``AutoTokenizer`` for a checkpoint folder (never the hub),
+or the tokenizer a GGUF file describes (``pdserve.engine.model.gguf_tokenizer``).
 ``IncrementalDetokenizer`` turns a request's stream of generated ids into text deltas whose
 concatenation equals decoding all the ids at once; a character whose UTF-8 bytes are split
 over several tokens is emitted only once complete (no U+FFFD for an incomplete tail).
@@ -15,13 +16,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_CHAT_TEMPLATE = (
-    "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if eos_token %}{{ eos_token }}{% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-"""Used for checkpoints whose tokenizer has no chat template of its own."""
+
+class NoChatTemplateError(ValueError):
+    """A conversation was to be rendered for a model that has no chat template."""
+
 
 # Prompt tokens an IncrementalDetokenizer decodes with the first output tokens, so that
 # tokenizers whose decoding depends on the previous token (SentencePiece's leading space)
@@ -30,22 +28,28 @@ _PROMPT_CONTEXT = 5
 
 
 class Tokenizer:
-    """Text <-> token ids for one checkpoint folder. Thread-safe for concurrent ``encode`` /
-    ``decode`` (the underlying fast tokenizer is)."""
+    """Text <-> token ids for one checkpoint folder or GGUF file. Thread-safe for concurrent
+    ``encode`` / ``decode`` (the underlying fast tokenizer is)."""
 
     def __init__(self, path: str | Path) -> None:
         from pdserve.engine.model.checkpoint import CheckpointError
+        from pdserve.engine.model.gguf import is_gguf
 
         folder = Path(path)
+        self.path = folder
+        if is_gguf(folder):
+            from pdserve.engine.model.gguf_tokenizer import gguf_tokenizer
+
+            self._tok: Any = gguf_tokenizer(folder)
+            return
         if not folder.is_dir():
             raise CheckpointError(f"tokenizer folder {folder} does not exist")
         try:
             from transformers import AutoTokenizer
 
-            self._tok: Any = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # transformers raises OSError / ValueError / KeyError variants
             raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
-        self.path = folder
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, with BOS only if the tokenizer is configured to add it."""
@@ -72,14 +76,21 @@ class Tokenizer:
         return bool(getattr(self._tok, "chat_template", None))
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
+        chat_template: str | None = None,
     ) -> list[int]:
         """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``), rendered
-        with the checkpoint's template or ``FALLBACK_CHAT_TEMPLATE``; the template decides
-        special tokens, none are added on top."""
+        with ``chat_template`` if given, else the checkpoint's own; the template decides
+        special tokens, none are added on top. ``NoChatTemplateError`` when there is neither
+        (no generic template is guessed: the model would be prompted in a format it was not
+        trained on)."""
+        if chat_template is None and not self.has_chat_template:
+            raise NoChatTemplateError(
+                f"the model {self.path.name!r} has no chat template; start the server with "
+                "--chat-template FILE|TEMPLATE, or use /v1/completions with a plain prompt")
         text = self._tok.apply_chat_template(
             list(messages),
-            chat_template=None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE,
+            chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )

@@ -182,10 +182,20 @@ class KVConnector(ABC):
         ``poll()`` reports it received once they all landed, or failed after ``lease_s``."""
 
     @abstractmethod
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, *, writes_done: bool = False) -> None:
         """Stop tracking ``request_id`` in both roles and cancel its writes still in flight.
 
-        Reported as failed (``ABORTED``) by the next ``poll()`` unless already reported."""
+        Reported as failed (``ABORTED``) by the next ``poll()`` unless already reported.
+        ``writes_done``: the caller knows that no write into the request's destination
+        blocks can still land (its sender confirmed its writes cancelled, died, or never
+        got the target), so the failure's ``reuse_after`` is now instead of now + the
+        sender's lease."""
+
+    @abstractmethod
+    def writes_pending(self, request_id: str) -> bool:
+        """True while a write of ``request_id`` sent by this connector may still land at its
+        peer (posted and not yet completed, acknowledged or released). False: the receiver
+        may reuse the destination blocks at once (``abort(..., writes_done=True)``)."""
 
     @abstractmethod
     def poll(self) -> PollResult:

@@ -126,10 +126,14 @@ class InProcessConnector(KVConnector):
         checked_block_ids(dst_block_ids, self.num_blocks, "expected")
         self._recv.expect(request_id, dst_block_ids, lease_s, time.monotonic())
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, *, writes_done: bool = False) -> None:
         now = time.monotonic()
         self._fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
-        self._recv.fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
+        self._recv.fail(request_id, FailureKind.ABORTED, "aborted by the owner", now,
+                        grace_s=0.0 if writes_done else None)
+
+    def writes_pending(self, request_id: str) -> bool:
+        return False  # ``write_blocks`` copies synchronously: nothing is ever in flight
 
     def poll(self) -> PollResult:
         self._require_open()

@@ -67,3 +67,66 @@ def checked_write(
     if len(src) != len(dst):
         raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
     return src, dst
+
+
+def _head_view(kv_cache: torch.Tensor, heads: slice) -> torch.Tensor:
+    return kv_cache if heads == slice(0, kv_cache.shape[4]) else kv_cache[:, :, :, :, heads]
+
+
+def _byte_rows(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``t`` (CPU, unit stride in its last dimension) as bytes."""
+    return t.view(torch.uint8).numpy()
+
+
+# On CPU, blocks are copied row by row with numpy (one memcpy-like copy per block, on the
+# calling thread, without the GIL): torch's indexed copies run on the intra-op thread pool,
+# which the engine's own thread uses too, and degrade badly when the two contend.
+
+
+def gather_blocks(
+    kv_cache: torch.Tensor, block_ids: np.ndarray, heads: slice, out: torch.Tensor
+) -> torch.Tensor:
+    """Copy KV heads ``heads`` (a slice of the cache's own head axis) of blocks ``block_ids``,
+    in that order, into ``out`` (contiguous, shaped as ``frame_shape`` says) and return it:
+    what one transfer moves."""
+    source = _head_view(kv_cache, heads)
+    if kv_cache.device.type == "cpu":
+        src, dst = _byte_rows(source), _byte_rows(out)
+        for i, b in enumerate(block_ids.tolist()):
+            dst[i] = src[b]
+        return out
+    index = torch.from_numpy(block_ids.astype(np.int64)).to(kv_cache.device)
+    return torch.index_select(source, 0, index, out=out)
+
+
+def scatter_blocks(
+    kv_cache: torch.Tensor, block_ids: np.ndarray, heads: slice, data: torch.Tensor
+) -> None:
+    """Write ``data`` (as made by ``gather_blocks``) into heads ``heads`` of ``block_ids``."""
+    target = _head_view(kv_cache, heads)
+    if kv_cache.device.type == "cpu":
+        dst, src = _byte_rows(target), _byte_rows(data)
+        for i, b in enumerate(block_ids.tolist()):
+            dst[b] = src[i]
+        return
+    index = torch.from_numpy(block_ids.astype(np.int64)).to(kv_cache.device)
+    target.index_copy_(0, index, data)
+
+
+def frame_shape(spec: KVCacheSpec, num_blocks: int, num_heads: int) -> tuple[int, ...]:
+    """Shape of ``num_blocks`` blocks cut to ``num_heads`` KV heads (see ``gather_blocks``)."""
+    return (num_blocks, spec.num_layers, 2, spec.block_size, num_heads, spec.head_dim)
+
+
+def frame_buffer(
+    scratch: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous tensor of ``shape`` (dtype and device of ``like``) carved from ``scratch``,
+    which is replaced by a larger one when too small: (the view, the scratch to keep). Reusing
+    one buffer spares an allocation and its page faults per transfer."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if scratch is None or scratch.numel() < numel:
+        scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return scratch[:numel].view(shape), scratch

@@ -137,7 +137,9 @@ class SendLedger:
         """Report ``request_id`` failed (once). False if it was not active."""
         if self._requests.pop(request_id, None) is None:
             return False
-        logger.warning("KV send of request %s failed (%s): %s", request_id, kind.value, message)
+        # An abort by the owner (a cancelled request) is routine, not a warning.
+        log = logger.debug if kind is FailureKind.ABORTED else logger.warning
+        log("KV send of request %s failed (%s): %s", request_id, kind.value, message)
         self._failed.append(TransferFailure(request_id, kind, message, reuse_after=now))
         return True
 
@@ -225,15 +227,22 @@ class ReceiveLedger:
             del self._requests[notice.request_id]
             self._received.append(Received(notice.request_id, req.payload))
 
-    def _fail(self, request_id: str, kind: FailureKind, message: str, now: float) -> None:
+    def _fail(self, request_id: str, kind: FailureKind, message: str, now: float,
+              grace_s: float | None = None) -> None:
         if self._requests.pop(request_id, None) is None:
             return
-        logger.warning("KV receive of request %s failed (%s): %s", request_id, kind.value, message)
-        failure = TransferFailure(request_id, kind, message, reuse_after=now + self.grace_s)
+        log = logger.debug if kind is FailureKind.ABORTED else logger.warning
+        log("KV receive of request %s failed (%s): %s", request_id, kind.value, message)
+        grace = self.grace_s if grace_s is None else grace_s
+        failure = TransferFailure(request_id, kind, message, reuse_after=now + grace)
         self._failed.append(failure)
 
-    def fail(self, request_id: str, kind: FailureKind, message: str, now: float) -> None:
-        self._fail(request_id, kind, message, now)
+    def fail(self, request_id: str, kind: FailureKind, message: str, now: float,
+             grace_s: float | None = None) -> None:
+        """Give up on ``request_id``; its blocks may be reused after ``grace_s`` (default:
+        the ledger's, the longest a live sender may still write; 0 when the caller knows
+        no write can land any more)."""
+        self._fail(request_id, kind, message, now, grace_s)
 
     def check_leases(self, now: float) -> None:
         for rid, req in list(self._requests.items()):

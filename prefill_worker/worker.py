@@ -9,6 +9,11 @@ worker's prefix cache. The ``prefill`` call answers when the decode side holds e
 With ``stream_kv=False`` every block is written once, with the first token, after the last
 chunk (no overlap; kept to measure what streaming saves, see ``bench/service.py``).
 
+A request that fails on its own in the engine (its sampling) answers a non-retryable
+``PrefillResult``: the router fails it instead of trying another worker. ``abort`` answers
+True once no write of the request can still land at the decode worker, so that the router
+can tell the decode worker to free the reservation at once.
+
 Used as a Ray actor (``pdserve.router.cluster`` wraps it); public methods are async.
 """
 
@@ -26,6 +31,7 @@ import msgpack
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_events import KVEvent
 from pdserve.engine.outputs import RequestOutput
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.base import EngineWorker
 from pdserve.worker.protocol import PrefillRequest, PrefillResult, logprobs_to_wire, sampling_params
 
@@ -60,8 +66,10 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True,
+                 kv_transport: str = "nixl", channel_key: ChannelKey,
                  cpus: Sequence[int] | None = None) -> None:
-        super().__init__(worker_id, config, host, lease_s, cpus)
+        super().__init__(worker_id, config, host, lease_s, kv_transport,
+                         channel_key=channel_key, cpus=cpus)
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
         self._event_batches = 0
@@ -93,7 +101,7 @@ class PrefillWorker(EngineWorker):
         events = await asyncio.wrap_future(self._driver.call(lambda e: e.take_kv_events()))
         seq = self._event_batches
         self._event_batches += 1
-        return self.connector.agent_name, seq, events
+        return self.agent_name, seq, events
 
     async def kv_snapshot(self) -> tuple[str, int, list[int]]:
         """Every cached block hash, as of the last batch ``kv_events`` returned."""
@@ -101,13 +109,17 @@ class PrefillWorker(EngineWorker):
             return engine.pool.cached_hashes()
 
         hashes = await asyncio.wrap_future(self._driver.call(take))
-        return self.connector.agent_name, self._event_batches - 1, hashes
+        return self.agent_name, self._event_batches - 1, hashes
 
     # ------------------------------------------------------------------ driver thread
 
     def _start(self, engine: Engine, req: PrefillRequest, loop: asyncio.AbstractEventLoop,
                fut: asyncio.Future[PrefillResult]) -> None:
         rid = req.request_id
+        if rid in self.tombstones:  # aborted before it arrived
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(PrefillResult(
+                rid, False, error="aborted", retryable=False)))
+            return
         params = replace(sampling_params(req.sampling), max_tokens=1)
         engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True)
         bs = engine.kv_spec.block_size
@@ -118,17 +130,20 @@ class PrefillWorker(EngineWorker):
                              f"{len(req.dst_block_ids)} given")
         self._jobs[rid] = _Job(req, loop, fut, time.monotonic(), req.skip_blocks, num_blocks)
 
-    def _abort(self, engine: Engine, rid: str) -> bool:
+    def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
+        """True once no write of ``rid`` can still land at its decode worker."""
         job = self._jobs.get(rid)
         if job is None:
-            return engine.abort(rid)
+            if not engine.abort(rid):
+                self.tombstones.add(rid)  # a prefill still on its way is refused
+            return not self.connector.writes_pending(rid)
         job.aborted = True
         if job.writes_started:
             self.connector.abort(rid)  # source blocks are released when poll reports it
         else:
             engine.abort(rid)
             self._resolve(job, PrefillResult(rid, False, error="aborted", retryable=False))
-        return True
+        return not self.connector.writes_pending(rid)
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         bs = self.engine.kv_spec.block_size
@@ -136,6 +151,9 @@ class PrefillWorker(EngineWorker):
         for out in outputs:
             job = self._jobs.get(out.request_id)
             if job is None or job.aborted or job.expired:
+                continue
+            if out.error is not None:
+                self._fail_job(job, out.error)
                 continue
             if not (out.finished or self.stream_kv):
                 continue  # not streaming: every block goes with the last write
@@ -162,6 +180,16 @@ class PrefillWorker(EngineWorker):
                                         last=out.finished, payload=payload)
             job.writes_started = True
             job.next_block = max(job.next_block, upto)
+
+    def _fail_job(self, job: _Job, error: str) -> None:
+        """The request failed on its own: write nothing more, answer a final failure."""
+        rid = job.req.request_id
+        job.aborted = True  # the failure answered here is the one the router sees
+        if job.writes_started:
+            self.connector.abort(rid)  # blocks released when poll reports it
+        else:
+            self.engine.release(rid)
+        self._resolve(job, PrefillResult(rid, False, error=error[:500], retryable=False))
 
     def _expire(self, job: _Job) -> None:
         """The decode side's lease is over: write nothing more, fail the job."""
@@ -191,8 +219,9 @@ class PrefillWorker(EngineWorker):
             job = self._jobs.get(rid)
             self.engine.release(rid)
             if job is not None:
-                logger.warning("%s: KV transfer of %s failed: %s", self.worker_id, rid,
-                               failure.message)
+                if not job.aborted:  # an aborted job's failure is the abort itself
+                    logger.warning("%s: KV transfer of %s failed: %s", self.worker_id, rid,
+                                   failure.message)
                 self._resolve(job, PrefillResult(
                     rid, False, error=f"{failure.kind.value}: {failure.message}",
                     retryable=job.expired or not job.aborted,

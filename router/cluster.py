@@ -3,8 +3,14 @@
 Workers are named Ray actors (``pdserve-prefill-0``, ``pdserve-decode-1`` in the
 ``pdserve`` namespace). The monitor pings every worker; one that does not answer is marked
 dead (its in-flight requests are failed over by the router through ``on_death``) and a new
-actor with a new KV agent takes its place. The router's only state here is soft: handles,
-liveness and the latest stats.
+actor with a new KV agent takes its place. Each live worker also holds one ``watch`` call
+open: it answers when the worker's engine loop stops and fails when its process dies, so
+either is acted on at once, not at the next ping. The router's only state here is soft:
+handles, liveness and the latest stats.
+
+The cluster's ``ChannelKey`` (created here, or read from ``$PDSERVE_CHANNEL_SECRET``) goes
+to every worker as an actor argument: it seals their side channels (KV handshakes, token
+batches to the router's inbox).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,8 +28,11 @@ import ray
 
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import EngineConfig
+from pdserve.kvtransfer.auth import ChannelKey
+from pdserve.kvtransfer.factory import check_transport
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.worker.affinity import plan_cpu_sets
+from pdserve.worker.base import LOG_LEVEL_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,7 @@ class PoolConfig:
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     kv_host: str = "127.0.0.1"
+    kv_transport: str = "nixl"  # "nixl" or "nccl" (torch.distributed: NCCL on GPU, gloo on CPU)
     lease_s: float = 30.0
     stream_kv: bool = True  # prefill writes KV chunk by chunk; False: all blocks at the end
     ping_interval_s: float = 0.5
@@ -57,6 +68,7 @@ class PoolConfig:
                 f"need at least one prefill and one decode worker, got {self.num_prefill} + "
                 f"{self.num_decode}"
             )
+        check_transport(self.kv_transport)
 
 
 @dataclass(slots=True, eq=False)
@@ -85,8 +97,13 @@ class Cluster:
         self._monitor: asyncio.Task[None] | None = None
         self._on_death: DeathCallback | None = None
         self._replacing: set[str] = set()
+        self._watches: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.channel_key = ChannelKey.from_env()
         self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
         self._cpu_sets: dict[str, tuple[int, ...]] = {}
+        self.restarts = 0
+        """Workers replaced since start (each death counts once)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -95,7 +112,8 @@ class Cluster:
         if ray.is_initialized():
             return
         address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        level = logging.getLevelName(logging.getLogger("pdserve").getEffectiveLevel())
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", LOG_LEVEL_ENV: level}}
         if address:
             ray.init(address=address, namespace=NAMESPACE, runtime_env=env,
                      log_to_driver=True)
@@ -103,13 +121,23 @@ class Cluster:
             cfg = self.config
             logical_cpus = max(os.cpu_count() or 1,
                                int((cfg.num_prefill + cfg.num_decode) * cfg.cpus_per_worker) + 1)
-            ray.init(num_cpus=logical_cpus, namespace=NAMESPACE, runtime_env=env,
-                     include_dashboard=False, log_to_driver=True)
+            # address="local": a new Ray of our own even when a `ray start` head runs on
+            # this machine (ray.init() would attach to it and refuse num_cpus).
+            ray.init(address="local", num_cpus=logical_cpus, namespace=NAMESPACE,
+                     runtime_env=env, include_dashboard=False, log_to_driver=True)
             self._started_ray = True
 
-    async def start(self) -> None:
-        """Create every worker and wait until all are ready."""
+    async def start(self, on_connected: Callable[[], None] | None = None) -> None:
+        """Create every worker and wait until all are ready (``on_connected()`` once Ray is
+        connected). Cancelling it leaves the workers created so far to ``shutdown``."""
+        started = time.monotonic()
         self.connect()
+        logger.info("Ray: %s in %.1f s", "started a local instance" if self._started_ray
+                    else f"attached to {self.config.ray_address or os.environ.get('RAY_ADDRESS')}",
+                    time.monotonic() - started)
+        if on_connected is not None:
+            on_connected()
+        started = time.monotonic()
         cfg = self.config
         if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
             ids = [f"prefill-{i}" for i in range(cfg.num_prefill)]
@@ -119,6 +147,8 @@ class Cluster:
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]
         await asyncio.gather(*(self._wait_ready(h) for h in handles))
+        logger.info("%d prefill + %d decode workers loaded the model and are ready in %.1f s",
+                    self.config.num_prefill, self.config.num_decode, time.monotonic() - started)
 
     def _create(self, role: str, index: int, generation: int = 0) -> WorkerHandle:
         cfg = self.config
@@ -134,10 +164,13 @@ class Cluster:
             max_restarts=0,
             max_concurrency=1000,
         )
-        extra: dict[str, Any] = {"stream_kv": cfg.stream_kv} if role == "prefill" else {}
+        extra: dict[str, Any] = {"kv_transport": cfg.kv_transport}
+        if role == "prefill":
+            extra["stream_kv"] = cfg.stream_kv
         if worker_id in self._cpu_sets:
             extra["cpus"] = self._cpu_sets[worker_id]
-        actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s, **extra)
+        actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s,
+                                 channel_key=self.channel_key, **extra)
         handle = WorkerHandle(worker_id, role, actor, generation)
         self.workers[worker_id] = handle
         return handle
@@ -148,6 +181,21 @@ class Cluster:
         handle.alive = True
         logger.info("worker %s (generation %d) ready: %s", handle.worker_id,
                     handle.generation, handle.info)
+        if not self._closing:
+            task = asyncio.get_running_loop().create_task(self._watch_one(handle))
+            self._watches.add(task)
+            task.add_done_callback(self._watches.discard)
+
+    async def _watch_one(self, handle: WorkerHandle) -> None:
+        """One open ``watch`` call per live worker: its answer (loop stopped) or its failure
+        (process gone) reports the worker dead at once."""
+        try:
+            why: object = await handle.actor.watch.remote()
+        except ray.exceptions.RayError as exc:
+            why = exc
+        if why == "shutdown" or self._closing:
+            return
+        await self.report_dead(handle, why)
 
     def run_monitor(self, on_death: DeathCallback) -> None:
         self._on_death = on_death
@@ -157,9 +205,10 @@ class Cluster:
         """``handle``'s actor is gone (a call to it raised ``ActorDiedError``, or it failed
         its liveness check): take it out of its pool now, fail over what it held, and start
         a replacement. Later reports of the same death do nothing."""
-        if not handle.alive:
+        if not handle.alive or self._closing:
             return
         handle.alive = False
+        self.restarts += 1
         logger.error("worker %s died (%r); failing over and replacing it", handle.worker_id,
                      why)
         if self._on_death is not None:
@@ -168,15 +217,21 @@ class Cluster:
 
     async def shutdown(self) -> None:
         """Stop the monitor and every worker; leave no pdserve actor behind."""
+        self._closing = True
         if self._monitor is not None:
             self._monitor.cancel()
-        for handle in self.workers.values():
+        for task in list(self._watches):
+            task.cancel()
+
+        async def stop(handle: WorkerHandle) -> None:
             try:
                 await asyncio.wait_for(handle.actor.shutdown.remote(), 5.0)
             except Exception:  # dying anyway
                 pass
             ray.kill(handle.actor, no_restart=True)
             handle.alive = False
+
+        await asyncio.gather(*(stop(h) for h in self.workers.values()))
         if self._started_ray:
             ray.shutdown()
 
@@ -223,14 +278,24 @@ class Cluster:
             return False
         return True
 
+    def kill_all(self) -> None:
+        """Kill every worker now, without draining (a second Ctrl-C)."""
+        self._closing = True
+        for handle in self.workers.values():
+            handle.alive = False
+            try:
+                ray.kill(handle.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+
     async def _replace(self, dead: WorkerHandle) -> None:
-        if dead.worker_id in self._replacing:
+        if dead.worker_id in self._replacing or self._closing:
             return
         self._replacing.add(dead.worker_id)
         try:
             ray.kill(dead.actor, no_restart=True)
             index = int(dead.worker_id.rsplit("-", 1)[1])
-            while True:
+            while not self._closing:
                 handle = self._create(dead.role, index, dead.generation + 1)
                 try:
                     await self._wait_ready(handle)

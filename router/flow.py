@@ -8,25 +8,38 @@ gap and no duplicate. A prefill worker dying, or a KV transfer failing, retries 
 on another worker; nothing decodes from KV that did not fully land (the decode worker
 admits a request only when its connector reports every block received).
 
+Failover is for failures of workers, never of the request: a request that fails on its own
+on a worker (it refused it, or its sampling failed there) fails with a short message and is
+not tried elsewhere, and a request that was on two workers that died fails with UNAVAILABLE
+instead of trying a third (it may be what killed them). When every worker of a pool is dead,
+admission waits for the replacements, bounded by the request's deadline and the lease.
+
 Every attempt has its own id (``<request id>.<n>``): late messages of an abandoned attempt
-cannot reach the next one, and every exit path aborts the attempt on both workers.
+cannot reach the next one, and every exit path releases the attempt on both workers at once
+(``pdserve.router.attempt``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-
-import ray
 
 from pdserve.engine.hashing import hash_blocks
 from pdserve.engine.outputs import StopChecker
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.router.attempt import (
+    Attempt,
+    AttemptCalls,
+    Outcome,
+    PrefillOutcome,
+    RequestFailed,
+)
 from pdserve.router.balancer import (
     Balancer,
     LoadView,
@@ -41,7 +54,6 @@ from pdserve.worker.protocol import (
     PrefillRequest,
     PrefillResult,
     ReserveRequest,
-    ReserveResult,
     SamplingSpec,
     TokenRecord,
     logprobs_from_wire,
@@ -64,7 +76,8 @@ class FlowConfig:
     lease_s: float = 30.0
     admission_timeout_s: float = 30.0
     max_waiting: int = 256  # requests waiting for a decode reservation; past it: overload
-    max_attempts: int = 4
+    max_attempts: int = 4  # failed transfers before a request gives up
+    max_worker_deaths: int = 1  # workers that may die under one request; one more fails it
 
 
 @dataclass(slots=True)
@@ -80,23 +93,14 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     timing: dict[str, float] = field(default_factory=dict)
+    prefill_worker: str = ""
+    """The last delta's: the worker whose prefill the request's output came from."""
+    decode_worker: str = ""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
 """Told of every prefill attempt: the balancer's choice, the result (None if the worker
 died or the attempt was abandoned) and how many KV blocks it was to write."""
-
-
-class _Attempt:
-    def __init__(self, attempt_id: str, decode: WorkerHandle, route: RouteRequest) -> None:
-        self.id = attempt_id
-        self.decode = decode
-        self.route = route  # the prompt's block hashes, computed once per attempt
-        self.prefill: WorkerHandle | None = None
-        self.reservation: ReserveResult | None = None
-        self.reserved_at = 0.0  # time.time() when the reservation was confirmed
-        self.decode_died = asyncio.Event()
-        self.done = False
 
 
 class Flow:
@@ -112,10 +116,16 @@ class Flow:
         self.config = config
         self.prefill_view = LoadView()
         self.decode_view = LoadView()
-        self._attempts: dict[str, _Attempt] = {}
+        self._attempts: dict[str, Attempt] = {}
+        self.calls = AttemptCalls(cluster, on_stats=self.refresh_loads)
         self._waiting = 0
         self.failovers = 0
         self.on_prefill: PrefillObserver | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a decode reservation (admission control's queue)."""
+        return self._waiting
 
     # ------------------------------------------------------------------ load
 
@@ -140,6 +150,17 @@ class Flow:
         self.prefill_view.update(prefill)
         self.decode_view.update(decode)
 
+    def _missing_pools(self) -> list[str]:
+        """Roles with no live worker in the balancer's view (refreshed from the handles when
+        one looks empty, so that a replacement counts as soon as it is ready)."""
+        missing = []
+        for role, view in (("decode", self.decode_view), ("prefill", self.prefill_view)):
+            if not self._alive(view.current()):
+                self.refresh_loads()
+                if not self._alive(view.current()):
+                    missing.append(role)
+        return missing
+
     def _alive(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
         alive = {h.worker_id for h in self.cluster.workers.values() if h.alive}
         return [ld for ld in loads if ld.worker_id in alive]
@@ -155,29 +176,38 @@ class Flow:
     # ------------------------------------------------------------------ one request
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       max_len: int, arrival: float) -> AsyncIterator[Delta]:
+                       max_len: int, arrival: float,
+                       deadline: float | None = None) -> AsyncIterator[Delta]:
+        """Stream the request's deltas. ``deadline`` (``time.monotonic()``): the client's,
+        if it set one; waits for capacity or for workers end there at the latest. Raises
+        ``RequestError``."""
         seq = Sequence(request_id, prompt, params, arrival, 0)
         seq.max_len = max_len
         stop = StopChecker(seq, IncrementalDetokenizer(self.tokenizer, prompt), self.eos_ids)
         timing: dict[str, float] = {}
         cached_tokens = 0
-        failures = 0
+        failures = deaths = 0
         attempt_no = 0
         while True:
             attempt_no += 1
-            attempt = await self._admit(f"{request_id}.{attempt_no}", seq, params, timing, arrival)
+            attempt = await self._admit(f"{request_id}.{attempt_no}", seq, params, timing,
+                                        arrival, deadline)
             queue = self.inbox.open(attempt.id)
             try:
-                result = await self._prefill(attempt, seq, params)
-                if result is None or not result.ok:
-                    failures += 1
-                    if result is not None and not result.retryable:
-                        raise RequestError("internal", f"prefill failed: {result.error}")
-                    if failures >= self.config.max_attempts:
-                        raise RequestError("unavailable", "prefill kept failing: "
-                                           + (result.error if result else "worker died"))
-                    self.failovers += 1
+                outcome = await self._prefill(attempt, seq, params)
+                if outcome.kind is Outcome.NO_WORKER:
+                    await asyncio.sleep(0.05)  # raced a death: admission waits for one
                     continue
+                if outcome.kind is Outcome.REQUEST:
+                    raise RequestError("internal", "the request failed on its prefill "
+                                       f"worker: {outcome.reason}")
+                if outcome.kind is not Outcome.OK:
+                    died = outcome.kind is Outcome.DIED
+                    failures, deaths = self._count_failure(attempt, died, failures, deaths,
+                                                           outcome.reason)
+                    continue
+                result = outcome.result
+                assert result is not None
                 if attempt_no == 1 or not timing.get("prefill_s"):
                     timing["prefill_s"] = result.prefill_s
                     timing["transfer_s"] = result.transfer_tail_s
@@ -185,6 +215,9 @@ class Flow:
                 while True:
                     record = await queue.get()
                     if record.error is not None:
+                        if not record.retryable:
+                            raise RequestError("internal", "the request failed on its decode "
+                                               f"worker: {record.error[:200]}")
                         logger.warning("%s: %s; resuming after %d tokens", attempt.id,
                                        record.error, seq.num_output_tokens)
                         break
@@ -198,19 +231,37 @@ class Flow:
                         delta.completion_tokens = seq.num_output_tokens
                         delta.cached_tokens = cached_tokens
                         delta.timing = timing
+                        delta.decode_worker = attempt.decode.worker_id
+                        if attempt.prefill is not None:
+                            delta.prefill_worker = attempt.prefill.worker_id
                         yield delta
                         return
                     if delta.token_ids or delta.text:
                         yield delta
-                failures += 1
-                self.failovers += 1
-                if failures >= self.config.max_attempts:
-                    raise RequestError("unavailable", "decode kept failing")
+                failures, deaths = self._count_failure(
+                    attempt, attempt.decode_died.is_set(), failures, deaths, record.error or "")
             finally:
                 self.inbox.close_request(attempt.id)
                 self._attempts.pop(attempt.id, None)
-                if not attempt.done:
-                    self._abort(attempt)
+                self.calls.release(attempt)
+
+    def _count_failure(self, attempt: Attempt, died: bool, failures: int, deaths: int,
+                       reason: str) -> tuple[int, int]:
+        """Count a failed attempt; raise if the request may not be tried again."""
+        if died:
+            deaths += 1
+            if deaths > self.config.max_worker_deaths:
+                raise RequestError(
+                    "unavailable", f"the request was on {deaths} workers that died; it is "
+                    "not tried on another (it may be what made them fail)")
+        else:
+            failures += 1
+            if failures >= self.config.max_attempts:
+                raise RequestError("unavailable", f"the request failed {failures} times on "
+                                   f"its workers; last: {reason[:200]}")
+        self.failovers += 1
+        logger.info("%s failed (%s); trying again", attempt.id, reason[:200] or "worker died")
+        return failures, deaths
 
     def _apply(self, seq: Sequence, stop: StopChecker, record: TokenRecord) -> Delta:
         tokens: list[int] = []
@@ -235,11 +286,6 @@ class Flow:
         return Delta(tokens, stop.take_delta(reason is not None), logprobs, reason,
                      seq.stop_reason)
 
-    def _abort(self, attempt: _Attempt) -> None:
-        for handle in (attempt.decode, attempt.prefill):
-            if handle is not None and handle.alive:
-                handle.actor.abort.remote(attempt.id)
-
     # ------------------------------------------------------------------ admission
 
     def _spec(self, seq: Sequence, params: SamplingParams) -> SamplingSpec:
@@ -255,8 +301,11 @@ class Flow:
         return RouteRequest(attempt_id, tuple(hashes), seq.num_tokens)
 
     async def _admit(self, attempt_id: str, seq: Sequence, params: SamplingParams,
-                     timing: dict[str, float], arrival: float) -> _Attempt:
-        """Reserve blocks on a decode worker, waiting (bounded) while the pool is full."""
+                     timing: dict[str, float], arrival: float,
+                     deadline: float | None) -> Attempt:
+        """Reserve blocks on a decode worker, waiting (bounded) while the pool is full, and
+        while a pool has no live worker (until a replacement is up, the request's deadline
+        or the lease, whichever comes first)."""
         if self._waiting >= self.config.max_waiting:
             raise RequestError("resource_exhausted",
                                f"{self._waiting} requests already wait for decode capacity; "
@@ -264,93 +313,72 @@ class Flow:
         self._waiting += 1
         try:
             route = self._route(attempt_id, seq)
-            deadline = time.monotonic() + self.config.admission_timeout_s
+            start = time.monotonic()
+            capacity_deadline = start + self.config.admission_timeout_s
+            worker_deadline = min(deadline or math.inf, start + self.config.lease_s)
             delay = 0.005
             while True:
-                choice = self.balancer.choose_decode(route, self._alive(self.decode_view.current()))
-                if choice is not None:
-                    handle = self.cluster.workers[choice.worker_id]
-                    res = await self._reserve(handle, attempt_id, seq, params)
-                    if res is not None:
-                        self.decode_view.add_decode(handle.worker_id, choice.blocks_to_reserve)
-                        attempt = _Attempt(attempt_id, handle, route)
-                        attempt.reservation = res
-                        attempt.reserved_at = time.time()
-                        self._attempts[attempt_id] = attempt
-                        timing.setdefault("queue_s", time.monotonic() - arrival)
-                        return attempt
-                if not self.cluster.pool("decode"):
-                    raise RequestError("unavailable", "no decode worker is alive")
-                if time.monotonic() > deadline:
-                    raise RequestError(
-                        "resource_exhausted",
-                        f"no decode capacity for {self.config.admission_timeout_s:.0f}s "
-                        f"(prompt of {seq.num_tokens} tokens); retry later")
+                now = time.monotonic()
+                missing = self._missing_pools()
+                if missing:
+                    if now >= worker_deadline:
+                        raise RequestError(
+                            "unavailable", f"no {missing[0]} worker is alive (waited "
+                            f"{now - start:.1f} s for a replacement)")
+                else:
+                    choice = self.balancer.choose_decode(
+                        route, self._alive(self.decode_view.current()))
+                    if choice is not None:
+                        handle = self.cluster.workers[choice.worker_id]
+                        req = ReserveRequest(attempt_id, list(seq.token_ids),
+                                             self._spec(seq, params), self.inbox.endpoint,
+                                             self.config.lease_s)
+                        try:
+                            res = await self.calls.reserve(handle, req)
+                        except RequestFailed as exc:
+                            code = "invalid_argument" if exc.invalid else "internal"
+                            raise RequestError(code, exc.reason) from None
+                        if res is not None:
+                            self.decode_view.add_decode(handle.worker_id,
+                                                        choice.blocks_to_reserve)
+                            attempt = Attempt(attempt_id, handle, route)
+                            attempt.reservation = res
+                            attempt.reserved_at = time.time()
+                            self._attempts[attempt_id] = attempt
+                            timing.setdefault("queue_s", time.monotonic() - arrival)
+                            return attempt
+                    if now > min(capacity_deadline, deadline or math.inf):
+                        raise RequestError(
+                            "resource_exhausted",
+                            f"no decode capacity for {now - start:.0f} s (prompt of "
+                            f"{seq.num_tokens} tokens); retry later")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.1)
         finally:
             self._waiting -= 1
 
-    async def _reserve(self, handle: WorkerHandle, attempt_id: str, seq: Sequence,
-                       params: SamplingParams) -> ReserveResult | None:
-        req = ReserveRequest(attempt_id, list(seq.token_ids), self._spec(seq, params),
-                             self.inbox.endpoint, self.config.lease_s)
-        try:
-            return await handle.actor.reserve.remote(req)
-        except ValueError as exc:
-            raise RequestError("invalid_argument", str(exc)) from None
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            if isinstance(cause, ValueError):
-                raise RequestError("invalid_argument", str(cause)) from None
-            logger.warning("reserve on %s failed: %r", handle.worker_id, exc)
-            return None
-        except ray.exceptions.RayError as exc:
-            logger.warning("reserve on %s failed: %r", handle.worker_id, exc)
-            if isinstance(exc, ray.exceptions.ActorDiedError):
-                await self.cluster.report_dead(handle, exc)
-            return None
-
-    async def _prefill(self, attempt: _Attempt, seq: Sequence,
-                       params: SamplingParams) -> PrefillResult | None:
-        """Run the prefill; None if the prefill or the decode worker died meanwhile."""
+    async def _prefill(self, attempt: Attempt, seq: Sequence,
+                       params: SamplingParams) -> PrefillOutcome:
+        """Choose a prefill worker and run the prefill (see ``AttemptCalls.prefill``)."""
         res = attempt.reservation
         assert res is not None
         route = attempt.route
         try:
             choice = self.balancer.choose_prefill(route, self._alive(self.prefill_view.current()))
         except NoWorkerAvailableError:
-            raise RequestError("unavailable", "no prefill worker is alive") from None
+            return PrefillOutcome(Outcome.NO_WORKER)
         handle = self.cluster.workers[choice.worker_id]
-        attempt.prefill = handle
         self.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens)
         skip = res.num_cached_tokens // res.block_size
         # Writes must start well inside the decode side's lease (see PrefillRequest).
         deadline = attempt.reserved_at + 0.9 * self.config.lease_s
         req = PrefillRequest(attempt.id, list(seq.token_ids), self._spec(seq, params), res.target,
                              res.block_ids, skip, deadline)
-        call = asyncio.ensure_future(handle.actor.prefill.remote(req))
-        died = asyncio.ensure_future(attempt.decode_died.wait())
-        try:
-            await asyncio.wait({call, died}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            died.cancel()
-        result: PrefillResult | None = None
-        if not call.done():
-            call.cancel()
-        else:
-            try:
-                result = call.result()
-            except ray.exceptions.RayError as exc:
-                logger.warning("prefill of %s on %s failed: %r", attempt.id, handle.worker_id,
-                               exc)
-                if isinstance(exc, ray.exceptions.ActorDiedError):
-                    # Out of the pool before the retry chooses again, not at the next
-                    # liveness check: a retry on the dead worker would fail at once.
-                    await self.cluster.report_dead(handle, exc)
+        outcome = await self.calls.prefill(attempt, handle, req)
+        result = outcome.result
         if result is not None and result.ok:
             self.balancer.observe_ttft(attempt.id, result.prefill_s)
         if self.on_prefill is not None:
             num_blocks = -(-seq.num_tokens // res.block_size)
             self.on_prefill(choice, result, num_blocks - skip)
-        return result
+        return outcome

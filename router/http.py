@@ -1,23 +1,34 @@
 """The OpenAI-compatible HTTP front, served by the router process beside gRPC.
 
-``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as
-server-sent events when ``stream`` is true), ``GET /health`` and ``GET /metrics``
-(Prometheus text). Every generation goes through ``Router.prepare`` and ``Router.run``,
-the same validation and request path as gRPC; errors come back in OpenAI's error shape
-with the matching status (400 bad input, 401 bad key, 429 overload, 503 no workers).
+``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``,
+``POST /v1/chat/completions`` (streamed as server-sent events when ``stream`` is true),
+``GET /health`` and ``GET /metrics`` (Prometheus text). Every generation goes through
+``Router.prepare`` and ``Router.run``, the same validation and request path as gRPC; errors
+come back in OpenAI's error shape with the matching status (400 bad input, 401 bad key,
+404 unknown model, 429 overload, 503 no workers), and so does anything unexpected (500, a
+short message; the traceback stays in the router's log). A body that is not JSON, nested
+too deep to parse, or carries text that is not valid Unicode is a 400 naming what is wrong.
+A chat request to a model without a chat template (and no ``--chat-template``) is a 400: no
+generic template is guessed.
 
 aiohttp's ``web`` server runs on the router's own asyncio loop (no second thread or
 process, no copy of the router's state). With ``handler_cancellation`` a client that
 disconnects cancels its handler task; the request generator is closed on every exit path
 (``contextlib.aclosing``), so ``Flow`` aborts the request on every worker at once, as a
-gRPC cancel does. ``/v1/*`` needs ``Authorization: Bearer KEY`` when the router has an API
-key; ``/health`` and ``/metrics`` do not (scrapers and probes hold no key).
+gRPC cancel does.
+
+With the router's ``tls_cert``/``tls_key`` the port serves HTTPS only. ``/v1/*`` needs
+``Authorization: Bearer KEY`` when the router has an API key, and so does ``/metrics``
+unless ``metrics_open``; ``/health`` is always open (probes hold no key). A
+``metrics_port`` serves ``/metrics`` (and ``/health``) alone, without a key, in plain HTTP,
+for a scraper on a private network.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +39,7 @@ from aiohttp import web
 
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.router import openai_types as oai
+from pdserve.router.errors import public_reason
 from pdserve.router.flow import Delta, RequestError
 from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.validation import Prepared
@@ -38,6 +50,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BODY_CAP = 256 << 20
+"""No body is ever read past this, whatever the prompt bound says."""
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
@@ -53,28 +68,68 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def _ssl_context(cert: bytes, key: bytes) -> ssl.SSLContext:
+    """A server context from PEM bytes (``ssl`` loads chains from files only)."""
+    import os
+    import tempfile
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        for path, data in ((cert_path, cert), (key_path, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
 class HttpFront:
     """The aiohttp application of one ``Router``; ``start`` binds, ``stop`` drains."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        app = web.Application(middlewares=[self._errors])
+        config = router.config
+        # Bodies are bounded in _body, from the prompt bound in force at the time.
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_CAP)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model_id:.+}", self._model)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=config.drain_timeout_s)
+        self._metrics_runner: web.AppRunner | None = None
+        if config.metrics_port is not None:
+            metrics_app = web.Application(middlewares=[self._errors])
+            metrics_app.router.add_get("/metrics", self._open_metrics)
+            metrics_app.router.add_get("/health", self._health)
+            self._metrics_runner = web.AppRunner(metrics_app, access_log=None,
+                                                 shutdown_timeout=1.0)
         self._token_text: dict[int, str] = {}
+        self.metrics_port: int | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Serve on ``host:port`` (0: any free port); returns the bound port."""
+        """Serve on ``host:port`` (0: any free port); returns the bound port. Also binds
+        the metrics port, if configured (``metrics_port`` tells which)."""
+        config = self.router.config
+        ctx = None
+        if config.tls_cert and config.tls_key:
+            ctx = _ssl_context(config.tls_cert, config.tls_key)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=10.0)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ctx)
         await site.start()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, host, config.metrics_port).start()
+            self.metrics_port = int(self._metrics_runner.addresses[0][1])
         return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
+        """Stop accepting, let handlers finish (up to the drain timeout), close."""
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         await self._runner.cleanup()
 
     # ------------------------------------------------------------------ plumbing
@@ -83,16 +138,21 @@ class HttpFront:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except web.HTTPException as exc:  # unknown route, wrong method
+        except web.HTTPException as exc:  # unknown route, wrong method, body too large
             if exc.status < 400:
                 raise
             code = "not_found" if exc.status == 404 else "invalid_argument"
-            status, body = oai.error_body(code, f"{request.method} {request.path}: {exc.reason}")
+            status, body = oai.error_body(code, f"{request.method} {request.path[:64]}: "
+                                                f"{exc.reason}")
             return _json(exc.status, body)
+        except RequestError as exc:
+            return _error(exc.code, exc.message)
+        except Exception as exc:  # never a traceback to the client
+            logger.exception("%s %s failed", request.method, request.path[:64])
+            return _error("internal", f"internal error ({public_reason(exc)})")
 
     def _authorized(self, request: web.Request) -> bool:
-        key = self.router.config.api_key
-        return not key or request.headers.get("Authorization") == f"Bearer {key}"
+        return self.router.authorized(request.headers.get("Authorization"))
 
     def _token(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -101,11 +161,31 @@ class HttpFront:
                 [token_id], skip_special_tokens=False)
         return text
 
+    def max_body_bytes(self) -> int:
+        """The largest body a valid request can have: a prompt of ``max_prompt_bytes``,
+        JSON-escaped (up to 6 bytes per byte), and the rest of the request."""
+        return min(MAX_BODY_CAP, max(1 << 20, 6 * self.router.validator.max_prompt_bytes
+                                     + (64 << 10)))
+
     async def _body(self, request: web.Request) -> Any:
+        limit = self.max_body_bytes()
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestError("too_large", f"the request body has {request.content_length} "
+                               f"bytes; at most {limit}")
+        chunks, size = [], 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError("too_large", f"the request body is over {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            return await request.json()
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError("invalid_argument", "the request body is not JSON") from None
+        except RecursionError:
+            raise RequestError("invalid_argument", "the request body is nested too deeply "
+                               "to parse") from None
 
     # ------------------------------------------------------------------ endpoints
 
@@ -115,17 +195,39 @@ class HttpFront:
         return _error("unavailable", "no live prefill or decode worker")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if not (self.router.config.metrics_open or self._authorized(request)):
+            return _error("unauthenticated", "missing or wrong API key "
+                                             "('Authorization: Bearer KEY'); or serve "
+                                             "/metrics with --metrics-open / --metrics-port")
+        return await self._open_metrics(request)
+
+    async def _open_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.router.metrics.render(),
                             headers={"Content-Type": CONTENT_TYPE})
+
+    def _card(self, name: str) -> dict[str, Any]:
+        r = self.router
+        return {"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
+                "root": str(r.model_path), "parent": None,
+                "max_model_len": r.cluster.max_model_len()}
 
     async def _models(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _error("unauthenticated", "missing or wrong API key "
                                              "('Authorization: Bearer KEY')")
-        r = self.router
-        return _json(200, {"object": "list", "data": [{
-            "id": r.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
-            "max_model_len": r.cluster.max_model_len()}]})
+        return _json(200, {"object": "list",
+                           "data": [self._card(n) for n in self.router.model_names]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error("unauthenticated", "missing or wrong API key "
+                                             "('Authorization: Bearer KEY')")
+        name = request.match_info["model_id"]
+        try:
+            self.router.validator.check_model(name)
+        except RequestError as exc:
+            return _error(exc.code, exc.message)
+        return _json(200, self._card(name))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -143,17 +245,13 @@ class HttpFront:
         try:
             body = await self._body(request)
             parsed = oai.parse_chat(body) if chat else oai.parse_completion(body)
-            if parsed.messages is not None:
-                router.validator.check_model(parsed.model)
-                prompt: str | list[int] | None = router.tokenizer.apply_chat_template(
-                    parsed.messages)
-            else:
-                prompt = parsed.prompt
-            prepared = router.prepare(parsed.model, prompt, parsed.args)
+            rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+            router.validator.check_request_id(rid)
+            prepared = await router.prepare(parsed.model, parsed.prompt, parsed.args,
+                                            parsed.messages)
         except RequestError as exc:
             router.count_refused(exc.code)
             return _error(exc.code, exc.message)
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         reply = _Reply(self, parsed, prepared, chat, rid)
         deltas = router.run(rid, prepared, arrival)
         if parsed.stream:
@@ -215,7 +313,7 @@ class _Reply:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
-        self.model = front.router.model_name
+        self.model = parsed.model or front.router.model_name  # the name the client used
         self.prompt_ids = prepared.prompt
         self.want_logprobs = parsed.args.logprobs is not None
         self.text: list[str] = []

@@ -8,7 +8,9 @@ over: ``pdserve:time_to_first_token_seconds``, ``pdserve:inter_token_latency_sec
 ``pdserve:requests_total{outcome}``; per worker ``pdserve:num_requests_running``,
 ``pdserve:num_requests_waiting``, ``pdserve:kv_blocks_used`` / ``_total``,
 ``pdserve:prefix_cache_queries_total`` / ``pdserve:prefix_cache_hits_total`` (tokens);
-``pdserve:kv_transfer_*``; ``pdserve:balancer_*``.
+``pdserve:kv_transfer_*``; ``pdserve:balancer_*``. Beside them, the same figures under
+vLLM's own names and labels (``vllm:*`` with ``model_name``; ``router.metrics_vllm``), so
+that vLLM dashboards and schedulers read pdserve unchanged.
 
 Request metrics are pushed by the one request path (``Router.run``) through a
 ``RequestTimer`` per request; worker, balancer and failover figures are pulled at scrape
@@ -30,6 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from pdserve.router.balancer import Balancer
+from pdserve.router.metrics_vllm import VllmMetrics
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The ``Content-Type`` of ``RouterMetrics.render()``."""
@@ -57,7 +60,8 @@ class RouterMetrics:
     def __init__(self, *, policy: str, workers: Callable[[], Iterable[WorkerSample]],
                  balancer: Balancer | None = None,
                  failovers: Callable[[], int] = lambda: 0,
-                 running: Callable[[], int] = lambda: 0) -> None:
+                 running: Callable[[], int] = lambda: 0,
+                 model_name: str = "", waiting: Callable[[], int] = lambda: 0) -> None:
         self.policy = policy
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -103,11 +107,16 @@ class RouterMetrics:
                              registry=r)
         self.running.set_function(lambda: float(running()))
         r.register(_PulledCollector(workers, balancer, failovers))
+        self.vllm = VllmMetrics(r, model_name, workers, waiting)
+        self.prompt_tokens_total = 0  # the counters' values, for the stats line
+        self.generation_tokens_total = 0
 
     def track(self, prompt_tokens: int, arrival: float) -> RequestTimer:
         """Start the metrics of one admitted request (``arrival`` on ``time.monotonic``)."""
         self.prompt_tokens.inc(prompt_tokens)
-        return RequestTimer(self, arrival)
+        self.vllm.prompt_tokens.inc(prompt_tokens)
+        self.prompt_tokens_total += prompt_tokens
+        return RequestTimer(self, arrival, prompt_tokens)
 
     def on_prefill(self, predicted_ttft_s: float, cached_tokens: int, ok: bool | None,
                    actual_ttft_s: float = 0.0, transfer_s: float = 0.0,
@@ -141,13 +150,16 @@ class RequestTimer:
     """One request's latencies, as the client sees them leave the router. Owned by the
     request's handler; ``finish`` exactly once."""
 
-    __slots__ = ("_metrics", "_arrival", "_last", "tokens")
+    __slots__ = ("_metrics", "_arrival", "_last", "tokens", "prompt_tokens", "ttft_s", "e2e_s")
 
-    def __init__(self, metrics: RouterMetrics, arrival: float) -> None:
+    def __init__(self, metrics: RouterMetrics, arrival: float, prompt_tokens: int = 0) -> None:
         self._metrics = metrics
         self._arrival = arrival
         self._last: float | None = None
         self.tokens = 0
+        self.prompt_tokens = prompt_tokens
+        self.ttft_s: float | None = None
+        self.e2e_s: float | None = None
 
     def on_tokens(self, count: int, now: float | None = None) -> None:
         """``count`` output tokens left the router at ``now``."""
@@ -156,24 +168,32 @@ class RequestTimer:
         now = time.monotonic() if now is None else now
         m = self._metrics
         if self._last is None:
-            m.ttft.observe(now - self._arrival)
+            self.ttft_s = now - self._arrival
+            m.ttft.observe(self.ttft_s)
+            m.vllm.ttft.observe(self.ttft_s)
         else:
             m.itl.observe(now - self._last)
+            m.vllm.itl.observe(now - self._last)
         self._last = now
         self.tokens += count
         m.generation_tokens.inc(count)
+        m.vllm.generation_tokens.inc(count)
+        m.generation_tokens_total += count
 
     def finish(self, outcome: str, queue_s: float | None = None,
-               now: float | None = None) -> None:
+               now: float | None = None, prefill_s: float | None = None) -> None:
         """Count the request under ``outcome``; a finished one (finish reason) also
         observes its end-to-end latency and queue time."""
         now = time.monotonic() if now is None else now
         m = self._metrics
         m.requests.labels(outcome).inc()
+        self.e2e_s = now - self._arrival
         if outcome in ("stop", "length", "abort"):
-            m.e2e.observe(now - self._arrival)
+            m.e2e.observe(self.e2e_s)
             if queue_s is not None:
                 m.queue.observe(queue_s)
+        m.vllm.on_finish(outcome, self.prompt_tokens, self.tokens, self.e2e_s, self.ttft_s,
+                         queue_s, prefill_s)
 
 
 class _PulledCollector(Collector):

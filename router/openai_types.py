@@ -9,7 +9,9 @@ choice (``n`` 1), ``max_tokens`` (chat also ``max_completion_tokens``), ``temper
 the extensions ``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids`` and
 ``return_token_ids`` (choices then carry the output ``token_ids``). Options that would
 change the output but are not implemented (penalties, ``n`` > 1, ``echo``, tools) are
-refused rather than ignored.
+refused rather than ignored. Type errors name the field and quote at most a few dozen
+characters of the value; numeric bounds are those of ``pdserve.engine.sampling_limits``,
+checked when the router builds the sampling parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine.sampling import TokenLogprobs
+from pdserve.engine.sampling_limits import show
 from pdserve.router.flow import RequestError
 from pdserve.router.validation import SamplingArgs
 
@@ -26,6 +29,8 @@ ERROR_STATUS = {
     "invalid_argument": (400, "invalid_request_error"),
     "unauthenticated": (401, "authentication_error"),
     "not_found": (404, "not_found_error"),
+    "model_not_found": (404, "invalid_request_error"),  # OpenAI's own shape for this case
+    "too_large": (413, "invalid_request_error"),
     "resource_exhausted": (429, "rate_limit_exceeded"),
     "internal": (500, "internal_error"),
     "unavailable": (503, "service_unavailable"),
@@ -65,20 +70,19 @@ def _get(body: dict[str, Any], name: str, types: tuple[type, ...], default: Any 
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in types:
-        raise _bad(f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
-    if not isinstance(value, types):
-        raise _bad(f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise _bad(f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got "
+                   f"{show(value)}")
     return value
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     n = _get(body, "n", (int,), 1)
     if n != 1:
-        raise _bad(f"'n' must be 1 (one choice per request), got {n}")
+        raise _bad(f"'n' must be 1 (one choice per request), got {show(n)}")
     best_of = _get(body, "best_of", (int,), 1)
     if best_of != 1:
-        raise _bad(f"'best_of' must be 1, got {best_of}")
+        raise _bad(f"'best_of' must be 1, got {show(best_of)}")
     for name in ("presence_penalty", "frequency_penalty"):
         if _get(body, name, (int, float), 0) != 0:
             raise _bad(f"'{name}' is not supported; leave it 0")
@@ -100,10 +104,10 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: int | None
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(stop)
     else:
-        raise _bad(f"'stop' must be a string or a list of strings, got {stop!r}")
+        raise _bad(f"'stop' must be a string or a list of strings, got {show(stop)}")
     stop_ids = _get(body, "stop_token_ids", (list,), [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise _bad(f"'stop_token_ids' must be a list of integers, got {stop_ids!r}")
+        raise _bad(f"'stop_token_ids' must be a list of integers, got {show(stop_ids)}")
     temperature = _get(body, "temperature", (int, float))
     top_p = _get(body, "top_p", (int, float))
     return SamplingArgs(

@@ -1,10 +1,12 @@
 """The router: pdserve's only public entry point, an asyncio gRPC server.
 
 It authenticates, validates and tokenizes each request (bad input: INVALID_ARGUMENT with a
-message), hands it to ``Flow`` (admission, balancing, streaming, failover), and streams
-``GenerateResponse`` messages back. Client cancel, deadline or disconnect cancels the
-handler, and ``Flow`` aborts the request on every worker. The standard health service and
-server reflection are served beside ``pdserve.v1.Generation``.
+message naming the field), hands it to ``Flow`` (admission, balancing, streaming, failover),
+and streams ``GenerateResponse`` messages back. Client cancel, deadline or disconnect
+cancels the handler, and ``Flow`` releases the request on every worker at once; the
+client's deadline also bounds the request's waits. No client ever reads a traceback: an
+unexpected error is logged here and answered INTERNAL with a short message. The standard
+health service and server reflection are served beside ``pdserve.v1.Generation``.
 
 The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on the
 same event loop and goes through the same ``Router.prepare`` (validation) and ``Router.run``
@@ -15,32 +17,46 @@ wires both fronts to one ``Router`` and runs them.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.model.checkpoint import load_model_config
-from pdserve.engine.tokenizer import Tokenizer
+from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from pdserve.router.balancer import PrefillChoice, make_balancer
 from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
+from pdserve.router.errors import public_reason
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
+from pdserve.router.grpc_service import Undecodable
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.request_log import (
+    StatsLog,
+    StatsSample,
+    WorkerLoadSample,
+    access_line,
+    access_logger,
+    stats_logger,
+)
+from pdserve.router.served_model import served_names
 from pdserve.router.stream import TokenInbox
-from pdserve.router.validation import Prepared, SamplingArgs, Validator
+from pdserve.router.text import TextPool
+from pdserve.router.validation import Prepared, RequestLimits, SamplingArgs, Validator
 from pdserve.worker.protocol import PrefillResult, resolve_host
 
 logger = logging.getLogger(__name__)
 
 _CODES = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "internal": grpc.StatusCode.INTERNAL,
@@ -57,11 +73,27 @@ class RouterConfig:
     tls_key: bytes | None = None
     balancer: str = "prefix_aware"
     model_name: str = ""
+    """Deprecated spelling of one served name; ``served_model_names`` wins."""
+    served_model_names: tuple[str, ...] = ()
+    """Names clients may use in ``model`` (default: the engine's ``model`` as given)."""
+    chat_template: str | None = None
+    """Jinja chat template for chat requests, instead of the model's own."""
+    log_requests: bool = True
+    """One access line per request at INFO (``pdserve.access``)."""
+    stats_interval_s: float | None = None
+    """A stats line at INFO this often (``pdserve.stats``); None: never."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     events_interval_s: float = 0.1
     http_port: int | None = None
     """The OpenAI-compatible HTTP front (and /metrics) on ``host``: None = off, 0 = any free
-    port (``Router.http_port`` tells which)."""
+    port (``Router.http_port`` tells which). HTTPS with ``tls_cert``/``tls_key``."""
+    metrics_port: int | None = None
+    """``/metrics`` alone, without a key, on its own plain-HTTP port (None: off)."""
+    metrics_open: bool = False
+    """``/metrics`` on the HTTP front needs no API key (default: it needs the key)."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    drain_timeout_s: float = 60.0
+    """On stop, how long requests in flight may take to finish before they are cut."""
 
 
 class Router(pb_grpc.GenerationServicer):
@@ -72,11 +104,18 @@ class Router(pb_grpc.GenerationServicer):
         engine_cfg = config.pools.engine
         from pdserve.engine.model.builtin import resolve_model
 
+        started = time.monotonic()
         self.model_path = resolve_model(engine_cfg.model)
         self.model_config = load_model_config(self.model_path)
-        self.model_name = config.model_name or (
-            engine_cfg.model if engine_cfg.model in ("tiny", "small") else self.model_path.name)
+        self.model_names = served_names(
+            engine_cfg.model, config.served_model_names or tuple(filter(None, [config.model_name])))
+        self.model_name = self.model_names[0]
         self.tokenizer = Tokenizer(self.model_path)
+        mc = self.model_config
+        logger.info("model %s: %s (%s, %d layers, %d tokens of context); tokenizer and config "
+                    "read in %.1f s", engine_cfg.model, self.model_path, mc.architecture,
+                    mc.num_layers, mc.max_position_embeddings, time.monotonic() - started)
+        self.text = TextPool(self.tokenizer, self.model_path, chat_template=config.chat_template)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -91,15 +130,18 @@ class Router(pb_grpc.GenerationServicer):
         self.requests_total = 0
         self.outcomes: dict[str, int] = {}
         self.http_port: int | None = None
+        self.metrics_port: int | None = None
         self.validator = Validator(
-            self.model_name, self.tokenizer, self.model_config.vocab_size,
-            lambda: self.cluster.max_model_len() or self.model_config.max_position_embeddings)
+            self.model_names, self.tokenizer, self.model_config.vocab_size,
+            lambda: self.cluster.max_model_len() or self.model_config.max_position_embeddings,
+            self.text, config.limits)
         self.metrics = RouterMetrics(
             policy=self.balancer.name, balancer=self.balancer,
             workers=lambda: [WorkerSample(h.worker_id, h.role, h.alive, h.stats)
                              for h in self.cluster.workers.values()],
             failovers=lambda: self.flow.failovers if self.flow is not None else 0,
-            running=lambda: len(self._active))
+            running=lambda: len(self._active), model_name=self.model_name,
+            waiting=lambda: self.flow.waiting if self.flow is not None else 0)
         dtype = engine_cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if engine_cfg.device.startswith("cuda") else "float32"
@@ -109,9 +151,10 @@ class Router(pb_grpc.GenerationServicer):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        await self.cluster.start()
-        self.inbox = TokenInbox(resolve_host(self.config.pools.kv_host))
+    async def start(self, on_connected: Callable[[], None] | None = None) -> None:
+        """Start the pools (``on_connected()`` once Ray is connected) and the token path."""
+        await self.cluster.start(on_connected)
+        self.inbox = TokenInbox(self.cluster.channel_key, resolve_host(self.config.pools.kv_host))
         self.inbox.start()
         self.flow = Flow(self.cluster, self.inbox, self.tokenizer, self.balancer, self._eos,
                          self.config.flow)
@@ -122,6 +165,8 @@ class Router(pb_grpc.GenerationServicer):
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._feed_index()))
         self._tasks.append(loop.create_task(self._refresh_loads()))
+        if self.config.stats_interval_s:
+            self._tasks.append(loop.create_task(self._log_stats(self.config.stats_interval_s)))
         await self._probe_all()
 
     async def _probe_all(self) -> None:
@@ -133,9 +178,12 @@ class Router(pb_grpc.GenerationServicer):
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.flow is not None:
+            await self.flow.calls.drain()
         await self.cluster.shutdown()
         if self.inbox is not None:
             await self.inbox.close()
+        self.text.close()
 
     def _on_prefill(self, choice: PrefillChoice, result: PrefillResult | None,
                     blocks: int) -> None:
@@ -160,6 +208,28 @@ class Router(pb_grpc.GenerationServicer):
             if self.flow is not None:
                 self.flow.refresh_loads()
 
+    def stats_sample(self) -> StatsSample:
+        """The figures of the periodic stats line, now."""
+        workers = tuple(
+            WorkerLoadSample(h.role, int(h.stats.get("num_running", 0)),
+                             int(h.stats.get("num_waiting", 0)),
+                             int(h.stats.get("num_used_blocks", 0)),
+                             int(h.stats.get("num_blocks", 0)),
+                             int(h.stats.get("prefix_queried_tokens", 0)),
+                             int(h.stats.get("prefix_hit_tokens", 0)))
+            for h in self.cluster.workers.values() if h.alive)
+        return StatsSample(time.monotonic(), self.metrics.prompt_tokens_total,
+                           self.metrics.generation_tokens_total, len(self._active),
+                           self.flow.waiting if self.flow is not None else 0, workers)
+
+    async def _log_stats(self, interval_s: float) -> None:
+        log = StatsLog()
+        while True:
+            line = log.line(self.stats_sample())
+            if line is not None:
+                stats_logger.info(line)
+            await asyncio.sleep(interval_s)
+
     async def _feed_index(self) -> None:
         """Pull each prefill worker's KV events into the prefix index; resync on gaps."""
         while True:
@@ -176,21 +246,43 @@ class Router(pb_grpc.GenerationServicer):
 
     # ------------------------------------------------------------------ the request path
 
-    def prepare(self, model: str, prompt: str | Sequence[int] | None,
-                args: SamplingArgs) -> Prepared:
+    async def prepare(self, model: str, prompt: str | Sequence[int] | None,
+                      args: SamplingArgs,
+                      messages: Sequence[dict[str, str]] | None = None) -> Prepared:
         """Validate and tokenize a request of either front (``RequestError`` if bad)."""
-        return self.validator.prepare(model, prompt, args)
+        return await self.validator.prepare(model, prompt, args, messages)
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``authorization`` header value carries the API key (any, if none is
+        configured); compared in constant time."""
+        key = self.config.api_key
+        if not key:
+            return True
+        return header is not None and hmac.compare_digest(header.encode(),
+                                                          f"Bearer {key}".encode())
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """A conversation's prompt ids, rendered with ``--chat-template`` or else the model's
+        own template; ``RequestError("invalid_argument")`` when there is neither."""
+        try:
+            return self.tokenizer.apply_chat_template(messages,
+                                                      chat_template=self.config.chat_template)
+        except NoChatTemplateError as exc:
+            raise RequestError("invalid_argument", str(exc)) from None
 
     def count_refused(self, outcome: str) -> None:
         """Count a request a front refused before ``run`` (bad input, bad key)."""
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.metrics.requests.labels(outcome).inc()
 
-    async def run(self, rid: str, prepared: Prepared, arrival: float) -> AsyncIterator[Delta]:
+    async def run(self, rid: str, prepared: Prepared, arrival: float,
+                  deadline: float | None = None) -> AsyncIterator[Delta]:
         """The one request path of every front: ``Flow.generate`` plus the bookkeeping and
         metrics. Raises ``RequestError``; cancelling the caller (or closing this generator)
         aborts the request on every worker. Close it with ``contextlib.aclosing`` when the
-        caller may stop early, so that the abort is immediate."""
+        caller may stop early, so that the abort is immediate. ``deadline``
+        (``time.monotonic()``) bounds the request's waits. An unexpected error is logged
+        and raised as ``RequestError("internal")`` with a short message."""
         if rid in self._active:
             self.count_refused("invalid_argument")
             raise RequestError("invalid_argument", f"request id {rid!r} is in flight")
@@ -200,17 +292,24 @@ class Router(pb_grpc.GenerationServicer):
         timer = self.metrics.track(len(prepared.prompt), arrival)
         outcome = "error"
         queue_s = None
+        last: Delta | None = None
         try:
             async for delta in self.flow.generate(rid, prepared.prompt, prepared.params,
-                                                  prepared.max_len, arrival):
+                                                  prepared.max_len, arrival, deadline):
                 timer.on_tokens(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     outcome = delta.finish_reason
                     queue_s = delta.timing.get("queue_s")
+                    last = delta
                 yield delta
         except RequestError as exc:
             outcome = exc.code
             raise
+        except Exception as exc:
+            logger.exception("request %s failed", rid)
+            outcome = "internal"
+            raise RequestError("internal", f"internal error ({public_reason(exc)}); "
+                               f"request id {rid}") from None
         except (asyncio.CancelledError, GeneratorExit):
             if outcome == "error":  # not closed after its last delta
                 outcome = "cancelled"
@@ -218,19 +317,29 @@ class Router(pb_grpc.GenerationServicer):
         finally:
             self._active.discard(rid)
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-            timer.finish(outcome, queue_s)
+            timer.finish(outcome, queue_s,
+                         prefill_s=last.timing.get("prefill_s") if last is not None else None)
+            if self.config.log_requests:
+                assert timer.e2e_s is not None
+                access_logger.info(access_line(
+                    rid, self.model_name, outcome, timer.prompt_tokens, timer.tokens,
+                    last.cached_tokens if last is not None else 0, timer.ttft_s, timer.e2e_s,
+                    last.prefill_worker if last is not None else "",
+                    last.decode_worker if last is not None else ""))
 
     # ------------------------------------------------------------------ RPCs
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.config.api_key:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get("authorization") != f"Bearer {self.config.api_key}":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong API key (metadata 'authorization: Bearer KEY')")
+    async def _authorize(self, context: grpc.aio.ServicerContext, request: object) -> None:
+        if self.config.api_key:
+            metadata = dict(context.invocation_metadata() or ())
+            if not self.authorized(metadata.get("authorization")):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API "
+                                    "key (metadata 'authorization: Bearer KEY')")
+        if isinstance(request, Undecodable):
+            self.count_refused("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
 
-    def _validate(self, request: pb.GenerateRequest) -> Prepared:
+    async def _validate(self, request: pb.GenerateRequest) -> Prepared:
         kind = request.WhichOneof("prompt")
         prompt: str | list[int] | None = None
         if kind == "text":
@@ -248,19 +357,27 @@ class Router(pb_grpc.GenerationServicer):
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
         )
-        return self.prepare(request.model, prompt, args)
+        return await self.prepare(request.model, prompt, args)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        await self._authorize(context)
+        await self._authorize(context, request)
         arrival = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = arrival + remaining if remaining is not None else None
         rid = request.request_id or uuid.uuid4().hex
         try:
-            prepared = self._validate(request)
+            self.validator.check_request_id(rid)
+            prepared = await self._validate(request)
         except RequestError as exc:
             self.count_refused(exc.code)
             await context.abort(_CODES[exc.code], exc.message)
+        except Exception as exc:  # a bug in validation: never a traceback to the client
+            logger.exception("validating request %s failed", rid[:64])
+            self.count_refused("internal")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error ({public_reason(exc)})")
         try:
-            async for delta in self.run(rid, prepared, arrival):
+            async for delta in self.run(rid, prepared, arrival, deadline):
                 yield self._response(rid, delta)
         except RequestError as exc:
             await context.abort(_CODES[exc.code], exc.message)
@@ -284,17 +401,23 @@ class Router(pb_grpc.GenerationServicer):
         return msg
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
-        await self._authorize(context)
+        await self._authorize(context, request)
         return pb.ListModelsResponse(models=[pb.ModelInfo(
-            id=self.model_name, max_model_len=self.cluster.max_model_len(),
-            vocab_size=self.model_config.vocab_size, dtype=self.config.pools.engine.dtype)])
+            id=name, max_model_len=self.cluster.max_model_len(),
+            vocab_size=self.model_config.vocab_size, dtype=self.config.pools.engine.dtype)
+            for name in self.model_names])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
-        await self._authorize(context)
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+        await self._authorize(context, request)
+        try:
+            self.validator.check_model(request.model)
+            ids = await self.validator.tokenize(request.text)
+        except RequestError as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+        return pb.TokenizeResponse(token_ids=ids)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext):
-        await self._authorize(context)
+        await self._authorize(context, request)
         workers = []
         for h in self.cluster.workers.values():
             s = h.stats

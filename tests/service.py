@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,9 +33,12 @@ class ServiceThread:
                  api_key: str | None = None, lease_s: float = 30.0,
                  max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
-                 http: bool = False) -> None:
+                 http: bool = False, served_model_names: tuple[str, ...] = (),
+                 kv_transport: str = "nixl", ping_interval_s: float = 0.2,
+                 **router_options: Any) -> None:
         if not ray.is_initialized():
-            ray.init(num_cpus=16, namespace="pdserve", include_dashboard=False,
+            # address="local": this process's own Ray, whatever else runs on the machine.
+            ray.init(address="local", num_cpus=16, namespace="pdserve", include_dashboard=False,
                      log_to_driver=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         engine = EngineConfig(
@@ -41,17 +48,22 @@ class ServiceThread:
         )
         self.config = RouterConfig(
             pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,
-                             lease_s=lease_s, ping_interval_s=0.2),
+                             lease_s=lease_s, ping_interval_s=ping_interval_s,
+                             kv_transport=kv_transport),
             port=0, api_key=api_key, http_port=0 if http else None,
+            served_model_names=served_model_names,
             flow=FlowConfig(lease_s=lease_s, admission_timeout_s=admission_timeout_s,
                             max_waiting=max_waiting),
         )
+        self.config = replace(self.config, **router_options)  # e.g. tls_cert, metrics_port
         self.router: Router | None = None
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._force: asyncio.Event | None = None
+        self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(180) or self._error is not None:
@@ -65,7 +77,7 @@ class ServiceThread:
     def http_url(self) -> str:
         """Base URL of the OpenAI-compatible front (``http=True``), e.g. for ``/v1``."""
         assert self.router is not None and self.router.http_port is not None
-        return f"http://127.0.0.1:{self.router.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.router.http_port}"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -75,14 +87,16 @@ class ServiceThread:
             self._ready.set()
 
         async def main() -> None:
-            self._stop = asyncio.Event()
-            await serve(self.config, stop=self._stop, on_ready=ready)
+            self._stop, self._force = asyncio.Event(), asyncio.Event()
+            await serve(self.config, stop=self._stop, on_ready=ready, force=self._force)
 
         try:
             self._loop.run_until_complete(main())
         except BaseException as exc:
             self._error = exc
             self._ready.set()
+        finally:
+            self.stopped.set()
 
     def call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
         """Run a coroutine function on the router's loop and wait for its result."""
@@ -107,10 +121,19 @@ class ServiceThread:
                 return stats
             time.sleep(0.1)
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls_cert else "http"
+
+    def begin_stop(self, force: bool = False) -> None:
+        """Set the drain going (as a first Ctrl-C does), or cut it short (a second one)."""
+        event = self._force if force else self._stop
+        if event is not None:
+            self._loop.call_soon_threadsafe(event.set)
+
     def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
+        self.begin_stop()
+        self._thread.join(90)
 
 
 _SHARED: dict[tuple[object, ...], ServiceThread] = {}
@@ -121,10 +144,44 @@ def shared_service(model: str = "tiny", *, api_key: str | None = SHARED_API_KEY,
                    http: bool = True) -> ServiceThread:
     """One service per test process for these settings, stopped at exit: starting one costs
     tens of seconds on a 2-core machine, so the HTTP, metrics and bench tests share it (each
-    test measures what it needs as before/after differences)."""
+    test measures what it needs as before/after differences). It answers to ``model`` and
+    to the alias ``<model>-alias`` (``--served-model-name``)."""
     key = (model, api_key, http)
     service = _SHARED.get(key)
     if service is None:
-        service = _SHARED[key] = ServiceThread(model, 1, 1, api_key=api_key, http=http)
+        service = _SHARED[key] = ServiceThread(model, 1, 1, api_key=api_key, http=http,
+                                               served_model_names=(model, f"{model}-alias"))
+        atexit.register(service.stop)
+    return service
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 (openssl CLI): (cert, key)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+HARDENED_API_KEY = "hardened-test-key"
+
+
+def hardened_service() -> ServiceThread:
+    """One service per test process as a public endpoint runs it: TLS on both ports, an API
+    key, /metrics on its own port, a 2 s liveness ping (so that what is seen faster than
+    that is seen by other means). ``.cert`` is its certificate's path."""
+    key = ("hardened",)
+    service = _SHARED.get(key)
+    if service is None:
+        folder = Path(tempfile.mkdtemp(prefix="pdserve-tls-"))
+        cert, tls_key = self_signed_cert(folder)
+        service = _SHARED[key] = ServiceThread(
+            "tiny", 1, 1, api_key=HARDENED_API_KEY, http=True, ping_interval_s=2.0,
+            tls_cert=cert.read_bytes(), tls_key=tls_key.read_bytes(), metrics_port=0)
+        service.cert = cert  # type: ignore[attr-defined]
         atexit.register(service.stop)
     return service

@@ -308,7 +308,8 @@ def test_unary_call_retries_unavailable(client: pc.Client, peer: Peer) -> None:
         ("INVALID_ARGUMENT", pc.InvalidArgument),
         ("RESOURCE_EXHAUSTED", pc.ResourceExhausted),
         ("CANCELLED", pc.Cancelled),
-        ("NOT_FOUND", pc.PdserveError),
+        ("NOT_FOUND", pc.NotFound),
+        ("INTERNAL", pc.PdserveError),
     ],
 )
 def test_server_status_maps_to_error_class_with_server_message(

@@ -51,6 +51,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
                           "envFrom": [{"secretRef": {"name": "s3-creds"}}]}},
     },
     "service_monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    # deploy/README.md's snippets: SmolLM2 with a shared cache, a GGUF file from S3.
+    "smollm2_shared_cache": {
+        "model": {"source": "builtin", "path": "smollm2",
+                  "cache": {"claimName": "pdserve-model-cache"}},
+        "decode": {"replicas": 1, "workersPerPod": 2},
+        "router": {"extraArgs": ["--served-model-name", "smollm2",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct"]}},
+    "gguf_url": {
+        "model": {"source": "url", "path": "/models/qwen2.5-7b-instruct-q4_k_m.gguf",
+                  "url": {"uri": "s3://models/qwen2.5-7b-instruct/",
+                          "envFrom": [{"secretRef": {"name": "s3-credentials"}}],
+                          "sizeLimit": "20Gi"}},
+        "router": {"extraArgs": ["--served-model-name", "qwen2.5-7b-instruct"]}},
     "autoscaling": {
         "autoscaling": {"enabled": True},
         "prefill": {"replicas": 2, "minReplicas": 1, "maxReplicas": 8},
@@ -172,9 +185,14 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- every variant
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+EXAMPLES = {f"examples/{p.name}": yaml.safe_load(p.read_text())
+            for p in sorted((CHART / "examples").glob("*.yaml"))}
+"""The example values files users start from (tests/test_helm_run.py runs them)."""
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS) + sorted(EXAMPLES))
 def test_variant_renders_lints_and_validates(chart, raycluster_validator, variant: str) -> None:
-    values = VARIANTS[variant]
+    values = VARIANTS[variant] if variant in VARIANTS else EXAMPLES[variant]
     objects = render(chart, values)
     assert set(objects) >= {"RayCluster", "Service"}
     validate_all(objects, raycluster_validator)
@@ -187,12 +205,12 @@ def test_variant_renders_lints_and_validates(chart, raycluster_validator, varian
 # ---------------------------------------------------------------------------- values land
 
 
-def test_default_is_a_cpu_smoke_test_with_one_worker_per_pool(chart) -> None:
+def test_default_is_smollm2_on_cpu_with_one_worker_per_pool(chart) -> None:
     rc = raycluster(chart, {})
     g = groups(rc)
     args = router_args(rc)
     assert flag(args, "--device") == "cpu"
-    assert flag(args, "--model") == '"tiny"'
+    assert flag(args, "--model") == '"smollm2"'
     assert (flag(args, "--prefill-workers"), flag(args, "--decode-workers")) == ("1", "1")
     assert flag(args, "--ray-address") == "auto"
     assert (flag(args, "--port"), flag(args, "--http-port")) == ("50051", "8000")
@@ -206,6 +224,75 @@ def test_default_is_a_cpu_smoke_test_with_one_worker_per_pool(chart) -> None:
         assert g[role]["rayStartParams"]["resources"] == f'"{{\\"pdserve_{role}\\": 1}}"'
         limits = g[role]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert "nvidia.com/gpu" not in limits
+
+
+def test_every_pod_runs_restricted_with_writable_scratch_only(chart) -> None:
+    for variant in ("default", "url_model", "tls_api_key"):
+        for name, group in groups(raycluster(chart, VARIANTS[variant])).items():
+            pod = group["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+            assert pod["securityContext"]["runAsUser"] == 1000
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for container in pod["containers"] + pod.get("initContainers", []):
+                sc = container["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False, (name, container["name"])
+                assert sc["readOnlyRootFilesystem"] is True
+                assert sc["capabilities"] == {"drop": ["ALL"]}
+            mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert {"/tmp", "/home/ray", "/dev/shm"} <= mounts, name
+    # Values merge into the defaults key by key; null removes one (Helm's rule).
+    loose = raycluster(chart, {"securityContext": {"readOnlyRootFilesystem": False},
+                               "podSecurityContext": None})
+    head = groups(loose)["head"]["template"]["spec"]
+    assert "securityContext" not in head
+    sc = head["containers"][0]["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is False and sc["allowPrivilegeEscalation"] is False
+
+
+def test_builtin_models_are_cached_in_an_emptydir_or_a_shared_pvc(chart) -> None:
+    for values, volume in (({}, {"emptyDir": {"sizeLimit": "2Gi"}}),
+                           ({"model": {"cache": {"claimName": "model-cache"}}},
+                            {"persistentVolumeClaim": {"claimName": "model-cache"}})):
+        for name, group in groups(raycluster(chart, values)).items():
+            pod = group["template"]["spec"]
+            (cache,) = [v for v in pod["volumes"] if v["name"] == "model-cache"]
+            assert {k: v for k, v in cache.items() if k != "name"} == volume, name
+            assert {"name": "model-cache", "mountPath": "/home/ray/.cache/pdserve"} in \
+                pod["containers"][0]["volumeMounts"]
+    pvc = groups(raycluster(chart, VARIANTS["pvc_model"]))["head"]["template"]["spec"]
+    assert "model-cache" not in {v["name"] for v in pvc["volumes"]}
+
+
+def test_extra_env_and_the_gpu_resource_name_land_per_pool(chart) -> None:
+    ucx = [{"name": "UCX_TLS", "value": "rc,cuda_copy,cuda_ipc"}]
+    rc = raycluster(chart, merged(VARIANTS["gpus"], {
+        "gpuResourceName": "amd.com/gpu", "prefill": {"extraEnv": ucx},
+        "decode": {"extraEnv": [{"name": "UCX_NET_DEVICES", "value": "mlx5_0:1"}]}}))
+    g = groups(rc)
+    prefill = g["prefill"]["template"]["spec"]["containers"][0]
+    decode = g["decode"]["template"]["spec"]["containers"][0]
+    assert prefill["env"] == ucx
+    assert decode["env"] == [{"name": "UCX_NET_DEVICES", "value": "mlx5_0:1"}]
+    assert prefill["resources"]["limits"]["amd.com/gpu"] == 2
+    assert "nvidia.com/gpu" not in prefill["resources"]["limits"]
+    assert "env" not in groups(raycluster(chart, {}))["prefill"]["template"]["spec"][
+        "containers"][0]
+
+
+def test_the_rendered_router_command_parses_with_pdserves_own_parser(chart) -> None:
+    """The head's `pdserve serve ...` line, split as bash splits it, through the real CLI
+    parser: an unknown flag (such as a `-v` the subcommand refused) fails here."""
+    import shlex
+
+    from pdserve.cli import build_parser
+
+    parser = build_parser()
+    for variant in sorted(VARIANTS):
+        script = raycluster(chart, VARIANTS[variant])["spec"]["headGroupSpec"]["template"][
+            "spec"]["containers"][0]["args"][0]
+        line = script[script.index("exec pdserve serve"):].replace("\\\n", " ")
+        args = parser.parse_args(shlex.split(line)[2:])
+        assert args.command == "serve" and args.verbose is True, variant
 
 
 def test_gpus_and_replicas_land_in_each_pool(chart) -> None:
@@ -238,8 +325,9 @@ def test_tls_and_api_key_come_from_secrets(chart) -> None:
     assert env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "pdserve-key",
                                                                   "key": "token"}
     assert "--api-key" not in args  # never on a command line
-    # The HTTP port stays plaintext (TLS covers gRPC), so the HTTP probes keep working.
-    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # The HTTP port serves HTTPS too; the probes use the plain, keyless metrics port.
+    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert flag(args, "--metrics-port") == "9090"
 
 
 def test_router_options_land(chart) -> None:
@@ -256,15 +344,15 @@ def test_probes_and_drain_on_the_router(chart) -> None:
     head = groups(raycluster(chart, {}))["head"]
     container = head["template"]["spec"]["containers"][0]
     for probe in ("startupProbe", "readinessProbe"):  # ready once both pools have a worker
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "metrics"}
     # Alive while the router answers: a lost worker must not restart the head.
-    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert container["startupProbe"]["failureThreshold"] == 90
     pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     assert "kill -TERM 1" in pre_stop
     assert head["template"]["spec"]["terminationGracePeriodSeconds"] == 90
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["grpc"] == 50051 and ports["http"] == 8000
+    assert ports["grpc"] == 50051 and ports["http"] == 8000 and ports["metrics"] == 9090
 
     grpc = groups(raycluster(chart, VARIANTS["grpc_probe_load_balancer"]))["head"]
     assert grpc["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"] == {"port": 50051}
@@ -277,7 +365,7 @@ def test_service_exposes_grpc_and_http_on_the_head(chart) -> None:
     assert svc["spec"]["selector"] == {"ray.io/cluster": "demo-pdserve",
                                        "ray.io/node-type": "head"}
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
-        ("grpc", 50051, "grpc"), ("http", 8000, "http")}
+        ("grpc", 50051, "grpc"), ("http", 8000, "http"), ("metrics", 9090, "metrics")}
 
 
 @pytest.mark.parametrize("variant", ["pvc_model", "host_path_model", "url_model"])
@@ -297,9 +385,11 @@ def test_model_source_reaches_every_pod(chart, variant: str) -> None:
             assert "emptyDir" in volume
             (init,) = pod["initContainers"]
             env = {e["name"]: e.get("value") for e in init["env"]}
-            assert env == {"MODEL_URL": "s3://bucket/llama/", "MODEL_DIR": "/models/llama"}
+            assert env == {"MODEL_URL": "s3://bucket/llama/", "MODEL_DIR": "/models/llama",
+                           "HOME": "/tmp"}  # the copy tool writes its own files there
             assert init["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-            assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+            assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"},
+                                            {"name": "tmp", "mountPath": "/tmp"}]
 
 
 def test_node_selectors_tolerations_and_affinity_land_in_their_pool(chart) -> None:
@@ -325,12 +415,12 @@ def test_autoscaling_sets_bounds_per_pool(chart) -> None:
     assert (g["decode"]["minReplicas"], g["decode"]["maxReplicas"]) == (1, 4)
 
 
-def test_service_monitor_scrapes_metrics_on_the_http_port(chart) -> None:
+def test_service_monitor_scrapes_metrics_on_the_metrics_port(chart) -> None:
     objects = render(chart, VARIANTS["service_monitor"])
     (sm,) = objects["ServiceMonitor"]
     (svc,) = objects["Service"]
     assert sm["metadata"]["labels"]["release"] == "prom"
-    assert sm["spec"]["endpoints"][0]["port"] == "http"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     selected = sm["spec"]["selector"]["matchLabels"]
     assert selected.items() <= svc["metadata"]["labels"].items()
@@ -392,6 +482,15 @@ def test_default_image_is_what_the_dockerfile_publishes(chart) -> None:
     assert chart.values["image"]["tag"] == f"{version}-cu{cuda[1]}{cuda[2]}"
     assert chart.values["ray"]["version"] == ray[1]
     assert f"{chart.values['image']['repository']}:{version}-cu" in dockerfile
+
+
+def test_the_image_runs_as_the_non_root_user_the_chart_expects(chart) -> None:
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    pod = chart.values["podSecurityContext"]
+    assert (int(user[0]), int(user[1])) == (pod["runAsUser"], pod["runAsGroup"])
+    assert pod["runAsNonRoot"] is True and int(user[0]) != 0
+    assert re.search(r"useradd --uid 1000 --gid 100 .*--home-dir /home/ray", dockerfile)
 
 
 def test_the_image_copies_every_folder_the_wheel_is_built_from() -> None:

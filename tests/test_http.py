@@ -96,16 +96,28 @@ def test_seeded_sampling_and_stop_strings(client) -> None:
     assert out.choices[0].text == full[: full.index(stop)]
 
 
+def test_every_served_name_lists_and_answers_under_its_own_name(client) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
+    assert client.models.retrieve("tiny-alias").id == "tiny-alias"
+    replies = [client.completions.create(model=name, prompt="The quick brown fox", max_tokens=6,
+                                         temperature=0, extra_body={"ignore_eos": True})
+               for name in ("tiny", "tiny-alias")]
+    assert [r.model for r in replies] == ["tiny", "tiny-alias"]
+    assert replies[0].choices[0].text == replies[1].choices[0].text
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        client.models.retrieve("nope")
+
+
 def test_models_health_and_error_shapes(svc, client) -> None:
-    assert [m.id for m in client.models.list().data] == ["tiny"]
     with urllib.request.urlopen(f"{svc.http_url}/health") as resp:
         assert resp.status == 200
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="tiny", prompt="hi", max_tokens=5000)
     assert bad.value.status_code == 400 and "exceeds the model's length" in bad.value.message
     assert bad.value.body["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="unknown model"):
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist") as missing:
         client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
+    assert missing.value.status_code == 404 and missing.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
         client.completions.create(model="tiny", prompt="hi", n=2)
     wrong = openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key="wrong", max_retries=0)
@@ -137,14 +149,17 @@ def test_overload_is_429_and_no_decode_worker_is_503(svc, client) -> None:
             h.alive = alive
 
     svc.call(lambda: set_alive(False))
+    # With no decode worker a request waits for a replacement, up to the lease: shorten it.
+    router.flow.config = replace(flow_config, lease_s=0.5)
     try:
         with pytest.raises(openai.APIStatusError) as down:
             client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-        assert down.value.status_code == 503
+        assert down.value.status_code == 503 and "no decode worker" in down.value.message
         with pytest.raises(urllib.error.HTTPError) as health:
             urllib.request.urlopen(f"{svc.http_url}/health")
         assert health.value.code == 503
     finally:
+        router.flow.config = flow_config
         svc.call(lambda: set_alive(True))
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
 

@@ -28,7 +28,9 @@ def svc() -> ServiceThread:
 
 def scrape(svc: ServiceThread) -> dict[str, float]:
     """Every sample of /metrics as ``name{k="v",...}`` -> value (labels sorted)."""
-    with urllib.request.urlopen(f"{svc.http_url}/metrics") as resp:
+    request = urllib.request.Request(f"{svc.http_url}/metrics",
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
     out = {}

@@ -52,11 +52,12 @@ def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_package_list_names_every_package_folder() -> None:
     tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(tool["packages"])
-    on_disk = set()
+    on_disk = set()  # every folder is a package to setuptools, data folders included
     for package, folder in tool["package-dir"].items():
-        for init in (REPO / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO / folder)
-            on_disk.add(".".join([package, *rel.parts]))
+        for path in [REPO / folder, *(REPO / folder).rglob("*")]:
+            if path.is_dir() and "__pycache__" not in path.parts:
+                rel = path.relative_to(REPO / folder)
+                on_disk.add(".".join([package, *rel.parts]))
     assert listed == on_disk
 
 

@@ -175,7 +175,7 @@ def test_ray_job_serves_streams_and_stops_without_leftover_actors(head: Head) ->
         [str(RAY), "job", "submit", "--address", head.dashboard,
          "--runtime-env", "deploy/ray/runtime_env.yaml", "--submission-id", job_id, "--",
          "pdserve", "serve", "--ray-address", "auto", "--host", "127.0.0.1", "--port", str(port),
-         "--http-port", str(http_port),
+         "--http-port", str(http_port), "--model", "tiny",
          "--device", "cpu", "--num-blocks", "128", "--prefill-resource", "prefill_node=1",
          "--decode-resource", "decode_node=1"],
         env=head.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -11,7 +11,7 @@ import pytest
 
 from pdserve.engine.model.builtin import builtin_checkpoint
 from pdserve.engine.model.loader import CheckpointError
-from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.tokenizer import IncrementalDetokenizer, NoChatTemplateError, Tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -86,7 +86,7 @@ def test_special_tokens_are_skipped_in_deltas(tok: Tokenizer) -> None:
     assert "".join(detok.push([i]) for i in ids) + detok.flush() == "hi"
 
 
-def test_chat_template_and_fallback(tok: Tokenizer, tmp_path: Path) -> None:
+def test_chat_template_and_no_generic_fallback(tok: Tokenizer, tmp_path: Path) -> None:
     messages = [{"role": "user", "content": "Hi there"}]
     ids = tok.apply_chat_template(messages)
     assert ids.count(tok.bos_token_id) == 1
@@ -99,9 +99,13 @@ def test_chat_template_and_fallback(tok: Tokenizer, tmp_path: Path) -> None:
     cfg = json.loads((bare / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
-    fallback = Tokenizer(bare)
-    assert not fallback.has_chat_template
-    assert "Hi there" in fallback.decode(fallback.apply_chat_template(messages))
+    bare_tok = Tokenizer(bare)
+    assert not bare_tok.has_chat_template
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
+        bare_tok.apply_chat_template(messages)
+    given = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert bare_tok.decode(bare_tok.apply_chat_template(messages, chat_template=given)) == (
+        "user: Hi there\n")
 
 
 def test_missing_tokenizer_is_a_checkpoint_error(tmp_path: Path) -> None:

@@ -1,10 +1,17 @@
 """What both worker roles are made of: one ``Engine`` on its own ``EngineDriver`` thread,
-one NIXL connector around the engine's KV cache, and the Ray methods every worker answers
-(``ping``, ``info``, ``abort``, ``stats``, ``shutdown``).
+one KV connector around the engine's KV cache (``kv_transport``: NIXL, or torch.distributed
+with "nccl"), and the Ray methods every worker answers
+(``ping``, ``watch``, ``info``, ``abort``, ``stats``, ``shutdown``).
 
 A role subclasses ``EngineWorker``, sets up its own state, then calls ``start_driver``;
 it provides the driver hooks ``_on_outputs`` / ``_on_tick`` and ``_abort`` (all run on the
 driver thread) and may add fields to ``stats`` through ``_extra_stats``.
+
+``channel_key`` is the cluster's secret (``pdserve.kvtransfer.auth``): every message this
+worker sends or accepts on a side channel (KV handshakes, token batches) is sealed with it.
+An abort names request ids it has not seen yet too: such ids are remembered for
+``2 * lease_s`` (``Tombstones``) and a late reserve or prefill of one is refused, so a
+cancel that overtakes its request never leaves blocks behind.
 """
 
 from __future__ import annotations
@@ -12,21 +19,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.driver import EngineDriver
+from pdserve.engine.driver import EngineDriver, EngineStoppedError
 from pdserve.engine.outputs import RequestOutput
+from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.affinity import pin_process
 from pdserve.worker.protocol import resolve_host
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
-    from pdserve.kvtransfer.nixl import NixlConnector
+    from pdserve.kvtransfer.base import KVConnector
 
 logger = logging.getLogger(__name__)
+
+
+LOG_LEVEL_ENV = "PDSERVE_LOG_LEVEL"
+"""The router's log level, passed to its workers (their lines reach the router's output)."""
+
+
+def _log_like_the_router() -> None:
+    """Send this process's ``pdserve.*`` records to stderr at the router's level, once."""
+    level = os.environ.get(LOG_LEVEL_ENV)
+    root = logging.getLogger("pdserve")
+    if not level or root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
 
 
 class EngineWorker:
@@ -35,30 +62,40 @@ class EngineWorker:
     role = "worker"
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
-                 lease_s: float = 30.0, cpus: Sequence[int] | None = None) -> None:
+                 lease_s: float = 30.0, kv_transport: str = "nixl", *,
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None) -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
-        from pdserve.kvtransfer.nixl import NixlConfig, NixlConnector
+        from pdserve.kvtransfer.factory import make_connector
 
+        _log_like_the_router()
         if cpus:  # this worker's own cores (router.cluster plans them per host)
             pin_process(cpus)
-
         self.worker_id = worker_id
+        self.kv_transport = kv_transport
+        self.channel_key = channel_key
+        self.lease_s = lease_s
         self.engine: Engine = Engine(replace(config, detokenize=False))
-        self.connector: NixlConnector = NixlConnector(
-            self.engine.runner.kv_cache, self.engine.kv_spec,
-            NixlConfig(model=str(self.engine.model_config.architecture),
-                       host=resolve_host(host), name=worker_id, lease_s=lease_s),
+        self.connector: KVConnector = make_connector(
+            kv_transport, self.engine.runner.kv_cache, self.engine.kv_spec,
+            model=str(self.engine.model_config.architecture), host=resolve_host(host),
+            name=worker_id, lease_s=lease_s, channel_key=channel_key,
         )
+        self.agent_name = self.connector.describe().agent_name  # new per worker process
         self.driver: EngineDriver | None = None
+        self.tombstones = Tombstones(2 * lease_s)
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._watch_lock = threading.Lock()
 
     def start_driver(self) -> None:
         self.driver = EngineDriver(self.engine, self._on_outputs, self._on_tick,
-                                   name=f"{self.worker_id}-loop")
+                                   name=f"{self.worker_id}-loop", on_stop=self._on_stop)
         self.driver.start()
-        logger.info("%s ready (pid %d), kv agent %s", self.worker_id, os.getpid(),
-                    self.connector.agent_name)
+        logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
+                    self.agent_name, self.kv_transport)
 
     @property
     def _driver(self) -> EngineDriver:
@@ -74,7 +111,7 @@ class EngineWorker:
     def _on_tick(self) -> None:
         raise NotImplementedError
 
-    def _abort(self, engine: Engine, request_id: str) -> bool:
+    def _abort(self, engine: Engine, request_id: str, writes_done: bool) -> bool:
         raise NotImplementedError
 
     def _extra_stats(self) -> dict[str, Any]:
@@ -85,8 +122,35 @@ class EngineWorker:
     async def ping(self) -> str:
         driver = self._driver
         if not driver.alive:
-            raise RuntimeError(f"{self.worker_id}: engine loop stopped: {driver.error!r}")
+            raise EngineStoppedError(f"{self.worker_id}: engine loop stopped: {driver.error!r}")
         return self.worker_id
+
+    async def watch(self) -> str:
+        """Answers only when the engine loop has stopped, with why. The router keeps one
+        call open per worker: a loop that stops is seen at once (and a dead process fails
+        the call at once), not at the next liveness check."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._watch_lock:
+            if not self._stopped.is_set():
+                self._watchers.append((loop, fut))
+                waiting = True
+            else:
+                waiting = False
+        if waiting:
+            await fut
+        if self._stopping:
+            return "shutdown"
+        error = self.driver.error if self.driver is not None else None
+        return f"engine loop stopped: {type(error).__name__ if error else 'no error'}"
+
+    def _on_stop(self, error: BaseException | None) -> None:
+        """Driver thread, last thing it does."""
+        with self._watch_lock:
+            self._stopped.set()
+            watchers, self._watchers = self._watchers, []
+        for loop, fut in watchers:
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
 
     async def info(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "pid": os.getpid(),
@@ -96,15 +160,43 @@ class EngineWorker:
                 "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else None}
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, writes_done: bool = False) -> bool:
+        """Drop ``request_id`` and free what it holds. ``writes_done``: the caller knows no
+        KV write into its reserved blocks can still land (decode role: free them now, not
+        after the sender's lease). Returns the role's answer (see ``_abort``)."""
         return await asyncio.wrap_future(
-            self._driver.call(lambda e: self._abort(e, request_id)))
+            self._driver.call(lambda e: self._abort(e, request_id, writes_done)))
 
     async def stats(self) -> dict[str, Any]:
-        s = await asyncio.wrap_future(self._driver.call(lambda e: e.stats()))
+        def take(engine: Engine) -> tuple[Any, dict[str, Any]]:
+            kv_stats = getattr(self.connector, "stats", None)  # the nccl transport's groups
+            kv = {f"kv_{k}": v for k, v in kv_stats().items()} if kv_stats else {}
+            return engine.stats(), kv
+
+        s, kv = await asyncio.wrap_future(self._driver.call(take))
         return {"worker_id": self.worker_id, "role": self.role, "steps": self._driver.steps,
-                **self._extra_stats(), **asdict(s)}
+                "kv_transport": self.kv_transport, **kv, **self._extra_stats(), **asdict(s)}
 
     async def shutdown(self) -> None:
+        self._stopping = True
         self._driver.stop()
         self.connector.close()
+
+
+class Tombstones:
+    """Request ids aborted before they were seen, kept ``ttl_s`` (then a request with that
+    id cannot be in flight any more: its reservation lease is over). Driver thread only."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._ids: dict[str, float] = {}
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._ids[request_id] = now
+        if len(self._ids) > 1024:
+            self._ids = {r: t for r, t in self._ids.items() if now - t < self._ttl_s}
+
+    def __contains__(self, request_id: str) -> bool:
+        seen = self._ids.get(request_id)
+        return seen is not None and time.monotonic() - seen < self._ttl_s

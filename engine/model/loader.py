@@ -1,4 +1,5 @@
-"""Load Hugging Face checkpoint folders (config.json + safetensors) into ``CausalLM``.
+"""Load Hugging Face checkpoint folders (config.json + safetensors) into ``CausalLM``;
+GGUF files go to ``pdserve.engine.model.gguf_loader``.
 
 Every problem with a checkpoint (missing folder or file, unsupported architecture, a
 missing, unexpected or mis-shaped tensor, a shard the index names but the folder lacks)
@@ -23,6 +24,7 @@ from pdserve.engine.model.checkpoint import (
     load_model_config,
     read_json,
 )
+from pdserve.engine.model.gguf import is_gguf
 from pdserve.engine.model.llama import IGNORABLE_SUFFIXES, CausalLM
 
 logger = logging.getLogger(__name__)
@@ -128,14 +130,19 @@ def _validate(folder: Path, model: CausalLM, tensors: _LazyTensors) -> None:
 
 
 def load_model(path: str | Path, dtype: str, device: str | torch.device) -> CausalLM:
-    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint folder into an eval-mode
-    ``CausalLM`` on ``device`` with parameters in ``dtype`` ('float32', 'bf16', ...)."""
-    folder = check_folder(path)
-    config = load_model_config(folder)
+    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint folder (or GGUF file) into an
+    eval-mode ``CausalLM`` on ``device`` with parameters in ``dtype`` ('float32', 'bf16',
+    ...)."""
     try:
         torch_dtype = getattr(torch, normalize_dtype(dtype))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if is_gguf(path):
+        from pdserve.engine.model.gguf_loader import load_gguf_model
+
+        return load_gguf_model(path, torch_dtype, torch.device(device))
+    folder = check_folder(path)
+    config = load_model_config(folder)
     model = CausalLM(config)
     try:
         files = _weight_files(folder)

@@ -12,7 +12,7 @@ import grpc
 class PdserveError(Exception):
     """A call to a pdserve service failed with gRPC status ``code``.
 
-    Statuses without a dedicated subclass (``NOT_FOUND``, ``INTERNAL``, ...) raise this class.
+    Statuses without a dedicated subclass (``INTERNAL``, ...) raise this class.
     """
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -23,6 +23,10 @@ class PdserveError(Exception):
 
 class InvalidArgument(PdserveError):
     """The request was rejected as malformed (bad prompt, sampling parameters out of range)."""
+
+
+class NotFound(PdserveError):
+    """The request named a model the service does not serve (see ``Client.models``)."""
 
 
 class ResourceExhausted(PdserveError):
@@ -47,6 +51,7 @@ class Cancelled(PdserveError):
 
 _BY_CODE: dict[grpc.StatusCode, type[PdserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

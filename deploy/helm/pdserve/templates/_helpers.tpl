@@ -54,14 +54,50 @@ ray.io/node-type: head
 {{- if and (ne .Values.model.source "builtin") (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.model.mountPath)) .Values.model.path)) }}
 {{- fail (printf "model.path (%s) must lie under model.mountPath (%s) when model.source is %s" .Values.model.path .Values.model.mountPath .Values.model.source) }}
 {{- end }}
-{{- if and (eq .Values.model.source "builtin") (not (has .Values.model.path (list "tiny" "small"))) }}
-{{- fail (printf "model.source=builtin takes model.path tiny or small, not %q; set model.source to pvc, hostPath or url for a checkpoint" .Values.model.path) }}
+{{- if and (eq .Values.model.source "builtin") (not (has .Values.model.path (list "smollm2" "tiny" "small"))) }}
+{{- fail (printf "model.source=builtin takes model.path smollm2, tiny or small, not %q; set model.source to pvc, hostPath or url for a checkpoint" .Values.model.path) }}
 {{- end }}
 {{- range $role := list "prefill" "decode" }}
 {{- $g := index $.Values $role }}
 {{- if and $.Values.autoscaling.enabled (or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas))) }}
 {{- fail (printf "%s.replicas (%d) must lie within %s.minReplicas (%d) and %s.maxReplicas (%d) when autoscaling is enabled" $role (int $g.replicas) $role (int $g.minReplicas) $role (int $g.maxReplicas)) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Writable scratch of every container (the root filesystem may be read-only): /dev/shm for
+     Ray's object store, /tmp for Ray's sockets, logs and spill, $HOME (/home/ray) for caches,
+     and the built-in models' cache under it (an emptyDir, or model.cache.claimName). */}}
+{{- define "pdserve.scratchMounts" -}}
+- name: dshm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/ray
+{{- if eq .Values.model.source "builtin" }}
+- name: model-cache
+  mountPath: /home/ray/.cache/pdserve
+{{- end }}
+{{- end }}
+
+{{- define "pdserve.scratchVolumes" -}}
+- name: dshm
+  emptyDir:
+    medium: Memory
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
+{{- if eq .Values.model.source "builtin" }}
+- name: model-cache
+  {{- if .Values.model.cache.claimName }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.cache.claimName }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.cache.sizeLimit }}
+  {{- end }}
 {{- end }}
 {{- end }}
 
@@ -102,6 +138,10 @@ ray.io/node-type: head
 {{- if eq $m.source "url" }}
 - name: fetch-model
   image: {{ $m.url.image }}
+  {{- with .Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- if $m.url.command }}
   command: {{- toYaml $m.url.command | nindent 4 }}
   {{- else }}
@@ -112,6 +152,8 @@ ray.io/node-type: head
       value: {{ $m.url.uri | quote }}
     - name: MODEL_DIR
       value: {{ $m.path | quote }}
+    - name: HOME  # the copy tool's own files, on the writable /tmp
+      value: /tmp
     {{- with $m.url.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -121,6 +163,8 @@ ray.io/node-type: head
   volumeMounts:
     - name: model
       mountPath: {{ $m.mountPath }}
+    - name: tmp
+      mountPath: /tmp
 {{- end }}
 {{- end }}
 
@@ -158,6 +202,10 @@ ray.io/node-type: head
         {{- toYaml . | nindent 8 }}
       {{- end }}
     spec:
+      {{- with $root.Values.podSecurityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- with $root.Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
@@ -182,9 +230,17 @@ ray.io/node-type: head
         - name: ray-worker
           image: {{ include "pdserve.image" $root }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: ["/bin/bash", "-lc", "--"]
+          {{- with $root.Values.securityContext }}
+          securityContext:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          command: ["/bin/bash", "-c", "--"]
           # KubeRay's own `ray start` (with this group's rayStartParams), as it would run it.
-          args: ["ulimit -n 65536; eval \"exec $KUBERAY_GEN_RAY_START_CMD\""]
+          args: ["ulimit -n 65536 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; eval \"exec $KUBERAY_GEN_RAY_START_CMD\""]
+          {{- with $g.extraEnv }}
+          env:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
           lifecycle:
             preStop:
               exec:
@@ -192,17 +248,14 @@ ray.io/node-type: head
           resources:
             {{- $res := deepCopy ($g.resources | default dict) }}
             {{- if gt (int $g.gpusPerPod) 0 }}
-            {{- $limits := merge (dict "nvidia.com/gpu" (int $g.gpusPerPod)) ($res.limits | default dict) }}
+            {{- $limits := merge (dict $root.Values.gpuResourceName (int $g.gpusPerPod)) ($res.limits | default dict) }}
             {{- $_ := set $res "limits" $limits }}
             {{- end }}
             {{- toYaml $res | nindent 12 }}
           volumeMounts:
-            - name: dshm
-              mountPath: /dev/shm
+            {{- include "pdserve.scratchMounts" $root | trim | nindent 12 }}
             {{- with (include "pdserve.modelMounts" $root) }}{{- . | trim | nindent 12 }}{{- end }}
       volumes:
-        - name: dshm
-          emptyDir:
-            medium: Memory
+        {{- include "pdserve.scratchVolumes" $root | trim | nindent 8 }}
         {{- with (include "pdserve.modelVolumes" $root) }}{{- . | trim | nindent 8 }}{{- end }}
 {{- end }}
