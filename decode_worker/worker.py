@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -60,9 +61,9 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, kv_transport: str = "nixl",
-                 channel_key: ChannelKey) -> None:
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key)
+                         channel_key=channel_key, cpus=cpus)
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}

@@ -197,6 +197,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         prefill_resources=_resources(args.prefill_resource),
         decode_resources=_resources(args.decode_resource),
         kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
+        pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
     )
     tls_cert = _read(args.tls_cert)
     tls_key = _read(args.tls_key)
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no access line per request")
     srv.add_argument("--disable-log-stats", action="store_true",
                      help=f"no stats line every {STATS_INTERVAL_S:.0f} s")
+    srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
+                     help="give each worker its own cores of this host ('auto': when "
+                          "pdserve starts its own local Ray)")
     srv.set_defaults(func=_cmd_serve)
 
     rtr = sub.add_parser("router", parents=[common],

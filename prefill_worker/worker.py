@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -71,9 +72,10 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True,
-                 kv_transport: str = "nixl", channel_key: ChannelKey) -> None:
+                 kv_transport: str = "nixl", channel_key: ChannelKey,
+                 cpus: Sequence[int] | None = None) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key)
+                         channel_key=channel_key, cpus=cpus)
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
         self.prefill_tokens = 0

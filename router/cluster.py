@@ -39,6 +39,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.factory import check_transport
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.worker.affinity import plan_cpu_sets
 from pdserve.worker.base import LOG_LEVEL_ENV
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class PoolConfig:
     """Serve the pools another router created (found by the directory), creating none."""
     ping_timeout_s: float = 10.0
     start_timeout_s: float = 300.0
+    # Pin each worker to its own cores (pdserve.worker.affinity): None = only when this
+    # router starts a local Ray, i.e. every worker runs on this host.
+    pin_cpus: bool | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -114,6 +118,7 @@ class Cluster:
         self.directory: Any = None
         self._follower: asyncio.Task[None] | None = None
         self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
+        self._cpu_sets: dict[str, tuple[int, ...]] = {}
         self.restarts = 0
         """Workers replaced since start (each death counts once)."""
 
@@ -156,6 +161,12 @@ class Cluster:
         if self.config.attach:
             await self._attach()
             return
+        cfg = self.config
+        if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
+            ids = [f"prefill-{i}" for i in range(cfg.num_prefill)]
+            ids += [f"decode-{i}" for i in range(cfg.num_decode)]
+            self._cpu_sets = plan_cpu_sets(sorted(os.sched_getaffinity(0)), ids)
+            logger.info("worker cores: %s", self._cpu_sets or "shared (fewer cores than workers)")
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]
         await asyncio.gather(*(self._wait_ready(h) for h in handles))
@@ -232,6 +243,8 @@ class Cluster:
         extra: dict[str, Any] = {"kv_transport": cfg.kv_transport}
         if role == "prefill":
             extra["stream_kv"] = cfg.stream_kv
+        if worker_id in self._cpu_sets:
+            extra["cpus"] = self._cpu_sets[worker_id]
         actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s,
                                  channel_key=self.channel_key, **extra)
         handle = WorkerHandle(worker_id, role, actor, generation)

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.driver import EngineDriver, EngineStoppedError
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
+from pdserve.worker.affinity import pin_process
 from pdserve.worker.events import LOAD_FIELDS, EventPublisher
 from pdserve.worker.protocol import resolve_host
 
@@ -69,13 +71,15 @@ class EngineWorker:
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, kv_transport: str = "nixl", *,
-                 channel_key: ChannelKey) -> None:
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None) -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
         from pdserve.kvtransfer.factory import make_connector
 
         _log_like_the_router()
+        if cpus:  # this worker's own cores (router.cluster plans them per host)
+            pin_process(cpus)
         self.worker_id = worker_id
         self.kv_transport = kv_transport
         self.channel_key = channel_key
@@ -186,7 +190,9 @@ class EngineWorker:
                 "block_size": self.engine.kv_spec.block_size,
                 "num_blocks": self.engine.num_blocks,
                 "max_model_len": self.engine.max_model_len,
-                "events_endpoint": self.events.endpoint, "incarnation": self.agent_name}
+                "events_endpoint": self.events.endpoint, "incarnation": self.agent_name,
+                "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else None}
 
     async def kv_snapshot(self) -> tuple[str, int, list[int], dict[str, float]]:
         """(incarnation, seq, every cached block hash, load) as of event message ``seq``
