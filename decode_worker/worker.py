@@ -13,6 +13,10 @@ Token batches go to each router's inbox over ZMQ PUSH, sealed with the cluster's
 (its sampling, a first token it cannot take) is reported as a non-retryable error record;
 the engine and every other request go on.
 
+Each router renews its lease on this worker with every liveness ping (``ping(router=...)``);
+the requests of a router silent for longer than the lease (it died) are ended here and their
+blocks freed, so that nothing a dead router held stays reserved or decoding.
+
 Used as a Ray actor (``pdserve.router.cluster`` wraps it); every public method is async, so Ray runs
 them on the actor's event loop while the engine runs on its own thread.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -56,9 +61,9 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, kv_transport: str = "nixl",
-                 channel_key: ChannelKey) -> None:
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key)
+                         channel_key=channel_key, cpus=cpus)
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}
@@ -66,6 +71,8 @@ class DecodeWorker(EngineWorker):
         self._aborted: set[str] = set()
         self._deferred_free: list[tuple[float, str]] = []
         self._outbox: dict[str, list[TokenRecord]] = {}
+        self._next_orphan_check = 0.0
+        self.orphans_ended = 0
         self.start_driver()
 
     # ------------------------------------------------------------------ Ray methods
@@ -95,6 +102,7 @@ class DecodeWorker(EngineWorker):
         self.connector.expect(rid, reservation.block_ids[skip:], req.lease_s)
         self._reply_to[rid] = req.reply_to
         self._open_choices[rid] = req.sampling.n
+        self.routers_seen.setdefault(req.reply_to, time.monotonic())
         return ReserveResult(rid, self.connector.describe(), reservation.block_ids,
                              reservation.num_cached_tokens, bs)
 
@@ -148,7 +156,33 @@ class DecodeWorker(EngineWorker):
             for rid in due:
                 engine.abort(rid)
                 self._aborted.discard(rid)
+        self._end_orphans(now)
         self._flush()
+
+    def _end_orphans(self, now: float) -> None:
+        """End the requests of routers that stopped renewing their lease (dead routers)."""
+        if now < self._next_orphan_check:
+            return
+        self._next_orphan_check = now + min(1.0, self.lease_s / 4)
+        gone = {ep for ep, seen in list(self.routers_seen.items()) if now - seen > self.lease_s}
+        if not gone:
+            return
+        orphans = [rid for rid, ep in self._reply_to.items() if ep in gone]
+        for rid in orphans:
+            self._abort(self.engine, rid, writes_done=False)
+        self.orphans_ended += len(orphans)
+        for ep in gone:
+            self.routers_seen.pop(ep, None)
+            entry = self._sockets.pop(ep, None)
+            self._outbox.pop(ep, None)
+            if entry is not None:
+                entry[0].close(linger=0)
+        if orphans:
+            logger.warning("%s: ended %d requests of %d routers silent for over %.0f s",
+                           self.worker_id, len(orphans), len(gone), self.lease_s)
+
+    def _extra_stats(self) -> dict[str, int]:
+        return {"orphans_ended": self.orphans_ended}
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -157,7 +157,8 @@ class ModelRunner:
             logits = self.model.compute_logits(self.graphs.run(batch.decodes))
             return RunResult(list(batch.decodes), logits[: len(batch.decodes)])
         input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        step = self.backend.plan_step(meta)
+        hidden = self.model(input_ids, positions, self.kv_cache, step, self.backend)
         prompt_logits = []
         offset = len(batch.decodes)  # prefill chunks follow the decode rows, in order
         for seq, n in batch.prefills:

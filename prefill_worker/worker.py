@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_events import KVEvent
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.base import EngineWorker
@@ -72,12 +72,12 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True,
-                 kv_transport: str = "nixl", channel_key: ChannelKey) -> None:
+                 kv_transport: str = "nixl", channel_key: ChannelKey,
+                 cpus: Sequence[int] | None = None) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key)
+                         channel_key=channel_key, cpus=cpus)
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
-        self._event_batches = 0
         self.prefill_tokens = 0
         self.prefill_seconds = 0.0
         self.start_driver()
@@ -98,23 +98,10 @@ class PrefillWorker(EngineWorker):
 
     def _extra_stats(self) -> dict[str, Any]:
         rate = self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate}
-
-    async def kv_events(self) -> tuple[str, int, list[KVEvent]]:
-        """Prefix-cache events since the last call, as (incarnation, batch number, events)
-        for the router's prefix index; batch numbers count up from 0 per incarnation."""
-        events = await asyncio.wrap_future(self._driver.call(lambda e: e.take_kv_events()))
-        seq = self._event_batches
-        self._event_batches += 1
-        return self.agent_name, seq, events
-
-    async def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        """Every cached block hash, as of the last batch ``kv_events`` returned."""
-        def take(engine: Engine) -> list[int]:
-            return engine.pool.cached_hashes()
-
-        hashes = await asyncio.wrap_future(self._driver.call(take))
-        return self.agent_name, self._event_batches - 1, hashes
+        pending = sum(len(j.req.prompt_token_ids) for j in list(self._jobs.values())
+                      if j.first_token < 0)
+        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate,
+                "pending_prefill_tokens": pending}
 
     # ------------------------------------------------------------------ driver thread
 

@@ -14,9 +14,15 @@ not tried elsewhere, and a request that was on two workers that died fails with 
 instead of trying a third (it may be what killed them). When every worker of a pool is dead,
 admission waits for the replacements, bounded by the request's deadline and the lease.
 
-Every attempt has its own id (``<request id>.<n>``): late messages of an abandoned attempt
-cannot reach the next one, and every exit path releases the attempt on both workers at once
-(``pdserve.router.attempt``).
+Several routers may serve one cluster: each admits on its own view of the decode pool (pushed
+by the workers), and the decode worker is the authority on its blocks: it refuses a
+reservation it cannot hold, and the router then tries the other decode workers at once
+(waiting only when every one refused). Attempt ids carry the router's tag, so that the same
+client request id sent to two routers never names one reservation twice.
+
+Every attempt has its own id (``<request id>.<n>.<router tag>``): late messages of an
+abandoned attempt cannot reach the next one, and every exit path releases the attempt on both
+workers at once (``pdserve.router.attempt``).
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ class Flow:
     """Runs requests for the router; owns the balancer's view of load."""
 
     def __init__(self, cluster: Cluster, inbox: TokenInbox, tokenizer: Tokenizer,
-                 balancer: Balancer, eos_ids: tuple[int, ...], config: FlowConfig) -> None:
+                 balancer: Balancer, eos_ids: tuple[int, ...], config: FlowConfig,
+                 router_tag: str = "r") -> None:
         self.cluster = cluster
         self.inbox = inbox
         self.tokenizer = tokenizer
@@ -129,11 +136,16 @@ class Flow:
         self.prefill_view = LoadView()
         self.decode_view = LoadView()
         self._attempts: dict[str, Attempt] = {}
+        self.pushed: dict[str, dict[str, float]] = {}
+        """Each worker's latest load as it pushed it (``on_load``), by worker id."""
         self.calls = AttemptCalls(cluster, on_stats=self.refresh_loads)
         self._waiting = 0
         self.admission = AdmissionQueue(config.scheduling_policy == "priority",
                                         config.priority_aging_s)
         self.failovers = 0
+        self.refused_reservations = 0
+        """Reservations a decode worker refused (it had not the room this router thought)."""
+        self.router_tag = router_tag
         self.on_prefill: PrefillObserver | None = None
 
     @property
@@ -144,25 +156,34 @@ class Flow:
     # ------------------------------------------------------------------ load
 
     def refresh_loads(self) -> None:
-        """Install the workers' latest stats (called after each monitor round)."""
-        max_seqs = self.cluster.config.engine.scheduler.max_num_seqs
+        """Install every worker's latest load (pushed, else its last polled stats)."""
         prefill, decode = [], []
         for h in self.cluster.workers.values():
-            s = h.stats
-            if h.role == "prefill":
-                prefill.append(WorkerLoad(
-                    h.worker_id, pending_prefill_tokens=0,
-                    prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)),
-                    alive=h.alive))
-            else:
-                total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
-                used = int(s.get("num_used_blocks", 0))
-                decode.append(WorkerLoad(
-                    h.worker_id, free_blocks=total - used, total_blocks=total,
-                    running_seqs=int(s.get("num_running", 0)) + int(s.get("num_awaiting_kv", 0)),
-                    max_running_seqs=max_seqs, alive=h.alive))
+            (prefill if h.role == "prefill" else decode).append(self._load_of(h))
         self.prefill_view.update(prefill)
         self.decode_view.update(decode)
+
+    def on_load(self, worker_id: str, load: dict[str, float]) -> None:
+        """A worker pushed its load (with its KV events): install it at once."""
+        self.pushed[worker_id] = load
+        h = self.cluster.workers.get(worker_id)
+        if h is None:
+            return
+        view = self.prefill_view if h.role == "prefill" else self.decode_view
+        view.set_one(self._load_of(h))
+
+    def _load_of(self, h: WorkerHandle) -> WorkerLoad:
+        s: dict[str, float] = self.pushed.get(h.worker_id) or h.stats
+        if h.role == "prefill":
+            return WorkerLoad(
+                h.worker_id, pending_prefill_tokens=int(s.get("pending_prefill_tokens", 0)),
+                prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)), alive=h.alive)
+        total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
+        used = int(s.get("num_used_blocks", 0))
+        return WorkerLoad(
+            h.worker_id, free_blocks=total - used, total_blocks=total,
+            running_seqs=int(s.get("num_running", 0)) + int(s.get("num_awaiting_kv", 0)),
+            max_running_seqs=self.cluster.config.engine.scheduler.max_num_seqs, alive=h.alive)
 
     def _missing_pools(self) -> list[str]:
         """Roles with no live worker in the balancer's view (refreshed from the handles when
@@ -217,8 +238,8 @@ class Flow:
         attempt_no = 0
         while True:
             attempt_no += 1
-            attempt = await self._admit(f"{request_id}.{attempt_no}", seq, params, timing,
-                                        arrival, deadline, priority)
+            attempt = await self._admit(f"{request_id}.{attempt_no}.{self.router_tag}", seq,
+                                        params, timing, arrival, deadline, priority)
             queue = self.inbox.open(attempt.id)
             try:
                 outcome = await self._prefill(attempt, seq, params)
@@ -374,6 +395,7 @@ class Flow:
             capacity_deadline = start + self.config.admission_timeout_s
             worker_deadline = min(deadline or math.inf, start + self.config.lease_s)
             delay = 0.005
+            refused: set[str] = set()  # decode workers that refused this round
             while True:
                 now = time.monotonic()
                 missing = self._missing_pools()
@@ -383,12 +405,13 @@ class Flow:
                             "unavailable", f"no {missing[0]} worker is alive (waited "
                             f"{now - start:.1f} s for a replacement)")
                 elif self.admission.may_try(ticket):
-                    choice = self.balancer.choose_decode(
-                        route, self._alive(self.decode_view.current()))
-                    if choice is None and self.admission.by_priority:
+                    loads = [ld for ld in self._alive(self.decode_view.current())
+                             if ld.worker_id not in refused]
+                    choice = self.balancer.choose_decode(route, loads) if loads else None
+                    if choice is None and loads and self.admission.by_priority:
                         # The pool looks full: the decode worker may still make room by
                         # preempting requests of lower priority than this one.
-                        choice = self._roomiest_decode(route)
+                        choice = self._roomiest_decode(route, loads)
                     if choice is not None:
                         handle = self.cluster.workers[choice.worker_id]
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
@@ -409,6 +432,10 @@ class Flow:
                             self._attempts[attempt_id] = attempt
                             timing.setdefault("queue_s", time.monotonic() - arrival)
                             return attempt
+                        refused.add(handle.worker_id)  # no room there: try the others now
+                        self.refused_reservations += 1
+                        continue
+                    refused.clear()
                     if now > min(capacity_deadline, deadline or math.inf):
                         raise RequestError(
                             "resource_exhausted",
@@ -420,10 +447,7 @@ class Flow:
             self._waiting -= 1
             self.admission.leave(ticket)
 
-    def _roomiest_decode(self, route: RouteRequest) -> DecodeChoice | None:
-        loads = self._alive(self.decode_view.current())
-        if not loads:
-            return None
+    def _roomiest_decode(self, route: RouteRequest, loads: list[WorkerLoad]) -> DecodeChoice:
         best = max(loads, key=lambda ld: (ld.free_blocks, ld.worker_id))
         needed = self.balancer.blocks_needed(route)
         return DecodeChoice(best.worker_id, needed, 0, 0.0)

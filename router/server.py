@@ -8,6 +8,12 @@ client's deadline also bounds the request's waits. No client ever reads a traceb
 unexpected error is logged here and answered INTERNAL with a short message. The standard
 health service and server reflection are served beside ``pdserve.v1.Generation``.
 
+The router's view of the workers is pushed to it: every worker publishes its KV events and
+load as they happen (``router.events`` applies them to this router's prefix index and load
+view; a gap is repaired from a snapshot). Several routers may serve one cluster: the one
+that creates the pools publishes a directory (``router.directory``), and a router whose
+``PoolConfig.attach`` is set serves those pools instead of creating its own.
+
 The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on the
 same event loop and goes through the same ``Router.prepare`` (validation) and ``Router.run``
 (the request path, with its metrics): no second implementation of either. ``router.app``
@@ -35,7 +41,9 @@ from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from pdserve.router.balancer import PrefillChoice, make_balancer
 from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
+from pdserve.router.directory import ClusterInfo
 from pdserve.router.errors import public_reason
+from pdserve.router.events import EventSubscriber, endpoint_of
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
 from pdserve.router.grpc_service import Undecodable
 from pdserve.router.grpc_structured import structured_from_proto
@@ -94,7 +102,6 @@ class RouterConfig:
     stats_interval_s: float | None = None
     """A stats line at INFO this often (``pdserve.stats``); None: never."""
     flow: FlowConfig = field(default_factory=FlowConfig)
-    events_interval_s: float = 0.1
     http_port: int | None = None
     """The OpenAI-compatible HTTP front (and /metrics) on ``host``: None = off, 0 = any free
     port (``Router.http_port`` tells which). HTTPS with ``tls_cert``/``tls_key``."""
@@ -132,6 +139,7 @@ class Router(pb_grpc.GenerationServicer):
             eos.add(self.tokenizer.eos_token_id)
         self.cluster = Cluster(config.pools)
         self.index = PrefixIndex(engine_cfg.cache.block_size)
+        self.events: EventSubscriber | None = None
         self.balancer = make_balancer(config.balancer, self.index)
         self.inbox: TokenInbox | None = None
         self.flow: Flow | None = None
@@ -167,18 +175,37 @@ class Router(pb_grpc.GenerationServicer):
         await self.cluster.start(on_connected)
         self.inbox = TokenInbox(self.cluster.channel_key, resolve_host(self.config.pools.kv_host))
         self.inbox.start()
+        self.cluster.router_endpoint = self.inbox.endpoint
         self.flow = Flow(self.cluster, self.inbox, self.tokenizer, self.balancer, self._eos,
-                         self.config.flow)
+                         self.config.flow, router_tag=self.cluster.instance)
         self.flow.on_prefill = self._on_prefill
         for h in self.cluster.pool("prefill"):
             self.index.add_worker(h.worker_id)
+        self.events = EventSubscriber(
+            self.cluster.channel_key,
+            {"prefill": self.index, "decode": self.balancer.decode_index},
+            self._snapshot, self.flow.on_load)
+        self.events.start()
+        for h in self.cluster.workers.values():
+            self._subscribe(h)
+        self.cluster.on_ready.append(self._subscribe)
         self.cluster.run_monitor(self._on_death)
+        if not self.config.pools.attach:
+            self.cluster.publish(ClusterInfo(
+                self.config.pools, self.cluster.channel_key, self.model_names,
+                self.config.chat_template, owner=self.inbox.endpoint))
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._feed_index()))
-        self._tasks.append(loop.create_task(self._refresh_loads()))
         if self.config.stats_interval_s:
             self._tasks.append(loop.create_task(self._log_stats(self.config.stats_interval_s)))
         await self._probe_all()
+
+    def _subscribe(self, handle: WorkerHandle) -> None:
+        endpoint = endpoint_of(handle.info)
+        if self.events is not None and endpoint is not None:
+            self.events.add_worker(handle.worker_id, handle.role, endpoint)
+
+    async def _snapshot(self, worker_id: str) -> tuple[str, int, list[int], dict[str, float]]:
+        return await self.cluster.workers[worker_id].actor.kv_snapshot.remote()
 
     async def _probe_all(self) -> None:
         for h in self.cluster.workers.values():
@@ -192,6 +219,8 @@ class Router(pb_grpc.GenerationServicer):
         if self.flow is not None:
             await self.flow.calls.drain()
         await self.cluster.shutdown()
+        if self.events is not None:
+            await self.events.close()
         if self.inbox is not None:
             await self.inbox.close()
         self.text.close()
@@ -212,12 +241,6 @@ class Router(pb_grpc.GenerationServicer):
     async def _on_death(self, handle: WorkerHandle) -> None:
         if self.flow is not None:
             self.flow.on_worker_death(handle)
-
-    async def _refresh_loads(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.pools.ping_interval_s)
-            if self.flow is not None:
-                self.flow.refresh_loads()
 
     def stats_sample(self) -> StatsSample:
         """The figures of the periodic stats line, now."""
@@ -240,20 +263,6 @@ class Router(pb_grpc.GenerationServicer):
             if line is not None:
                 stats_logger.info(line)
             await asyncio.sleep(interval_s)
-
-    async def _feed_index(self) -> None:
-        """Pull each prefill worker's KV events into the prefix index; resync on gaps."""
-        while True:
-            await asyncio.sleep(self.config.events_interval_s)
-            for h in self.cluster.pool("prefill"):
-                try:
-                    incarnation, seq_no, events = await h.actor.kv_events.remote()
-                    self.index.apply_events(h.worker_id, seq_no, events, incarnation)
-                    if self.index.needs_resync(h.worker_id):
-                        inc, snap_seq, hashes = await h.actor.kv_snapshot.remote()
-                        self.index.snapshot(h.worker_id, snap_seq, hashes, inc)
-                except Exception as exc:  # the monitor handles dead workers
-                    logger.debug("KV events of %s unavailable: %r", h.worker_id, exc)
 
     # ------------------------------------------------------------------ the request path
 

@@ -347,7 +347,7 @@ def test_a_forged_token_record_from_another_process_reaches_no_stream(svc) -> No
                               temperature=0.0, ignore_eos=True, request_id="victim"):
             if not got:
                 subprocess.run([sys.executable, "-c", FORGER, router.inbox.endpoint,
-                                "victim.1"], check=True, timeout=30)
+                                f"victim.1.{router.flow.router_tag}"], check=True, timeout=30)
             got += chunk.token_ids
     assert got == reference
     assert router.inbox.refused >= refused + 20

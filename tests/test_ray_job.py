@@ -195,7 +195,11 @@ def test_ray_job_serves_streams_and_stops_without_leftover_actors(head: Head) ->
                 assert r.status == 200, path
 
         running = _cluster_state(head)
-        assert len(running["actors"]) == 2, running  # one prefill + one decode worker
+        # One prefill + one decode worker, and the directory other routers attach with.
+        workers = sorted(a for a in running["actors"] if a != "pdserve-directory")
+        assert "pdserve-directory" in running["actors"], running
+        assert len(workers) == 2 and "prefill-0" in workers[1] and "decode-0" in workers[0], \
+            running
         assert running["free"] == {"decode_node": 3, "prefill_node": 3}, running
 
         stopped = _ray(head, "job", "stop", "--address", head.dashboard, job_id)
