@@ -436,7 +436,12 @@ class Flow:
                         self.refused_reservations += 1
                         continue
                     refused.clear()
-                    if now > min(capacity_deadline, deadline or math.inf):
+                    if deadline is not None and now >= deadline:
+                        raise RequestError(
+                            "deadline_exceeded",
+                            f"the deadline passed after {now - start:.2f} s of waiting for "
+                            f"decode capacity (prompt of {seq.num_tokens} tokens)")
+                    if now > capacity_deadline:
                         raise RequestError(
                             "resource_exhausted",
                             f"no decode capacity for {now - start:.0f} s (prompt of "

@@ -33,6 +33,7 @@ ERROR_STATUS = {
     "resource_exhausted": (429, "rate_limit_exceeded"),
     "internal": (500, "internal_error"),
     "unavailable": (503, "service_unavailable"),
+    "deadline_exceeded": (504, "timeout"),
 }
 """Router error code -> (HTTP status, OpenAI error ``type``)."""
 
