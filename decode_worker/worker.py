@@ -13,6 +13,10 @@ Token batches go to each router's inbox over ZMQ PUSH, sealed with the cluster's
 (its sampling, a first token it cannot take) is reported as a non-retryable error record;
 the engine and every other request go on.
 
+Each router renews its lease on this worker with every liveness ping (``ping(router=...)``);
+the requests of a router silent for longer than the lease (it died) are ended here and their
+blocks freed, so that nothing a dead router held stays reserved or decoding.
+
 Used as a Ray actor (``pdserve.router.cluster`` wraps it); every public method is async, so Ray runs
 them on the actor's event loop while the engine runs on its own thread.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -56,15 +61,19 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, kv_transport: str = "nixl",
-                 channel_key: ChannelKey, **ranks: Any) -> None:
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None,
+                 **ranks: Any) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key, **ranks)  # ranks: tensor parallelism
+                         channel_key=channel_key, cpus=cpus, **ranks)  # ranks: tensor parallelism
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}
+        self._open_choices: dict[str, int] = {}  # request id -> its choices still running
         self._aborted: set[str] = set()
         self._deferred_free: list[tuple[float, str]] = []
         self._outbox: dict[str, list[TokenRecord]] = {}
+        self._next_orphan_check = 0.0
+        self.orphans_ended = 0
         self.start_driver()
 
     # ------------------------------------------------------------------ Ray methods
@@ -85,19 +94,24 @@ class DecodeWorker(EngineWorker):
         rid = req.request_id
         if rid in self.tombstones:
             raise ValueError(f"request {rid!r} was cancelled")
-        reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling))
+        reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling),
+                                     req.priority)
         if reservation is None:
             return None
         bs = engine.kv_spec.block_size
         skip = reservation.num_cached_tokens // bs
         self.connector.expect(rid, reservation.block_ids[skip:], req.lease_s)
         self._reply_to[rid] = req.reply_to
+        self._open_choices[rid] = req.sampling.n
+        self.routers_seen.setdefault(req.reply_to, time.monotonic())
         return ReserveResult(rid, self.connector.describe(), reservation.block_ids,
                              reservation.num_cached_tokens, bs)
 
     def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
         self._reply_to.pop(rid, None)
+        self._open_choices.pop(rid, None)
         if engine.request_status(rid) is None:
+            engine.abort(rid)  # its forked choices (n > 1) may outlive it
             self.tombstones.add(rid)  # a reserve still on its way is refused
             return False
         self._aborted.add(rid)
@@ -132,6 +146,7 @@ class DecodeWorker(EngineWorker):
             rid = failure.request_id
             self._deferred_free.append((failure.reuse_after, rid))
             reply_to = self._reply_to.pop(rid, None)
+            self._open_choices.pop(rid, None)
             if reply_to is not None and rid not in self._aborted:
                 logger.warning("%s: KV for %s failed: %s", self.worker_id, rid, failure.message)
                 self._outbox.setdefault(reply_to, []).append(
@@ -142,7 +157,33 @@ class DecodeWorker(EngineWorker):
             for rid in due:
                 engine.abort(rid)
                 self._aborted.discard(rid)
+        self._end_orphans(now)
         self._flush()
+
+    def _end_orphans(self, now: float) -> None:
+        """End the requests of routers that stopped renewing their lease (dead routers)."""
+        if now < self._next_orphan_check:
+            return
+        self._next_orphan_check = now + min(1.0, self.lease_s / 4)
+        gone = {ep for ep, seen in list(self.routers_seen.items()) if now - seen > self.lease_s}
+        if not gone:
+            return
+        orphans = [rid for rid, ep in self._reply_to.items() if ep in gone]
+        for rid in orphans:
+            self._abort(self.engine, rid, writes_done=False)
+        self.orphans_ended += len(orphans)
+        for ep in gone:
+            self.routers_seen.pop(ep, None)
+            entry = self._sockets.pop(ep, None)
+            self._outbox.pop(ep, None)
+            if entry is not None:
+                entry[0].close(linger=0)
+        if orphans:
+            logger.warning("%s: ended %d requests of %d routers silent for over %.0f s",
+                           self.worker_id, len(orphans), len(gone), self.lease_s)
+
+    def _extra_stats(self) -> dict[str, int]:
+        return {"orphans_ended": self.orphans_ended}
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -152,26 +193,32 @@ class DecodeWorker(EngineWorker):
     def _fail_request(self, rid: str, error: str) -> None:
         """Tell the router that ``rid`` failed on its own (not to be retried elsewhere)."""
         reply_to = self._reply_to.pop(rid, None)
+        self._open_choices.pop(rid, None)
         if reply_to is not None:
             self._outbox.setdefault(reply_to, []).append(
                 TokenRecord(rid, [], error=error[:500], retryable=False))
 
     def _queue(self, out: RequestOutput) -> None:
+        rid = out.parent_id or out.request_id  # a forked choice reports as its request
         if out.error is not None:
-            self._fail_request(out.request_id, out.error)
+            self._fail_request(rid, out.error)
             return
-        reply_to = self._reply_to.get(out.request_id)
+        reply_to = self._reply_to.get(rid)
         if reply_to is None:
             if not out.finished:
                 self.engine.abort(out.request_id)  # nobody listens any more
             return
         self._outbox.setdefault(reply_to, []).append(TokenRecord(
-            out.request_id, out.new_token_ids,
+            rid, out.new_token_ids,
             out.finish_reason if out.finished else None,
-            logprobs_to_wire(out.new_logprobs),
+            logprobs_to_wire(out.new_logprobs), index=out.index,
         ))
         if out.finished:
-            del self._reply_to[out.request_id]
+            left = self._open_choices.get(rid, 1) - 1
+            self._open_choices[rid] = left
+            if left <= 0:
+                del self._reply_to[rid]
+                self._open_choices.pop(rid, None)
 
     def _flush(self) -> None:
         for endpoint, records in self._outbox.items():

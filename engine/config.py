@@ -188,10 +188,20 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     max_model_len: int | None = None
+    policy: str = "fcfs"
+    """"fcfs" (arrival order) or "priority" (lower ``priority`` first; see
+    ``pdserve.engine.scheduler``)."""
+    priority_aging_s: float = 10.0
+    """Under "priority": a request's priority improves by one level per this many seconds
+    since its arrival, so no request waits forever behind a stream of better ones."""
 
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_num_seqs", self.max_num_seqs)
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got "
+                             f"{self.policy!r}")
+        _positive("priority_aging_s", self.priority_aging_s)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
 

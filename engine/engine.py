@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +25,7 @@ from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig, KVCacheSpec, ModelConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.kv_events import KVEvent
+from pdserve.engine.logits_processing import TokenContext
 from pdserve.engine.model.builtin import resolve_model
 from pdserve.engine.model.checkpoint import load_model_config
 from pdserve.engine.model.loader import load_model
@@ -34,6 +35,7 @@ from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.structured.book import GrammarBook, Verdict
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ class _Request:
     metrics: RequestMetrics
     reported_tokens: int = 0
     reported_logprobs: int = 0
+    parent_id: str | None = None  # a forked choice's request (n > 1)
+    index: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +92,39 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     return device
+
+
+def _prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+    """Record the logprobs of prompt tokens ``start + 1 ..`` from the logits of positions
+    ``start ..`` (a recomputed chunk replaces what an earlier pass recorded)."""
+    prompt = seq.prompt_token_ids
+    n = min(logits.shape[0], len(prompt) - 1 - start)
+    if n <= 0:
+        return
+    logp = torch.log_softmax(logits[:n], dim=-1)
+    targets = torch.tensor(prompt[start + 1 : start + 1 + n], device=logp.device)
+    chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ranks = (logp > chosen.unsqueeze(1)).sum(dim=1) + 1
+    k = seq.params.prompt_logprobs or 0
+    top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+    out = []
+    for j, (token, lp, rank) in enumerate(zip(targets.tolist(), chosen.tolist(),
+                                              ranks.tolist(), strict=True)):
+        top: tuple[tuple[int, float], ...] = ()
+        if top_v is not None and top_i is not None:
+            top = tuple(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True))
+        out.append(TokenLogprobs(token, lp, top, rank))
+    del seq.prompt_logprobs[start:]
+    seq.prompt_logprobs.extend(out)
+
+
+def _context(seq: Sequence) -> TokenContext | None:
+    """What logits processing reads of ``seq`` (None when its parameters ask for none)."""
+    p = seq.params
+    if not p.processes_logits:
+        return None
+    return TokenContext(seq.token_ids, seq.num_prompt_tokens if p.prompt_len is None
+                        else p.prompt_len)
 
 
 class Engine:
@@ -154,7 +191,10 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self._requests: dict[str, _Request] = {}
+        self._families: dict[str, set[str]] = {}  # n > 1: request id -> its live choices
         self._order = itertools.count()
+        self._grammars: GrammarBook | None = None  # created by the first constrained request
+        self._awaiting_grammar: list[Sequence] = []  # not schedulable until compiled
         self.num_preemptions = 0
         logger.info(
             "engine ready: %s %s on %s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
@@ -221,9 +261,13 @@ class Engine:
         params: SamplingParams,
         prefill_only: bool,
         arrival_time: float | None,
+        priority: int = 0,
     ) -> Sequence:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n > 1 and params.structured is not None:
+            # Each forked choice would need its own matcher; refused rather than unchecked.
+            raise ValueError("'n' > 1 cannot be combined with structured output")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (detokenize=True)")
@@ -257,11 +301,13 @@ class Engine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             arrival_order=next(self._order),
             prefill_only=prefill_only,
+            priority=priority,
         )
         seq.max_len = n + (1 if prefill_only else max_tokens)
         detok = None
         if self.tokenizer is not None and not prefill_only:
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                           skip_special_tokens=params.skip_special_tokens)
         self._requests[request_id] = _Request(
             seq, StopChecker(seq, detok, self.eos_token_ids), RequestMetrics(seq.arrival_time)
         )
@@ -275,24 +321,78 @@ class Engine:
         *,
         prefill_only: bool = False,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request. Bad input raises ``ValueError`` with the reason.
 
         ``prefill_only``: compute the prompt's KV and the first token, then hold the blocks
-        (status PREFILLED) until ``release``."""
-        seq = self._new_sequence(request_id, prompt, params or SamplingParams(), prefill_only,
-                                 arrival_time)
+        (status PREFILLED) until ``release``. ``priority``: lower runs first under the
+        "priority" scheduling policy (ignored under "fcfs")."""
+        params = params or SamplingParams()
+        if params.n > 1 and not prefill_only:
+            raise ValueError("'n' > 1 is served by the decode role (reserve + commit_kv), "
+                             "which forks the choices from the prompt's KV")
+        seq = self._new_sequence(request_id, prompt, params, prefill_only, arrival_time,
+                                 priority)
+        if seq.params.structured is not None:
+            # Compiled on the grammar pool; joins the scheduler's queue once ready (step).
+            self.grammars.submit(seq)
+            self._awaiting_grammar.append(seq)
+            return
         self.scheduler.add(seq)
+
+    @property
+    def grammars(self) -> GrammarBook:
+        """Structured-output state (xgrammar and the tokenizer load on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarBook(self._tokenizer_info, self.model_config.vocab_size)
+        return self._grammars
+
+    def _tokenizer_info(self) -> object:
+        import xgrammar as xgr
+
+        tokenizer = self.tokenizer or Tokenizer(self.model_path)
+        return xgr.TokenizerInfo.from_huggingface(
+            tokenizer.hf_tokenizer, vocab_size=self.model_config.vocab_size,
+            stop_token_ids=list(self.eos_token_ids))
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Move requests whose grammar is compiled into the scheduler's queue; fail those
+        whose grammar cannot be built."""
+        if not self._awaiting_grammar:
+            return []
+        book = self.grammars
+        failed: list[RequestOutput] = []
+        ready = [s for s in self._awaiting_grammar if book.ready(s.request_id)]
+        self._awaiting_grammar = [s for s in self._awaiting_grammar if s not in ready]
+        for seq in ready:
+            try:
+                book.start(seq)
+            except Exception as exc:
+                req = self._requests[seq.request_id]
+                seq.status = SequenceStatus.FINISHED  # in no queue: nothing to take it from
+                failed.append(self._fail(req, f"{type(exc).__name__}: {exc}"))
+                continue
+            self.scheduler.add(seq)
+        return failed
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free all it holds. False if unknown."""
+        for member in self._families.pop(request_id, ()):
+            if member != request_id:
+                self.abort(member)
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
         seq = req.seq
-        self.scheduler.remove(seq)
+        if seq in self._awaiting_grammar:
+            self._awaiting_grammar.remove(seq)
+        else:
+            self.scheduler.remove(seq)
         self.kv.free(seq)
         self.sampler.forget(request_id)
+        if self._grammars is not None:
+            self._grammars.forget(request_id)
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = FinishReason.ABORT
@@ -303,17 +403,34 @@ class Engine:
         return self.abort(request_id)
 
     def reserve(
-        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+        priority: int = 0,
     ) -> Reservation | None:
         """Decode role: reserve blocks for a prompt whose KV will be written from outside,
         reusing this engine's own cached prefix blocks. None if the blocks are not free now
-        (the caller queues or refuses); ValueError for bad input."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, False, None)
-        prefix = self.kv.match_prefix(seq)
+        (the caller queues or refuses); ValueError for bad input. Under the "priority"
+        policy, running requests of strictly lower priority are preempted (worst first;
+        they recompute here later) when that makes the blocks free."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, False, None, priority)
         n = seq.num_tokens
-        if not self.kv.allocate(seq, n - prefix.num_tokens, prefix):
+        prefix = self.kv.match_prefix(seq)
+
+        def fits() -> bool:
+            nonlocal prefix
+            prefix = self.kv.match_prefix(seq)  # a victim's freed blocks may be cached
+            return self.kv.allocate(seq, n - prefix.num_tokens, prefix)
+
+        fitted, preempted = self.scheduler.make_room(seq, fits)
+        self.num_preemptions += len(preempted)
+        if not fitted:
             del self._requests[request_id]
             return None
+        if self.pool.num_free_blocks < params.n - 1:  # one block per forked choice
+            self.kv.free(seq)
+            del self._requests[request_id]
+            return None
+        if params.structured is not None:
+            self.grammars.submit(seq)  # compiles while the KV is being written
         seq.status = SequenceStatus.AWAITING_KV
         seq.num_computed_tokens = prefix.num_tokens
         seq.num_cached_tokens = prefix.num_tokens
@@ -329,8 +446,15 @@ class Engine:
         if req is None or req.seq.status is not SequenceStatus.AWAITING_KV:
             raise KeyError(f"no reservation awaiting KV for request {request_id!r}")
         seq = req.seq
+        if seq.params.structured is not None:
+            # Usually compiled by now (it started at reserve); the matcher replays the
+            # output this request already has, then takes the first token in _append.
+            self.grammars.wait(request_id)
+            self.grammars.start(seq)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_computed_blocks(seq)
+        for index in range(1, seq.params.n):
+            self._fork(seq, index)
         self.sampler.skip_draw(request_id, seq.params, self.device,
                                self.model_config.vocab_size)
         seq.status = SequenceStatus.RUNNING
@@ -339,29 +463,59 @@ class Engine:
             self.scheduler.add_running(seq)
         return self._output(req, finished)
 
+    def _fork(self, parent: Sequence, index: int) -> None:
+        """Choice ``index`` of a request with ``n`` > 1, forked from its computed prompt: it
+        shares the prompt's KV blocks (the block holding the last prompt token is copied,
+        since both write after it) and recomputes only that last position, as a decode row,
+        to draw its own first token. Its seed is the request's plus ``index``. When no block
+        is free, it waits and recomputes its prompt here (mostly from the prefix cache)."""
+        p = parent.params
+        params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64)
+        child_id = f"{parent.request_id}#{index}"
+        child = self._new_sequence(child_id, parent.prompt_token_ids, params, False,
+                                   parent.arrival_time, parent.priority)
+        child.max_len = parent.max_len
+        self._requests[child_id].parent_id = parent.request_id
+        self._requests[child_id].index = index
+        self._families.setdefault(parent.request_id, set()).update((parent.request_id,
+                                                                    child_id))
+        copy = self.kv.fork(parent, child)
+        if copy is None:
+            self.scheduler.add(child)
+            return
+        self.runner.copy_block(*copy)
+        child.num_computed_tokens = child.num_tokens - 1
+        child.num_cached_tokens = parent.num_cached_tokens
+        self.scheduler.add_running(child)
+
     def request_status(self, request_id: str) -> str | None:
         """'waiting', 'running', 'awaiting_kv' or 'prefilled'; None if unknown or done."""
         req = self._requests.get(request_id)
         return None if req is None else req.seq.status.value
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or bool(self._awaiting_grammar)
 
     # ------------------------------------------------------------------ step loop
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report every request that got a new
         token or finished (prefill-only requests also report chunk progress)."""
+        failed = self._admit_compiled()
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
-            return []
+            if not failed and self._awaiting_grammar:
+                self.grammars.wait(self._awaiting_grammar[0].request_id, timeout=0.005)
+            return failed
         now = time.monotonic()
         for seq, _ in batch.prefills:
             metrics = self._requests[seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         result = self.runner.execute(batch)
+        for seq, start, rows in result.prompt_logits:
+            _prompt_logprobs(seq, start, rows)
         for seq in batch.decodes:
             seq.num_computed_tokens += 1
             if seq.num_computed_tokens % self.kv.block_size == 0:
@@ -369,7 +523,7 @@ class Engine:
         for seq, n in batch.prefills:
             seq.num_computed_tokens += n
             self.kv.cache_computed_blocks(seq)
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = failed
         for seq, tok, lp, error in self._sample(result.sampled, result.logits):
             req = self._requests[seq.request_id]
             if error is None:
@@ -397,6 +551,9 @@ class Engine:
             return []
         ids = [s.request_id for s in seqs]
         params = [s.params for s in seqs]
+        contexts = [_context(s) for s in seqs]
+        if self._grammars is not None:
+            self._grammars.apply(seqs, logits)  # one batched mask for the constrained rows
         bad = self.sampler.check(ids, params, logits.device)
         keep = [i for i in range(len(seqs)) if i not in bad]
         tokens: dict[int, int] = {}
@@ -405,7 +562,9 @@ class Engine:
             rows = logits if not bad else logits[keep]
             try:
                 got, got_lps = self.sampler.sample(rows, [ids[i] for i in keep],
-                                                   [params[i] for i in keep])
+                                                   [params[i] for i in keep],
+                                                   [contexts[i] for i in keep],
+                                                   self.eos_token_ids)
                 tokens = dict(zip(keep, got, strict=True))
                 lps = dict(zip(keep, got_lps, strict=True))
             except Exception:
@@ -415,8 +574,9 @@ class Engine:
                                  len(keep))
                 for i in keep:
                     try:
-                        (tok,), (lp,) = self.sampler.sample(logits[i : i + 1], [ids[i]],
-                                                            [params[i]])
+                        (tok,), (lp,) = self.sampler.sample(
+                            logits[i : i + 1], [ids[i]], [params[i]], [contexts[i]],
+                            self.eos_token_ids)
                         tokens[i], lps[i] = tok, lp
                     except Exception as exc:
                         bad[i] = f"{type(exc).__name__}: {exc}"
@@ -431,6 +591,8 @@ class Engine:
         seq.finish_reason = FinishReason.ERROR
         self.scheduler.remove(seq)
         self.sampler.forget(seq.request_id)
+        if self._grammars is not None:
+            self._grammars.forget(seq.request_id)
         req.metrics.finished_time = time.monotonic()
         if seq.prefill_only:
             seq.status = SequenceStatus.PREFILLED
@@ -450,11 +612,18 @@ class Engine:
         now = time.monotonic()
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
+        verdict = Verdict.GOING
+        if self._grammars is not None and not seq.prefill_only:
+            verdict = self._grammars.accept(seq, token_id)  # ValueError: not allowed
         if seq.prefill_only:
             seq.finish_reason = FinishReason.PREFILL_DONE
         elif not req.stop.append(token_id):
-            return False
+            if verdict is not Verdict.TERMINATED:
+                return False
+            req.stop.finish(FinishReason.STOP)  # the constraint is complete
         self.scheduler.remove(seq)
+        if self._grammars is not None:
+            self._grammars.forget(seq.request_id)
         req.metrics.finished_time = now
         if seq.prefill_only:
             seq.status = SequenceStatus.PREFILLED  # blocks stay held until release()
@@ -472,6 +641,11 @@ class Engine:
         req.reported_logprobs = len(seq.output_logprobs)
         if finished and seq.status is SequenceStatus.FINISHED:
             del self._requests[seq.request_id]
+            family = self._families.get(req.parent_id or seq.request_id)
+            if family is not None:
+                family.discard(seq.request_id)
+                if not family:
+                    del self._families[req.parent_id or seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
@@ -488,6 +662,9 @@ class Engine:
             logprobs=list(seq.output_logprobs),
             new_logprobs=new_lps,
             metrics=req.metrics,
+            parent_id=req.parent_id,
+            index=req.index,
+            prompt_logprobs=list(seq.prompt_logprobs) if finished else [],
         )
 
     # ------------------------------------------------------------------ introspection

@@ -49,9 +49,10 @@ class KVCacheManager:
     def match_prefix(self, seq: Sequence) -> PrefixMatch:
         """Longest run of cached blocks matching the sequence's tokens. At least one token
         is always left to compute (its logits are needed), so a fully cached sequence gives
-        back its last block."""
-        if not self.pool.enable_caching:
-            return PrefixMatch([], 0)
+        back its last block. None for a prefill that asked for prompt logprobs."""
+        if not self.pool.enable_caching or (seq.prefill_only
+                                             and seq.params.prompt_logprobs is not None):
+            return PrefixMatch([], 0)  # prompt logprobs need every prompt token computed
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         blocks: list[Block] = []
@@ -119,6 +120,25 @@ class KVCacheManager:
                 seq.token_ids[i * bs : (i + 1) * bs],
             )
         self._num_cached[rid] = num_full
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give ``child`` (the same tokens as ``parent``, whose KV is computed) the parent's
+        blocks up to the one holding the last token, shared (one more reference each), and
+        a new block for that last one: returns ``(src, dst)`` block ids, whose KV the caller
+        copies before either sequence writes again. None (and no change) if no block is
+        free."""
+        blocks = self._blocks.get(parent.request_id, [])
+        last = (parent.num_tokens - 1) // self.block_size
+        if last >= len(blocks) or self.pool.num_free_blocks < 1:
+            return None
+        shared = blocks[:last]
+        self.pool.touch(shared)
+        (new,) = self.pool.allocate(1)
+        self._blocks[child.request_id] = [*shared, new]
+        self._num_cached[child.request_id] = min(self._num_cached.get(parent.request_id, 0),
+                                                 last)
+        child.block_ids = [b.block_id for b in self._blocks[child.request_id]]
+        return blocks[last].block_id, new.block_id
 
     def free(self, seq: Sequence) -> None:
         """Release every block the sequence holds; its tail blocks become evictable first."""

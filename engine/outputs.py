@@ -1,9 +1,10 @@
 """What the engine reports per request, and the stop rules that decide when it is done.
 
 ``StopChecker`` turns sampled tokens into text deltas (through the incremental detokenizer)
-and decides finishing: EOS, stop token ids, stop strings (excluded from the text, and never
-streamed even in part: text that could still grow into a stop string is held back), the
-token limit.
+and decides finishing: EOS, stop token ids, stop strings (excluded from the text unless
+``include_stop_str_in_output``, and never streamed even in part: text that could still grow
+into a stop string is held back; not matched before ``min_tokens`` output tokens), the token
+limit.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class RequestOutput:
     error: str | None = None
     """Set (with ``finish_reason`` "error") when the request failed on its own; the engine
     and every other request went on."""
+    parent_id: str | None = None
+    """For a choice forked from a request with ``n`` > 1: that request's id (``index`` is
+    the choice's, 1 .. n - 1; the request itself is choice 0)."""
+    index: int = 0
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """On the finished output, with ``prompt_logprobs`` asked for: prompt token ``i + 1``'s
+    logprobs at ``i``."""
 
 
 class StopChecker:
@@ -70,7 +78,8 @@ class StopChecker:
         if token_id in self.eos_ids or token_id in params.stop_token_ids:
             seq.finish_reason = FinishReason.STOP
             seq.stop_reason = None if token_id in self.eos_ids else token_id
-        elif params.stop and self._find_stop():
+        elif (params.stop and seq.num_output_tokens >= params.min_tokens
+              and self._find_stop()):
             seq.finish_reason = FinishReason.STOP
         elif seq.num_tokens >= seq.max_len:
             seq.finish_reason = FinishReason.LENGTH
@@ -78,6 +87,13 @@ class StopChecker:
         if seq.finish_reason is not None and self.detok is not None and not stopped_on_string:
             self.text += self.detok.flush()
         return seq.finish_reason is not None
+
+    def finish(self, reason: FinishReason) -> None:
+        """End the output for a reason found outside these rules (a structured-output
+        constraint that is complete), flushing the text held back."""
+        self.seq.finish_reason = reason
+        if self.detok is not None:
+            self.text += self.detok.flush()
 
     def _find_stop(self) -> bool:
         window_start = max(0, self.emitted - self._holdback)
@@ -88,7 +104,8 @@ class StopChecker:
                 best = (idx, stop)
         if best is None:
             return False
-        self.text = self.text[: best[0]]
+        end = best[0] + (len(best[1]) if self.seq.params.include_stop_str_in_output else 0)
+        self.text = self.text[:end]
         self.seq.stop_reason = best[1]
         return True
 

@@ -7,7 +7,7 @@ reads sequences but never changes them: the engine applies the results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,10 +22,13 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 @dataclass(slots=True)
 class RunResult:
-    """Logits ``[len(sampled), vocab]`` (float32) for the sequences whose token is due."""
+    """Logits ``[len(sampled), vocab]`` (float32) for the sequences whose token is due;
+    ``prompt_logits``: for prefill chunks of sequences that asked for prompt logprobs,
+    (sequence, first position of the chunk, the chunk's logits ``[n, vocab]``)."""
 
     sampled: list[Sequence]
     logits: torch.Tensor
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -142,6 +145,11 @@ class ModelRunner:
         return input_ids, pos_t, meta, sample_rows, sampled
 
     @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's KV (every layer) into another (a forked sequence's own copy)."""
+        self.kv_cache[dst].copy_(self.kv_cache[src])
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunResult:
         if self.graphs is not None and not batch.prefills and self.graphs.can_run(batch.decodes):
             # Logits of the padding rows too: every matmul of the step sees the padded row
@@ -149,9 +157,18 @@ class ModelRunner:
             logits = self.model.compute_logits(self.graphs.run(batch.decodes))
             return RunResult(list(batch.decodes), logits[: len(batch.decodes)])
         input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        step = self.backend.plan_step(meta)
+        hidden = self.model(input_ids, positions, self.kv_cache, step, self.backend)
+        prompt_logits = []
+        offset = len(batch.decodes)  # prefill chunks follow the decode rows, in order
+        for seq, n in batch.prefills:
+            start = seq.num_computed_tokens
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                prompt_logits.append((seq, start, self.model.compute_logits(
+                    hidden[offset : offset + n]).float()))
+            offset += n
         if not rows:
-            return RunResult([], hidden.new_empty((0, 0), dtype=torch.float32))
+            return RunResult([], hidden.new_empty((0, 0), dtype=torch.float32), prompt_logits)
         if len(rows) != hidden.shape[0]:
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        return RunResult(sampled, self.model.compute_logits(hidden))
+        return RunResult(sampled, self.model.compute_logits(hidden), prompt_logits)

@@ -3,14 +3,17 @@
 Greedy rows take the argmax. Other rows apply temperature, then top-k, top-p and min-p
 filters, and draw with the exponential-race trick (argmax of p / Exp(1) noise), which
 equals sampling from p. A request with a ``seed`` draws its noise from its own generator,
-so its tokens do not depend on what else shares the batch. Logprobs are those of the
-model's raw distribution (before temperature and filters).
+so its tokens do not depend on what else shares the batch. Rows whose parameters ask for
+logits processing (penalties, logit_bias, min_tokens, bad words, allowed tokens) are
+processed first (``pdserve.engine.logits_processing``). Logprobs are those of the model's
+raw distribution (before processing, temperature and filters).
 """
 
 from __future__ import annotations
 
 import torch
 
+from pdserve.engine.logits_processing import TokenContext, process_logits
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 
 
@@ -65,14 +68,17 @@ class Sampler:
         torch.empty(vocab_size, device=device).exponential_(generator=gen)
 
     def sample(
-        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+        contexts: list[TokenContext | None] | None = None, eos_ids: tuple[int, ...] = (),
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """Return the chosen token per row and, where asked for, its logprobs."""
+        """Return the chosen token per row and, where asked for, its logprobs.
+        ``contexts``: each row's tokens so far, needed by rows that process logits."""
         n = logits.shape[0]
+        chosen_from = process_logits(logits, params, contexts or [None] * n, eos_ids)
         if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = chosen_from.argmax(dim=-1)
         else:
-            tokens = self._sample_random(logits, request_ids, params)
+            tokens = self._sample_random(chosen_from, request_ids, params)
         token_list = tokens.tolist()
         logprob_out: list[TokenLogprobs | None] = [None] * n
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -21,6 +21,15 @@ from typing import Any
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
 MAX_LOGPROBS = 20
+MAX_N = 16
+"""Choices of one request (``n``): each holds its own KV blocks past the shared prompt."""
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0
+"""``logit_bias`` values lie in [-100, 100], as in the OpenAI API."""
+MAX_LOGIT_BIAS_ITEMS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_TOKENS = 32
 GREEDY_BELOW = 1e-5
 """A temperature under this (and above 0) samples greedily: dividing logits by it could
 overflow them to infinities."""
@@ -126,10 +135,21 @@ FIELDS: dict[str, Field] = {
     "stop_token_ids": Field(int, 0, INT32_MAX, max_items=256),
     "ignore_eos": Field(bool),
     "logprobs": Field(int, 0, MAX_LOGPROBS),
+    "presence_penalty": Field(float, -2.0, 2.0),
+    "frequency_penalty": Field(float, -2.0, 2.0),
+    "repetition_penalty": Field(float, 0.0, MAX_REPETITION_PENALTY, lo_open=True),
+    "min_tokens": Field(int, 0, INT32_MAX),
+    "allowed_token_ids": Field(int, 0, INT32_MAX, max_items=MAX_ALLOWED_TOKEN_IDS),
+    "include_stop_str_in_output": Field(bool),
+    "skip_special_tokens": Field(bool),
+    "prompt_logprobs": Field(int, 0, MAX_LOGPROBS),
+    "n": Field(int, 1, MAX_N),
 }
-"""Every sampling field's bounds. ``None`` (not given) is always allowed for the optional
-ones (``max_tokens``, ``seed``, ``logprobs``); the router checks what depends on the model
-(``max_tokens`` against its length, token ids against its vocabulary)."""
+"""Every scalar or list sampling field's bounds (``logit_bias`` and ``bad_words_ids`` are
+checked by ``SamplingParams`` with the bounds above). ``None`` (not given) is always allowed
+for the optional ones (``max_tokens``, ``seed``, ``logprobs``, ``prompt_logprobs``); the
+router checks what depends on the model (``max_tokens`` against its length, token ids
+against its vocabulary)."""
 
 
 def check(name: str, value: Any) -> Any:

@@ -6,14 +6,25 @@ Sarathi-Serve); waiting sequences are admitted first-come first-served with the 
 budget. When blocks run out, the youngest running sequence is preempted: its blocks are
 freed and it waits to recompute (prompt + output so far). The oldest sequence therefore
 always makes progress: no deadlock, and no starvation since admission is FCFS.
+
+Under the "priority" policy (``SchedulerConfig.policy``), a sequence's rank is its
+effective priority (``priority`` minus one level per ``priority_aging_s`` seconds since
+arrival; lower runs first), then its age. The waiting queue is served in rank order; the
+victim of preemption is the running sequence of the worst rank (lowest priority, then
+youngest); a waiting sequence whose effective priority is strictly better than a running
+one's may preempt it to be admitted (``make_room`` does the same for a decode-role
+reservation). Equal priorities behave exactly as FCFS. Aging bounds every wait: a request
+of priority p that has waited ``(p - q) * priority_aging_s`` ranks with fresh requests of
+priority q (and, being older, before them), and can no longer be preempted by them.
 Pure Python, no torch. Not thread-safe.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pdserve.engine.config import SchedulerConfig
@@ -42,12 +53,58 @@ class ScheduledBatch:
 class Scheduler:
     """Owns the waiting queue and the running list; asks the KV manager for blocks."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in age order
         self.prefill_tokens_computed = 0  # tokens computed in prefill chunks, ever
+        self.by_priority = config.policy == "priority"
+        self.clock = clock  # arrival times of sequences are on this clock
+
+    # ------------------------------------------------------------------ priority
+
+    def effective_priority(self, seq: Sequence, now: float) -> int:
+        """``seq.priority``, one level better per ``priority_aging_s`` of waiting."""
+        waited = max(0.0, now - seq.arrival_time)
+        return seq.priority - int(waited // self.config.priority_aging_s)
+
+    def rank(self, seq: Sequence, now: float) -> tuple[int, float, int]:
+        """Lower ranks run first and are preempted last."""
+        prio = self.effective_priority(seq, now) if self.by_priority else 0
+        return (prio, *seq.sort_key)
+
+    def _victim(self, now: float) -> Sequence:
+        """The running sequence to preempt first: the worst rank."""
+        if not self.by_priority:
+            return self.running[-1]
+        return max(self.running, key=lambda s: self.rank(s, now))
+
+    def _worse_victim(self, seq: Sequence, now: float) -> Sequence | None:
+        """A running sequence of strictly lower effective priority than ``seq`` (the worst
+        ranked), or None (never under FCFS)."""
+        if not self.by_priority or not self.running:
+            return None
+        victim = self._victim(now)
+        if self.effective_priority(victim, now) > self.effective_priority(seq, now):
+            return victim
+        return None
+
+    def make_room(self, seq: Sequence,
+                  fits: Callable[[], bool]) -> tuple[bool, list[Sequence]]:
+        """Try ``fits()`` (an allocation for ``seq``); while it fails, preempt a running
+        sequence of strictly lower priority than ``seq`` (worst first) and try again.
+        Returns whether it fitted and who was preempted (FCFS: nobody)."""
+        preempted: list[Sequence] = []
+        now = self.clock()
+        while not fits():
+            victim = self._worse_victim(seq, now)
+            if victim is None:
+                return False, preempted
+            self._preempt(victim, ScheduledBatch())
+            preempted.append(victim)
+        return True, preempted
 
     @property
     def num_unfinished(self) -> int:
@@ -55,7 +112,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self.waiting.append(seq)  # priority order is restored at each schedule()
 
     def add_running(self, seq: Sequence) -> None:
         """Join a sequence that already holds its blocks (KV filled from outside)."""
@@ -77,9 +134,16 @@ class Scheduler:
         seq.num_preemptions += 1
         # Preempted sequences are older than any never-admitted one: back to the front,
         # oldest first.
-        index = 0
-        while index < len(self.waiting) and self.waiting[index].sort_key < seq.sort_key:
-            index += 1
+        if self.by_priority:
+            now = self.clock()
+            key = self.rank(seq, now)
+            index = 0
+            while index < len(self.waiting) and self.rank(self.waiting[index], now) < key:
+                index += 1
+        else:
+            index = 0
+            while index < len(self.waiting) and self.waiting[index].sort_key < seq.sort_key:
+                index += 1
         self.waiting.insert(index, seq)
         batch.preempted.append(seq)
 
@@ -94,22 +158,28 @@ class Scheduler:
                 return n
         return 0
 
-    def _running_in_order(self) -> Iterable[Sequence]:
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
+    def _running_in_order(self, now: float) -> Iterable[Sequence]:
+        running = self.running
+        if self.by_priority:
+            running = sorted(running, key=lambda s: self.rank(s, now))
+        decodes = [s for s in running if s.num_uncomputed_tokens == 1]
+        chunks = [s for s in running if s.num_uncomputed_tokens > 1]
         return decodes + chunks
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        for seq in list(self._running_in_order()):
+        now = self.clock()
+        if self.by_priority and len(self.waiting) > 1:
+            self.waiting = deque(sorted(self.waiting, key=lambda s: self.rank(s, now)))
+        for seq in list(self._running_in_order(now)):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not self.kv.allocate(seq, num_new):
-                victim = self.running[-1]
+                victim = self._victim(now)
                 budget += self._unschedule(victim, batch)
                 self._preempt(victim, batch)
                 if victim is seq:
@@ -122,20 +192,29 @@ class Scheduler:
                 batch.prefills.append((seq, num_new))
             budget -= num_new
 
-        while (
-            self.waiting
-            and budget > 0
-            and not batch.preempted
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        # Under FCFS nothing is admitted in a step that preempted (it would thrash); under
+        # the priority policy a waiting sequence may preempt strictly lower priorities.
+        while self.waiting and budget > 0 and (self.by_priority or not batch.preempted):
             seq = self.waiting[0]
+            if len(self.running) >= self.config.max_num_seqs:
+                victim = self._worse_victim(seq, now)
+                if victim is None:
+                    break
+                budget += self._unschedule(victim, batch)
+                self._preempt(victim, batch)
+                continue
             prefix = PrefixMatch([], 0)
             first_admission = seq.num_cached_tokens < 0
             if seq.num_computed_tokens == 0:
                 prefix = self.kv.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens - prefix.num_tokens, budget)
             if not self.kv.allocate(seq, num_new, prefix):
-                break
+                victim = self._worse_victim(seq, now)
+                if victim is None:
+                    break
+                budget += self._unschedule(victim, batch)
+                self._preempt(victim, batch)
+                continue  # the prefix is matched again: the victim's blocks are free now
             self.waiting.popleft()
             seq.num_computed_tokens += prefix.num_tokens
             if first_admission:

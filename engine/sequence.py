@@ -55,9 +55,13 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """With ``params.prompt_logprobs``: entry ``i`` is prompt token ``i + 1``'s (the first
+    token has none)."""
     num_preemptions: int = 0
     first_token_time: float | None = None
     max_len: int = 0  # prompt + output tokens at most (set by the engine)
+    priority: int = 0  # lower runs first under the "priority" scheduling policy
     user_data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

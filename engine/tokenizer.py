@@ -51,9 +51,10 @@ class Tokenizer:
         except Exception as e:  # transformers raises OSError / ValueError / KeyError variants
             raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with BOS only if the tokenizer is configured to add it."""
-        return list(self._tok.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with BOS only if the tokenizer is configured to add it (and
+        ``add_special_tokens``)."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -72,18 +73,29 @@ class Tokenizer:
         return len(self._tok)
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The underlying transformers tokenizer (for libraries that read its
+        vocabulary, such as xgrammar)."""
+        return self._tok
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
-        chat_template: str | None = None,
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+        chat_template: str | None = None, *, continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``), rendered
         with ``chat_template`` if given, else the checkpoint's own; the template decides
-        special tokens, none are added on top. ``NoChatTemplateError`` when there is neither
-        (no generic template is guessed: the model would be prompted in a format it was not
-        trained on)."""
+        special tokens, none are added on top unless ``add_special_tokens``.
+        ``continue_final_message``: the last message is left open (no end of turn after it)
+        for the model to continue. ``template_kwargs``: extra variables of the template.
+        ``tools``: the request's tool definitions, given to the template as ``tools``.
+        ``NoChatTemplateError`` when there is no template (no generic template is guessed:
+        the model would be prompted in a format it was not trained on)."""
         if chat_template is None and not self.has_chat_template:
             raise NoChatTemplateError(
                 f"the model {self.path.name!r} has no chat template; start the server with "
@@ -92,9 +104,11 @@ class Tokenizer:
             list(messages),
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             tokenize=False,
+            **{**(template_kwargs or {}), **({"tools": tools} if tools else {})},
         )
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
 
 class IncrementalDetokenizer:

@@ -45,21 +45,25 @@ def _decode(value: Any, device: torch.device) -> Any:
 
 
 def encode_plan(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                rows: list[int]) -> dict[str, Any]:
-    """One step's forward pass as JSON-encodable data."""
+                rows: list[int], prompt_rows: list[tuple[int, int]] | None = None
+                ) -> dict[str, Any]:
+    """One step's forward pass as JSON-encodable data (``prompt_rows``: the ``(offset, n)``
+    hidden rows whose logits the step also computes, for prompt logprobs)."""
     return {
         "input_ids": _encode(input_ids),
         "positions": _encode(positions),
         "meta": {name: _encode(getattr(meta, name)) for name in _META_FIELDS},
         "rows": rows,
+        "prompt_rows": [list(r) for r in prompt_rows or ()],
     }
 
 
 def decode_plan(plan: dict[str, Any], device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int],
+                           list[tuple[int, int]]]:
     meta = AttentionMetadata(**{k: _decode(v, device) for k, v in plan["meta"].items()})
     return (_decode(plan["input_ids"], device), _decode(plan["positions"], device), meta,
-            list(plan["rows"]))
+            list(plan["rows"]), [(int(o), int(n)) for o, n in plan.get("prompt_rows", ())])
 
 
 class ParallelRunner(ModelRunner):
@@ -72,22 +76,45 @@ class ParallelRunner(ModelRunner):
         self.group = group
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-             rows: list[int]) -> torch.Tensor | None:
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+             rows: list[int], prompt_rows: list[tuple[int, int]]
+             ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Every rank: the forward pass, then the logits of ``prompt_rows`` and of ``rows``
+        in that order (each ``compute_logits`` is a collective: the same calls on every
+        rank). Returns (logits of ``rows`` or None, the prompt rows' logits)."""
+        step = self.backend.plan_step(meta)
+        hidden = self.model(input_ids, positions, self.kv_cache, step, self.backend)
+        prompt = [self.model.compute_logits(hidden[o : o + n]).float() for o, n in prompt_rows]
         if not rows:
-            return None
+            return None, prompt
         if len(rows) != hidden.shape[0]:
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), prompt
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunResult:
         input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
-        self.group.broadcast_json(encode_plan(input_ids, positions, meta, rows))
-        logits = self._run(input_ids, positions, meta, rows)
+        prompt_seqs, prompt_rows = [], []
+        offset = len(batch.decodes)  # prefill chunks follow the decode rows, in order
+        for seq, n in batch.prefills:
+            start = seq.num_computed_tokens
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                prompt_seqs.append((seq, start))
+                prompt_rows.append((offset, n))
+            offset += n
+        self.group.broadcast_json(encode_plan(input_ids, positions, meta, rows, prompt_rows))
+        logits, prompt = self._run(input_ids, positions, meta, rows, prompt_rows)
+        prompt_logits = [(seq, start, lg) for (seq, start), lg in zip(prompt_seqs, prompt,
+                                                                      strict=True)]
         if logits is None:
-            return RunResult([], torch.empty((0, 0), dtype=torch.float32, device=self.device))
-        return RunResult(sampled, logits)
+            return RunResult([], torch.empty((0, 0), dtype=torch.float32, device=self.device),
+                             prompt_logits)
+        return RunResult(sampled, logits, prompt_logits)
+
+    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Every rank copies its heads of block ``src`` into ``dst`` (a forked sequence)."""
+        self.group.broadcast_json({"copy": [src, dst]})
+        super().copy_block(src, dst)
 
     @torch.inference_mode()
     def follow(self, handler: Callable[[Any], Any] | None = None) -> int:
@@ -103,6 +130,9 @@ class ParallelRunner(ModelRunner):
             if "call" in plan:
                 reply = handler(plan["call"]) if handler is not None else None
                 self.group.gather_json(reply)
+                continue
+            if "copy" in plan:
+                super().copy_block(*plan["copy"])
                 continue
             self._run(*decode_plan(plan, self.device))
             steps += 1

@@ -38,8 +38,9 @@ _TAG_BYTES = 32
 OVERHEAD = _HEADER.size + _TAG_BYTES
 """Bytes a seal adds to a payload."""
 SECRET_ENV = "PDSERVE_CHANNEL_SECRET"
-"""Environment variable that may hold the cluster secret as hex (several routers serving
-one cluster must share it); unset: each router process creates its own."""
+"""Environment variable that may hold the cluster secret as hex; unset: the router that
+creates the pools creates one (routers added with ``pdserve router`` read it from the
+cluster's directory, over Ray)."""
 
 
 class ForgedMessageError(ValueError):

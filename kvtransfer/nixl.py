@@ -14,12 +14,18 @@ is removed only after all transfer handles that reference it are released.
 
 Not thread-safe: one owner thread calls every method. UCX picks its transports itself; set
 ``UCX_TLS`` in the environment to restrict them (``describe_transports`` reports the result).
+UCX's TCP transport listens on every network interface unless ``UCX_NET_DEVICES`` names
+some: when the connector's host is a loopback address and that variable is unset, the
+connector sets it to ``lo`` (the process's UCX then listens on loopback only, like every
+other internal socket); on other hosts name the devices yourself (the Helm examples do).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -109,6 +115,13 @@ class _Write:
     handle: Any = None
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass(slots=True)
 class _Peer:
     target: TransferTarget
@@ -133,6 +146,8 @@ class NixlConnector(KVConnector):
                 "UCX_TLS is set but empty; unset it (UCX picks its transports) or name "
                 "transports, e.g. UCX_TLS=tcp,cma,self"
             )
+        if "UCX_NET_DEVICES" not in os.environ and _is_loopback(config.host):
+            os.environ["UCX_NET_DEVICES"] = "lo"  # read by UCX when the agent starts
         from nixl import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.num_blocks = check_kv_cache(kv_cache, spec)

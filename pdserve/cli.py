@@ -11,7 +11,8 @@ with one ``pdserve: error:`` line and exit status 2.
 ``pdserve bench serve`` measures a running server (``pdserve.bench.serve``).
 ``pdserve generate "text"`` streams a completion from a running service through the SDK
 (``--offline``: from an engine in this process). ``pdserve model NAME`` builds a built-in
-checkpoint and prints its folder.
+checkpoint and prints its folder. ``pdserve plan`` simulates the service on a trace and
+recommends a P:D split of N GPUs (``pdserve.planner``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -193,7 +195,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           cpu_cache_bytes=args.cpu_cache_mb << 20),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs),
+                                  max_num_seqs=args.max_num_seqs,
+                                  policy=args.scheduling_policy),
     )
     pools = PoolConfig(
         engine=engine, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
@@ -203,6 +206,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         decode_resources=_resources(args.decode_resource),
         kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
         prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
+        pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
     )
     tls_cert = _read(args.tls_cert)
     tls_key = _read(args.tls_key)
@@ -214,10 +218,93 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
         http_port=args.http_port or None,
         metrics_port=args.metrics_port or None, metrics_open=args.metrics_open,
-        limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes),
+        limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes,
+                             trust_request_chat_template=args.trust_request_chat_template),
         drain_timeout_s=args.drain_timeout,
-        flow=FlowConfig(lease_s=args.lease),
+        flow=FlowConfig(lease_s=args.lease, scheduling_policy=args.scheduling_policy),
         served_model_names=names, chat_template=chat_template,
+        log_requests=not args.disable_log_requests,
+        stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
+    )
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    """``pdserve router``: one more router for a running cluster."""
+    import asyncio
+    import signal
+
+    from pdserve.router.app import serve
+
+    try:
+        config = _attach_config(args)
+    except (ValueError, OSError, LookupError) as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop, force = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            (force if stop.is_set() else stop).set()
+
+        def handle_signals(*_: object) -> None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal)
+
+        handle_signals()
+        await serve(config, stop=stop, on_ready=handle_signals, force=force,
+                    on_connected=handle_signals)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    print("pdserve: stopped", file=sys.stderr)
+    return 0
+
+
+def _attach_config(args: argparse.Namespace) -> RouterConfig:
+    """``pdserve router``'s options plus what the cluster's directory says (pools, model
+    names, chat template), as a ``RouterConfig``; connects to Ray to read the directory."""
+    from dataclasses import replace
+
+    import ray
+
+    from pdserve.router.cluster import NAMESPACE
+    from pdserve.router.directory import fetch
+    from pdserve.router.flow import FlowConfig
+    from pdserve.router.server import RouterConfig
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError("--ray-address (or $RAY_ADDRESS) names the Ray cluster to join")
+    _check_ports(args.host, [("--port", args.port), ("--http-port", args.http_port),
+                             ("--metrics-port", args.metrics_port)])
+    tls_cert, tls_key = _read(args.tls_cert), _read(args.tls_key)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            _, info = fetch()
+            break
+        except LookupError:
+            if time.monotonic() >= deadline:
+                raise
+            logging.getLogger("pdserve").info("no pdserve cluster in this Ray yet; waiting")
+            time.sleep(2.0)
+    pools = replace(info.pools, ray_address=address, attach=True)
+    return RouterConfig(
+        pools=pools, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
+        tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
+        http_port=args.http_port or None, metrics_open=args.metrics_open,
+        metrics_port=args.metrics_port or None,
+        drain_timeout_s=args.drain_timeout, flow=FlowConfig(lease_s=pools.lease_s),
+        served_model_names=info.served_model_names, chat_template=info.chat_template,
         log_requests=not args.disable_log_requests,
         stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
     )
@@ -287,6 +374,12 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return bench_serve(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pdserve.planner.command import main as plan_main
+
+    return plan_main(args)
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from pdserve.engine.model.builtin import builtin_checkpoint
 
@@ -353,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--cpu-cache-mb", type=int, default=512,
                      help="KV cache size per CPU worker when --num-blocks is not given")
     srv.add_argument("--max-num-seqs", type=int, default=128)
+    srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                     help="'priority': requests with a LOWER 'priority' value are admitted "
+                          "first and preempted last (vLLM's convention; aging: one level "
+                          "per 10 s of waiting, so none starves)")
     srv.add_argument("--lease", type=float, default=30.0,
                      help="seconds a KV reservation or transfer may take before it fails")
     srv.add_argument("--kv-host", default="127.0.0.1",
@@ -378,11 +475,45 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--chat-template", metavar="FILE|TEMPLATE",
                      help="Jinja chat template (a file, or the template itself) for chat "
                           "requests, instead of the model's own")
+    srv.add_argument("--trust-request-chat-template", action="store_true",
+                     help="let chat requests bring their own 'chat_template' (Jinja, rendered "
+                          "in a sandbox, but it can spend the router's CPU); off by default")
     srv.add_argument("--disable-log-requests", action="store_true",
                      help="no access line per request")
     srv.add_argument("--disable-log-stats", action="store_true",
                      help=f"no stats line every {STATS_INTERVAL_S:.0f} s")
+    srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
+                     help="give each worker its own cores of this host ('auto': when "
+                          "pdserve starts its own local Ray)")
     srv.set_defaults(func=_cmd_serve)
+
+    rtr = sub.add_parser("router", parents=[common],
+                         help="one more router for a running cluster (found by name in its "
+                              "Ray namespace): its own prefix index and load view, fed by the "
+                              "workers' pushed KV events")
+    rtr.add_argument("--ray-address", default=None,
+                     help="the cluster's Ray (host:port of its GCS; default $RAY_ADDRESS)")
+    rtr.add_argument("--host", default="127.0.0.1")
+    rtr.add_argument("--port", type=int, default=50051)
+    rtr.add_argument("--http-port", type=int, default=8000,
+                     help="OpenAI-compatible HTTP API and /metrics on --host (0: off)")
+    rtr.add_argument("--tls-cert", help="PEM certificate chain file")
+    rtr.add_argument("--tls-key", help="PEM private key file")
+    rtr.add_argument("--api-key", help="require 'authorization: Bearer KEY' (or "
+                                       "$PDSERVE_API_KEY)")
+    rtr.add_argument("--metrics-open", action="store_true",
+                     help="serve /metrics on the HTTP port without the API key")
+    rtr.add_argument("--metrics-port", type=int, default=0,
+                     help="also serve /metrics (no key, plain HTTP) on this port (0: off)")
+    rtr.add_argument("--wait", type=float, default=0.0,
+                     help="seconds to wait for the cluster's first router to publish it "
+                          "(default: fail at once when it is not there)")
+    rtr.add_argument("--balancer", default="prefix_aware",
+                     choices=["prefix_aware", "least_loaded", "round_robin"])
+    rtr.add_argument("--drain-timeout", type=float, default=60.0)
+    rtr.add_argument("--disable-log-requests", action="store_true")
+    rtr.add_argument("--disable-log-stats", action="store_true")
+    rtr.set_defaults(func=_cmd_router)
 
     gen = sub.add_parser("generate", help="stream a completion from a running service",
                          parents=[common])
@@ -411,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=_cmd_bench_serve)
+
+    plan = sub.add_parser(
+        "plan", help="simulate the service on a trace and recommend a P:D split of N GPUs "
+                     "(--watch: from a running service's metrics)", parents=[common])
+    from pdserve.planner.command import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_cmd_plan)
 
     model = sub.add_parser("model", parents=[common],
                            help="build (or fetch) a built-in model and print its path")

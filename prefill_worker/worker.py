@@ -22,17 +22,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_events import KVEvent
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.base import EngineWorker
-from pdserve.worker.protocol import PrefillRequest, PrefillResult, logprobs_to_wire, sampling_params
+from pdserve.worker.protocol import (
+    PrefillRequest,
+    PrefillResult,
+    logprobs_to_wire,
+    prompt_logprobs_to_wire,
+    sampling_params,
+)
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
@@ -54,6 +60,7 @@ class _Job:
     first_logprobs: list[Any] | None = None
     num_cached_tokens: int = 0
     first_token_time: float = 0.0
+    prompt_logprobs: list[Any] | None = None
     aborted: bool = False  # by the router: nobody waits for the result
     expired: bool = False  # missed its write deadline: the router should retry
 
@@ -65,12 +72,12 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True,
-                 kv_transport: str = "nixl", channel_key: ChannelKey, **ranks: Any) -> None:
+                 kv_transport: str = "nixl", channel_key: ChannelKey,
+                 cpus: Sequence[int] | None = None, **ranks: Any) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key, **ranks)  # ranks: tensor parallelism
+                         channel_key=channel_key, cpus=cpus, **ranks)  # ranks: tensor parallelism
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
-        self._event_batches = 0
         self.prefill_tokens = 0
         self.prefill_seconds = 0.0
         self.start_driver()
@@ -91,23 +98,10 @@ class PrefillWorker(EngineWorker):
 
     def _extra_stats(self) -> dict[str, Any]:
         rate = self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate}
-
-    async def kv_events(self) -> tuple[str, int, list[KVEvent]]:
-        """Prefix-cache events since the last call, as (incarnation, batch number, events)
-        for the router's prefix index; batch numbers count up from 0 per incarnation."""
-        events = await asyncio.wrap_future(self._driver.call(lambda e: e.take_kv_events()))
-        seq = self._event_batches
-        self._event_batches += 1
-        return self.agent_name, seq, events
-
-    async def kv_snapshot(self) -> tuple[str, int, list[int]]:
-        """Every cached block hash, as of the last batch ``kv_events`` returned."""
-        def take(engine: Engine) -> list[int]:
-            return engine.pool.cached_hashes()
-
-        hashes = await asyncio.wrap_future(self._driver.call(take))
-        return self.agent_name, self._event_batches - 1, hashes
+        pending = sum(len(j.req.prompt_token_ids) for j in list(self._jobs.values())
+                      if j.first_token < 0)
+        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate,
+                "pending_prefill_tokens": pending}
 
     # ------------------------------------------------------------------ driver thread
 
@@ -119,7 +113,8 @@ class PrefillWorker(EngineWorker):
                 rid, False, error="aborted", retryable=False)))
             return
         params = replace(sampling_params(req.sampling), max_tokens=1)
-        engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True)
+        engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True,
+                           priority=req.priority)
         bs = engine.kv_spec.block_size
         num_blocks = -(-len(req.prompt_token_ids) // bs)
         if len(req.dst_block_ids) < num_blocks:
@@ -161,6 +156,8 @@ class PrefillWorker(EngineWorker):
                 job.first_token = out.token_ids[0]
                 wire = logprobs_to_wire(out.logprobs)
                 job.first_logprobs = wire[0] if wire else None
+                if job.req.sampling.prompt_logprobs is not None:
+                    job.prompt_logprobs = prompt_logprobs_to_wire(out.prompt_logprobs)
                 job.num_cached_tokens = out.num_cached_tokens
                 job.first_token_time = now
                 computed = len(job.req.prompt_token_ids) - out.num_cached_tokens
@@ -211,6 +208,7 @@ class PrefillWorker(EngineWorker):
                     rid, True, job.first_token, job.first_logprobs, job.num_cached_tokens,
                     prefill_s=job.first_token_time - job.arrival,
                     transfer_tail_s=now - job.first_token_time,
+                    prompt_logprobs=job.prompt_logprobs,
                 ))
         for failure in result.failed:
             rid = failure.request_id

@@ -78,6 +78,7 @@ class Attempt:
         self.reserved_at = 0.0  # time.time() when the reservation was confirmed
         self.decode_died = asyncio.Event()
         self.done = False
+        self.priority = 0  # the request's (lower runs first under the priority policy)
 
 
 def worker_broken(exc: BaseException) -> bool:

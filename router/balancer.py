@@ -21,6 +21,19 @@ queue makes it slower than recomputing elsewhere by more than that cost; with
 ``tie_tolerance_s`` are ties, broken by the injected ``random.Random``.
 ``round_robin`` and ``least_loaded`` are kept for comparison (``make_balancer``).
 
+Policy ``kv_pool`` adds a cluster-wide prefix pool: a worker may pull the prompt's blocks it
+lacks from the workers (prefill or decode) that hold them confirmed, up to the first block
+no worker holds, when ``pdserve.router.kv_pool.PullCostModel`` says the pull beats the
+compute. Its TTFT
+gains the transfer term and loses the pulled tokens' compute,
+
+    ttft(W) = pending_prefill_tokens(W) / rate(W)
+            + (prompt_tokens - cached_tokens(W) - pulled_tokens(W)) / rate(W)
+            + pull_s(pulled_tokens(W))                              bytes / link rate
+            + prompt_tokens / transfer_rate(W)
+
+and the recompute cost counts what W can reach (held or pulled) instead of what it holds.
+
 Decode choice: among decode workers that can reserve the request's blocks (prompt plus the
 first sampled token, less the prefix the worker already holds) without passing its batch
 limit, the one left with the most headroom; ``None`` when none can, and ``DecodeQueue``
@@ -42,9 +55,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, NamedTuple
 
+from pdserve.router.kv_pool import NO_PULL, PullCostModel, PullPlan, merge_holders, pool_reach
 from pdserve.router.prefix_index import Clock, PrefixIndex
 
-POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+POLICIES = ("round_robin", "least_loaded", "prefix_aware", "kv_pool")
 DEFAULT_POLICY = "prefix_aware"
 
 
@@ -70,6 +84,8 @@ class WorkerLoad:
     max_running_seqs: int = 0
     """Decode batch limit; 0 = no limit."""
     alive: bool = True
+    pull_bytes_per_s: float = 0.0
+    """Measured rate at which this worker pulls KV from peers (0: the pull model's default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +109,12 @@ class PrefillChoice(NamedTuple):
     """Prompt tokens the chosen worker holds in its prefix cache (per the index)."""
     queue_wait_s: float
     prefill_s: float
-    """Predicted compute time of the tokens the worker does not hold."""
+    """Predicted compute time of the tokens the worker neither holds nor pulls."""
+    pulled_tokens: int = 0
+    """Prompt tokens the worker pulls from ``pull_from`` (policy ``kv_pool``)."""
+    pull_from: str | None = None
+    pull_s: float = 0.0
+    """Predicted time of that pull."""
 
 
 class DecodeChoice(NamedTuple):
@@ -116,6 +137,8 @@ class BalancerConfig:
     module docstring); 0 chooses by predicted TTFT alone."""
     max_tracked_predictions: int = 65_536
     """Predictions kept for ``observe_ttft``; the oldest are dropped past this."""
+    pull: PullCostModel = field(default_factory=PullCostModel)
+    """Costs of pulling cached blocks from another worker (policy ``kv_pool``)."""
 
     def __post_init__(self) -> None:
         if self.default_prefill_tokens_per_s <= 0:
@@ -137,6 +160,8 @@ class BalancerMetrics:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     """Sum of the chosen workers' cached-prefix tokens (as predicted at the choice)."""
+    pulled_tokens: int = 0
+    """Sum of the tokens the chosen workers were to pull from others (``kv_pool``)."""
     ttft_observed: int = 0
     ttft_error_sum_s: float = 0.0
     """Sum of actual - predicted TTFT over observed requests."""
@@ -233,6 +258,7 @@ class Balancer(ABC):
         m.decisions += 1
         m.prompt_tokens += request.num_prompt_tokens
         m.cached_tokens += choice.cached_tokens
+        m.pulled_tokens += choice.pulled_tokens
         m.by_worker[choice.worker_id] = m.by_worker.get(choice.worker_id, 0) + 1
         self._predicted[request.request_id] = choice.predicted_ttft_s
         while len(self._predicted) > self.config.max_tracked_predictions:
@@ -365,8 +391,77 @@ class PrefixAwareBalancer(Balancer):
         return out
 
 
+class KVPoolBalancer(PrefixAwareBalancer):
+    """``prefix_aware`` over a cluster-wide prefix pool: each candidate may pull the blocks
+    it lacks from the workers (prefill or decode) that hold them (module docstring)."""
+
+    name = "kv_pool"
+
+    def pool_holders(self, request: RouteRequest) -> list[list[str]]:
+        """Per leading block of ``request``, the workers (prefill, and decode when a decode
+        index is given) holding it confirmed; up to the first block none holds."""
+        held = self.prefill_index.holders(request.block_hashes)
+        if self.decode_index is None:
+            return held
+        return merge_holders(held, self.decode_index.holders(request.block_hashes))
+
+    def plan_pull(
+        self,
+        request: RouteRequest,
+        load: WorkerLoad,
+        cached_tokens: int,
+        holders: Sequence[Sequence[str]],
+    ) -> PullPlan:
+        """What ``load``'s worker, holding ``cached_tokens`` leading tokens, pulls given the
+        per-block ``holders`` (``pool_holders``, or the caches' truth in a simulation): the
+        blocks it lacks up to the pool's reach, when that beats computing them; else
+        ``NO_PULL``."""
+        pull = self.config.pull
+        if not pull.enabled:
+            return NO_PULL
+        reach, source = pool_reach(load.worker_id, cached_tokens // self.block_size, holders)
+        reach_tokens = min(reach * self.block_size, request.num_prompt_tokens)
+        return pull.plan(cached_tokens, reach_tokens, source, self.rate(load),
+                         load.pull_bytes_per_s)
+
+    def candidates(self, request: RouteRequest, loads: Sequence[WorkerLoad]) -> list[PrefillChoice]:
+        base = super().candidates(request, loads)
+        if not base or not self.config.pull.enabled:
+            return base
+        by_id = {ld.worker_id: ld for ld in loads}
+        holders = self.pool_holders(request)
+        out = []
+        for c in base:
+            load = by_id[c.worker_id]
+            plan = self.plan_pull(request, load, c.cached_tokens, holders)
+            if plan.tokens == 0:
+                out.append(c)
+                continue
+            rate = self.rate(load)
+            out.append(c._replace(
+                predicted_ttft_s=c.predicted_ttft_s - plan.tokens / rate + plan.seconds,
+                prefill_s=c.prefill_s - plan.tokens / rate,
+                pulled_tokens=plan.tokens, pull_from=plan.source, pull_s=plan.seconds,
+            ))
+        return out
+
+    def scores(self, request: RouteRequest, candidates: Sequence[PrefillChoice]) -> list[float]:
+        weight = self.config.recompute_weight
+        reach = [c.cached_tokens + c.pulled_tokens for c in candidates]
+        most = max(reach)
+        out = []
+        for c, r in zip(candidates, reach, strict=True):
+            score = c.predicted_ttft_s
+            if weight and most > r:
+                # (most - r) / rate, with rate = (prompt - r) / prefill_s (as prefix_aware).
+                score += weight * c.prefill_s * (most - r) / (request.num_prompt_tokens - r)
+            out.append(score)
+        return out
+
+
 _REGISTRY: dict[str, type[Balancer]] = {
-    cls.name: cls for cls in (RoundRobinBalancer, LeastLoadedBalancer, PrefixAwareBalancer)
+    cls.name: cls
+    for cls in (RoundRobinBalancer, LeastLoadedBalancer, PrefixAwareBalancer, KVPoolBalancer)
 }
 
 
@@ -394,7 +489,8 @@ class LoadView:
     ``update`` installs a fresh sample; between samples each worker's pending prefill
     tokens drain at its rate (a fluid queue) and grow by what this router sends it
     (``add_prefill``), and decode reservations made by this router come off the free
-    blocks (``add_decode``). Other routers' traffic is only seen at the next sample.
+    blocks (``add_decode``). Other routers' traffic is only seen at the next sample (pushed by
+    the workers as their load changes: ``set_one``).
     """
 
     def __init__(self, *, clock: Clock = time.monotonic, default_rate: float = 10_000.0) -> None:
@@ -407,6 +503,11 @@ class LoadView:
         now = self._clock()
         self._loads = {ld.worker_id: ld for ld in loads}
         self._backlog = {ld.worker_id: (float(ld.pending_prefill_tokens), now) for ld in loads}
+
+    def set_one(self, load: WorkerLoad) -> None:
+        """Install a fresh sample of one worker (pushed with its KV events)."""
+        self._loads[load.worker_id] = load
+        self._backlog[load.worker_id] = (float(load.pending_prefill_tokens), self._clock())
 
     def _drained(self, worker_id: str, now: float) -> float:
         tokens, since = self._backlog[worker_id]

@@ -8,6 +8,14 @@ open: it answers when the worker's engine loop stops and fails when its process 
 either is acted on at once, not at the next ping. The router's only state here is soft:
 handles, liveness and the latest stats.
 
+Several routers may serve one cluster. The one that creates the pools publishes a directory
+(``pdserve.router.directory``); a router started with ``PoolConfig.attach`` creates no
+worker: it reads the pools and the channel key from the directory, follows the workers it
+lists (replacements included: only the owner replaces the dead), and leaves them running
+when it stops. Every router renews its lease on each worker with its pings
+(``ping(router=inbox endpoint)``): a router that dies stops renewing, and the decode workers
+end its requests once the lease is over.
+
 The cluster's ``ChannelKey`` (created here, or read from ``$PDSERVE_CHANNEL_SECRET``) goes
 to every worker as an actor argument: it seals their side channels (KV handshakes, token
 batches to the router's inbox).
@@ -31,6 +39,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.kvtransfer.factory import check_transport
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.worker.affinity import plan_cpu_sets
 from pdserve.worker.base import LOG_LEVEL_ENV
 
 logger = logging.getLogger(__name__)
@@ -55,10 +64,15 @@ class PoolConfig:
     lease_s: float = 30.0
     stream_kv: bool = True  # prefill writes KV chunk by chunk; False: all blocks at the end
     ping_interval_s: float = 0.5
+    attach: bool = False
+    """Serve the pools another router created (found by the directory), creating none."""
     ping_timeout_s: float = 10.0
     start_timeout_s: float = 300.0
     prefill_tp: int = 1  # tensor-parallel ranks per prefill worker (Ray actors, one node)
     decode_tp: int = 1
+    # Pin each worker to its own cores (pdserve.worker.affinity): None = only when this
+    # router starts a local Ray, i.e. every worker runs on this host.
+    pin_cpus: bool | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -105,12 +119,13 @@ class WorkerHandle:
 
 
 DeathCallback = Callable[[WorkerHandle], Awaitable[None]]
+ReadyCallback = Callable[[WorkerHandle], None]
 
 
 class Cluster:
     """Owns the worker pools of one router process."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, channel_key: ChannelKey | None = None) -> None:
         self.config = config
         self.workers: dict[str, WorkerHandle] = {}
         self._started_ray = False
@@ -119,8 +134,15 @@ class Cluster:
         self._replacing: set[str] = set()
         self._watches: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.channel_key = ChannelKey.from_env()
+        self.channel_key = channel_key or ChannelKey.from_env()
+        self.router_endpoint: str | None = None
+        """This router's token inbox: sent with every ping to renew its lease on workers."""
+        self.on_ready: list[ReadyCallback] = []
+        """Called (on the loop) with each worker that becomes ready, replacements included."""
+        self.directory: Any = None
+        self._follower: asyncio.Task[None] | None = None
         self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
+        self._cpu_sets: dict[str, tuple[int, ...]] = {}
         self.restarts = 0
         """Workers replaced since start (each death counts once)."""
 
@@ -145,6 +167,9 @@ class Cluster:
             ray.init(address="local", num_cpus=logical_cpus, namespace=NAMESPACE,
                      runtime_env=env, include_dashboard=False, log_to_driver=True)
             self._started_ray = True
+            logger.info("Ray: this cluster's address is %s (`pdserve router --ray-address "
+                        "%s` adds a router)", ray.get_runtime_context().gcs_address,
+                        ray.get_runtime_context().gcs_address)
 
     async def start(self, on_connected: Callable[[], None] | None = None) -> None:
         """Create every worker and wait until all are ready (``on_connected()`` once Ray is
@@ -157,11 +182,81 @@ class Cluster:
         if on_connected is not None:
             on_connected()
         started = time.monotonic()
+        if self.config.attach:
+            await self._attach()
+            return
+        cfg = self.config
+        if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
+            ids = [f"prefill-{i}" for i in range(cfg.num_prefill)]
+            ids += [f"decode-{i}" for i in range(cfg.num_decode)]
+            # One share per rank: a tensor-parallel worker gets a share for each of its ranks
+            # (it divides them between its rank processes).
+            shares = [(w, r) for w in ids for r in range(cfg.tp(w.split("-")[0]))]
+            per_rank = plan_cpu_sets(sorted(os.sched_getaffinity(0)),
+                                     [f"{w}/{r}" for w, r in shares])
+            self._cpu_sets = {}
+            for w, r in shares:
+                if f"{w}/{r}" in per_rank:
+                    self._cpu_sets[w] = self._cpu_sets.get(w, ()) + per_rank[f"{w}/{r}"]
+            logger.info("worker cores: %s", self._cpu_sets or "shared (fewer cores than workers)")
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]
         await asyncio.gather(*(self._wait_ready(h) for h in handles))
         logger.info("%d prefill + %d decode workers loaded the model and are ready in %.1f s",
                     self.config.num_prefill, self.config.num_decode, time.monotonic() - started)
+
+    async def _attach(self) -> None:
+        """Follow the workers the directory lists (``attach`` mode)."""
+        from pdserve.router.directory import fetch
+
+        self.directory, info = await asyncio.to_thread(fetch)
+        self.channel_key = info.channel_key
+        entries = await self.directory.workers.remote()
+        await asyncio.gather(*(self._wait_ready(self._handle_of(e)) for e in entries))
+        logger.info("attached to %d workers of a running cluster", len(entries))
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    def _handle_of(self, entry: Any) -> WorkerHandle:
+        actor = ray.get_actor(entry.actor_name, namespace=NAMESPACE)
+        handle = WorkerHandle(entry.worker_id, entry.role, actor, entry.generation)
+        self.workers[entry.worker_id] = handle
+        return handle
+
+    async def _follow(self) -> None:
+        """Attached: pick up the replacements the owner creates."""
+        while not self._closing:
+            await asyncio.sleep(self.config.ping_interval_s)
+            try:
+                entries = await self.directory.workers.remote()
+            except ray.exceptions.RayError as exc:
+                logger.error("the cluster's directory is gone (its first router stopped?): "
+                             "%r", exc)
+                for handle in list(self.workers.values()):
+                    await self.report_dead(handle, "the cluster's directory is gone")
+                return
+            for entry in entries:
+                known = self.workers.get(entry.worker_id)
+                if known is not None and known.generation >= entry.generation:
+                    continue
+                if known is not None and known.alive:
+                    await self.report_dead(known, "replaced by the cluster's first router")
+                try:
+                    await self._wait_ready(self._handle_of(entry))
+                except Exception as exc:  # not ready yet or gone: next round
+                    logger.warning("worker %s (generation %d) not reachable yet: %r",
+                                   entry.worker_id, entry.generation, exc)
+
+    def publish(self, info: Any) -> None:
+        """Owner: publish the directory other routers attach with (``ClusterInfo``)."""
+        from pdserve.router.directory import WorkerEntry, publish
+
+        self.directory = publish(info)
+        for h in self.workers.values():
+            self.directory.set_worker.remote(WorkerEntry(h.worker_id, h.role,
+                                                         self._actor_name(h), h.generation))
+
+    def _actor_name(self, handle: WorkerHandle) -> str:
+        return f"pdserve-{self.instance}-{handle.worker_id}-g{handle.generation}"
 
     def _create(self, role: str, index: int, generation: int = 0) -> WorkerHandle:
         cfg = self.config
@@ -183,6 +278,8 @@ class Cluster:
                          gpus_per_rank=cfg.gpus_per_worker)
         if role == "prefill":
             extra["stream_kv"] = cfg.stream_kv
+        if worker_id in self._cpu_sets:
+            extra["cpus"] = self._cpu_sets[worker_id]
         actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s,
                                  channel_key=self.channel_key, **extra)
         handle = WorkerHandle(worker_id, role, actor, generation)
@@ -195,6 +292,13 @@ class Cluster:
         handle.alive = True
         logger.info("worker %s (generation %d) ready: %s", handle.worker_id,
                     handle.generation, handle.info)
+        if self.directory is not None and not self.config.attach:
+            from pdserve.router.directory import WorkerEntry
+
+            self.directory.set_worker.remote(WorkerEntry(
+                handle.worker_id, handle.role, self._actor_name(handle), handle.generation))
+        for callback in self.on_ready:
+            callback(handle)
         if not self._closing:
             task = asyncio.get_running_loop().create_task(self._watch_one(handle))
             self._watches.add(task)
@@ -223,11 +327,12 @@ class Cluster:
             return
         handle.alive = False
         self.restarts += 1
-        logger.error("worker %s died (%r); failing over and replacing it", handle.worker_id,
-                     why)
+        logger.error("worker %s died (%r); failing over%s", handle.worker_id, why,
+                     "" if self.config.attach else " and replacing it")
         if self._on_death is not None:
             await self._on_death(handle)
-        asyncio.get_running_loop().create_task(self._replace(handle))
+        if not self.config.attach:
+            asyncio.get_running_loop().create_task(self._replace(handle))
 
     async def shutdown(self) -> None:
         """Stop the monitor and every worker; leave no pdserve actor behind."""
@@ -236,6 +341,10 @@ class Cluster:
             self._monitor.cancel()
         for task in list(self._watches):
             task.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
+        if self.config.attach:  # the workers belong to the cluster's first router
+            return
 
         async def stop(handle: WorkerHandle) -> None:
             try:
@@ -278,7 +387,8 @@ class Cluster:
         an engine step), then fresh stats if they come in time: a worker slow to report
         under load keeps its last stats instead of being declared dead."""
         try:
-            await asyncio.wait_for(handle.actor.ping.remote(), self.config.ping_timeout_s)
+            await asyncio.wait_for(handle.actor.ping.remote(self.router_endpoint),
+                                   self.config.ping_timeout_s)
         except (TimeoutError, ray.exceptions.RayError, RuntimeError) as exc:
             logger.warning("worker %s failed its liveness check: %r", handle.worker_id, exc)
             return False
@@ -297,6 +407,8 @@ class Cluster:
         self._closing = True
         for handle in self.workers.values():
             handle.alive = False
+            if self.config.attach:
+                continue
             try:
                 ray.kill(handle.actor, no_restart=True)
             except Exception:  # already gone

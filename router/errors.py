@@ -15,6 +15,16 @@ MAX_REASON_CHARS = 200
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+_QUOTED_FIELD = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)(?:\[\d+\])?")
+
+
+def param_of(message: str) -> str | None:
+    """The field an error message names first (``'top_p' must be ...`` -> ``top_p``): the
+    ``param`` of OpenAI's error body."""
+    match = _QUOTED_FIELD.search(message)
+    return match.group(1) if match else None
+
+
 def clip(text: str, limit: int = 64) -> str:
     """``text`` cut to at most ``limit`` characters (about), saying how long it was."""
     if len(text) <= limit:

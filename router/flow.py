@@ -14,9 +14,15 @@ not tried elsewhere, and a request that was on two workers that died fails with 
 instead of trying a third (it may be what killed them). When every worker of a pool is dead,
 admission waits for the replacements, bounded by the request's deadline and the lease.
 
-Every attempt has its own id (``<request id>.<n>``): late messages of an abandoned attempt
-cannot reach the next one, and every exit path releases the attempt on both workers at once
-(``pdserve.router.attempt``).
+Several routers may serve one cluster: each admits on its own view of the decode pool (pushed
+by the workers), and the decode worker is the authority on its blocks: it refuses a
+reservation it cannot hold, and the router then tries the other decode workers at once
+(waiting only when every one refused). Attempt ids carry the router's tag, so that the same
+client request id sent to two routers never names one reservation twice.
+
+Every attempt has its own id (``<request id>.<n>.<router tag>``): late messages of an
+abandoned attempt cannot reach the next one, and every exit path releases the attempt on both
+workers at once (``pdserve.router.attempt``).
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.engine.hashing import hash_blocks
 from pdserve.engine.outputs import StopChecker
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.router.admission import AdmissionQueue
 from pdserve.router.attempt import (
     Attempt,
     AttemptCalls,
@@ -42,6 +49,7 @@ from pdserve.router.attempt import (
 )
 from pdserve.router.balancer import (
     Balancer,
+    DecodeChoice,
     LoadView,
     NoWorkerAvailableError,
     PrefillChoice,
@@ -57,18 +65,21 @@ from pdserve.worker.protocol import (
     SamplingSpec,
     TokenRecord,
     logprobs_from_wire,
+    prompt_logprobs_from_wire,
 )
 
 logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    """A request that cannot be served; ``code`` names the gRPC status."""
+    """A request that cannot be served; ``code`` names the gRPC status, ``param`` the
+    request field at fault (None: the request as a whole), as OpenAI's error body does."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,8 @@ class FlowConfig:
     max_waiting: int = 256  # requests waiting for a decode reservation; past it: overload
     max_attempts: int = 4  # failed transfers before a request gives up
     max_worker_deaths: int = 1  # workers that may die under one request; one more fails it
+    scheduling_policy: str = "fcfs"  # "priority": see pdserve.router.admission
+    priority_aging_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -96,6 +109,11 @@ class Delta:
     prefill_worker: str = ""
     """The last delta's: the worker whose prefill the request's output came from."""
     decode_worker: str = ""
+    index: int = 0
+    """The choice this delta belongs to (``n`` > 1: 0 .. n - 1)."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """On the request's first delta, with ``prompt_logprobs`` asked for: prompt token
+    ``i + 1``'s logprobs at ``i``."""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
@@ -107,7 +125,8 @@ class Flow:
     """Runs requests for the router; owns the balancer's view of load."""
 
     def __init__(self, cluster: Cluster, inbox: TokenInbox, tokenizer: Tokenizer,
-                 balancer: Balancer, eos_ids: tuple[int, ...], config: FlowConfig) -> None:
+                 balancer: Balancer, eos_ids: tuple[int, ...], config: FlowConfig,
+                 router_tag: str = "r") -> None:
         self.cluster = cluster
         self.inbox = inbox
         self.tokenizer = tokenizer
@@ -117,9 +136,16 @@ class Flow:
         self.prefill_view = LoadView()
         self.decode_view = LoadView()
         self._attempts: dict[str, Attempt] = {}
+        self.pushed: dict[str, dict[str, float]] = {}
+        """Each worker's latest load as it pushed it (``on_load``), by worker id."""
         self.calls = AttemptCalls(cluster, on_stats=self.refresh_loads)
         self._waiting = 0
+        self.admission = AdmissionQueue(config.scheduling_policy == "priority",
+                                        config.priority_aging_s)
         self.failovers = 0
+        self.refused_reservations = 0
+        """Reservations a decode worker refused (it had not the room this router thought)."""
+        self.router_tag = router_tag
         self.on_prefill: PrefillObserver | None = None
 
     @property
@@ -130,25 +156,34 @@ class Flow:
     # ------------------------------------------------------------------ load
 
     def refresh_loads(self) -> None:
-        """Install the workers' latest stats (called after each monitor round)."""
-        max_seqs = self.cluster.config.engine.scheduler.max_num_seqs
+        """Install every worker's latest load (pushed, else its last polled stats)."""
         prefill, decode = [], []
         for h in self.cluster.workers.values():
-            s = h.stats
-            if h.role == "prefill":
-                prefill.append(WorkerLoad(
-                    h.worker_id, pending_prefill_tokens=0,
-                    prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)),
-                    alive=h.alive))
-            else:
-                total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
-                used = int(s.get("num_used_blocks", 0))
-                decode.append(WorkerLoad(
-                    h.worker_id, free_blocks=total - used, total_blocks=total,
-                    running_seqs=int(s.get("num_running", 0)) + int(s.get("num_awaiting_kv", 0)),
-                    max_running_seqs=max_seqs, alive=h.alive))
+            (prefill if h.role == "prefill" else decode).append(self._load_of(h))
         self.prefill_view.update(prefill)
         self.decode_view.update(decode)
+
+    def on_load(self, worker_id: str, load: dict[str, float]) -> None:
+        """A worker pushed its load (with its KV events): install it at once."""
+        self.pushed[worker_id] = load
+        h = self.cluster.workers.get(worker_id)
+        if h is None:
+            return
+        view = self.prefill_view if h.role == "prefill" else self.decode_view
+        view.set_one(self._load_of(h))
+
+    def _load_of(self, h: WorkerHandle) -> WorkerLoad:
+        s: dict[str, float] = self.pushed.get(h.worker_id) or h.stats
+        if h.role == "prefill":
+            return WorkerLoad(
+                h.worker_id, pending_prefill_tokens=int(s.get("pending_prefill_tokens", 0)),
+                prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)), alive=h.alive)
+        total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
+        used = int(s.get("num_used_blocks", 0))
+        return WorkerLoad(
+            h.worker_id, free_blocks=total - used, total_blocks=total,
+            running_seqs=int(s.get("num_running", 0)) + int(s.get("num_awaiting_kv", 0)),
+            max_running_seqs=self.cluster.config.engine.scheduler.max_num_seqs, alive=h.alive)
 
     def _missing_pools(self) -> list[str]:
         """Roles with no live worker in the balancer's view (refreshed from the handles when
@@ -177,21 +212,34 @@ class Flow:
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        max_len: int, arrival: float,
-                       deadline: float | None = None) -> AsyncIterator[Delta]:
+                       deadline: float | None = None,
+                       priority: int = 0) -> AsyncIterator[Delta]:
         """Stream the request's deltas. ``deadline`` (``time.monotonic()``): the client's,
-        if it set one; waits for capacity or for workers end there at the latest. Raises
+        if it set one; waits for capacity or for workers end there at the latest.
+        ``priority``: lower is admitted first under the priority policy. Raises
         ``RequestError``."""
-        seq = Sequence(request_id, prompt, params, arrival, 0)
-        seq.max_len = max_len
-        stop = StopChecker(seq, IncrementalDetokenizer(self.tokenizer, prompt), self.eos_ids)
+        seqs, stops = [], []
+        for index in range(params.n):  # n > 1: the decode worker forks the choices
+            choice = Sequence(request_id if index == 0 else f"{request_id}#{index}", prompt,
+                              params, arrival, 0)
+            choice.max_len = max_len
+            seqs.append(choice)
+            stops.append(StopChecker(choice, IncrementalDetokenizer(
+                self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
+                self.eos_ids))
+        seq = seqs[0]
+        finished = [False] * params.n
+        worker_finished = [False] * params.n
+        prompt_lps: list[TokenLogprobs] | None = None
+        sent_prompt_lps = params.prompt_logprobs is None
         timing: dict[str, float] = {}
         cached_tokens = 0
         failures = deaths = 0
         attempt_no = 0
         while True:
             attempt_no += 1
-            attempt = await self._admit(f"{request_id}.{attempt_no}", seq, params, timing,
-                                        arrival, deadline)
+            attempt = await self._admit(f"{request_id}.{attempt_no}.{self.router_tag}", seq,
+                                        params, timing, arrival, deadline, priority)
             queue = self.inbox.open(attempt.id)
             try:
                 outcome = await self._prefill(attempt, seq, params)
@@ -210,6 +258,8 @@ class Flow:
                 assert result is not None
                 if attempt_no == 1 or not timing.get("prefill_s"):
                     timing["prefill_s"] = result.prefill_s
+                    if result.prompt_logprobs is not None and prompt_lps is None:
+                        prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
                     timing["transfer_s"] = result.transfer_tail_s
                     cached_tokens = result.num_cached_tokens
                 while True:
@@ -218,25 +268,40 @@ class Flow:
                         if not record.retryable:
                             raise RequestError("internal", "the request failed on its decode "
                                                f"worker: {record.error[:200]}")
+                        if len(seqs) > 1 and any(c.num_output_tokens for c in seqs):
+                            raise RequestError(
+                                "unavailable", f"{record.error[:200]}; a request with n > 1 "
+                                "is not resumed once it has streamed tokens")
                         logger.warning("%s: %s; resuming after %d tokens", attempt.id,
                                        record.error, seq.num_output_tokens)
                         break
-                    delta = self._apply(seq, stop, record)
+                    index = record.index
+                    if not 0 <= index < len(seqs) or finished[index]:
+                        continue  # a choice already ended here (e.g. on a stop string)
+                    choice = seqs[index]
+                    delta = self._apply(choice, stops[index], record)
+                    delta.index = index
+                    if not sent_prompt_lps and prompt_lps is not None:
+                        delta.prompt_logprobs, sent_prompt_lps = prompt_lps, True
                     if "first_token_s" not in timing and delta.token_ids:
                         timing["first_token_s"] = time.monotonic() - arrival
                     if delta.finish_reason is not None:
-                        attempt.done = record.finish_reason is not None
-                        timing["total_s"] = time.monotonic() - arrival
-                        delta.prompt_tokens = seq.num_prompt_tokens
-                        delta.completion_tokens = seq.num_output_tokens
+                        finished[index] = True
+                        worker_finished[index] = record.finish_reason is not None
+                        delta.prompt_tokens = choice.num_prompt_tokens
+                        delta.completion_tokens = choice.num_output_tokens
                         delta.cached_tokens = cached_tokens
                         delta.timing = timing
                         delta.decode_worker = attempt.decode.worker_id
                         if attempt.prefill is not None:
                             delta.prefill_worker = attempt.prefill.worker_id
+                        if all(finished):
+                            attempt.done = all(worker_finished)
+                            timing["total_s"] = time.monotonic() - arrival
+                            yield delta
+                            return
                         yield delta
-                        return
-                    if delta.token_ids or delta.text:
+                    elif delta.token_ids or delta.text or delta.prompt_logprobs:
                         yield delta
                 failures, deaths = self._count_failure(
                     attempt, attempt.decode_died.is_set(), failures, deaths, record.error or "")
@@ -289,11 +354,23 @@ class Flow:
     # ------------------------------------------------------------------ admission
 
     def _spec(self, seq: Sequence, params: SamplingParams) -> SamplingSpec:
+        structured = params.structured
+        if structured is not None and seq.num_output_tokens:
+            # Resumed: the output so far travels in the prompt; the matcher replays it.
+            structured = replace(structured, num_output_in_prompt=seq.num_output_tokens)
         return SamplingSpec(
             max_tokens=seq.max_len - seq.num_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
             stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-            logprobs=params.logprobs,
+            logprobs=params.logprobs, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+            min_tokens=params.min_tokens, bad_words_ids=params.bad_words_ids,
+            allowed_token_ids=params.allowed_token_ids,
+            # A resumed request's prompt holds the output already sent: the penalties and
+            # min_tokens count the output from the original prompt's end.
+            prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
+            n=params.n, prompt_logprobs=params.prompt_logprobs, structured=structured,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:
@@ -302,7 +379,7 @@ class Flow:
 
     async def _admit(self, attempt_id: str, seq: Sequence, params: SamplingParams,
                      timing: dict[str, float], arrival: float,
-                     deadline: float | None) -> Attempt:
+                     deadline: float | None, priority: int = 0) -> Attempt:
         """Reserve blocks on a decode worker, waiting (bounded) while the pool is full, and
         while a pool has no live worker (until a replacement is up, the request's deadline
         or the lease, whichever comes first)."""
@@ -311,12 +388,14 @@ class Flow:
                                f"{self._waiting} requests already wait for decode capacity; "
                                "retry later")
         self._waiting += 1
+        ticket = self.admission.enter(priority)
         try:
             route = self._route(attempt_id, seq)
             start = time.monotonic()
             capacity_deadline = start + self.config.admission_timeout_s
             worker_deadline = min(deadline or math.inf, start + self.config.lease_s)
             delay = 0.005
+            refused: set[str] = set()  # decode workers that refused this round
             while True:
                 now = time.monotonic()
                 missing = self._missing_pools()
@@ -325,14 +404,19 @@ class Flow:
                         raise RequestError(
                             "unavailable", f"no {missing[0]} worker is alive (waited "
                             f"{now - start:.1f} s for a replacement)")
-                else:
-                    choice = self.balancer.choose_decode(
-                        route, self._alive(self.decode_view.current()))
+                elif self.admission.may_try(ticket):
+                    loads = [ld for ld in self._alive(self.decode_view.current())
+                             if ld.worker_id not in refused]
+                    choice = self.balancer.choose_decode(route, loads) if loads else None
+                    if choice is None and loads and self.admission.by_priority:
+                        # The pool looks full: the decode worker may still make room by
+                        # preempting requests of lower priority than this one.
+                        choice = self._roomiest_decode(route, loads)
                     if choice is not None:
                         handle = self.cluster.workers[choice.worker_id]
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
                                              self._spec(seq, params), self.inbox.endpoint,
-                                             self.config.lease_s)
+                                             self.config.lease_s, priority)
                         try:
                             res = await self.calls.reserve(handle, req)
                         except RequestFailed as exc:
@@ -342,12 +426,22 @@ class Flow:
                             self.decode_view.add_decode(handle.worker_id,
                                                         choice.blocks_to_reserve)
                             attempt = Attempt(attempt_id, handle, route)
+                            attempt.priority = priority
                             attempt.reservation = res
                             attempt.reserved_at = time.time()
                             self._attempts[attempt_id] = attempt
                             timing.setdefault("queue_s", time.monotonic() - arrival)
                             return attempt
-                    if now > min(capacity_deadline, deadline or math.inf):
+                        refused.add(handle.worker_id)  # no room there: try the others now
+                        self.refused_reservations += 1
+                        continue
+                    refused.clear()
+                    if deadline is not None and now >= deadline:
+                        raise RequestError(
+                            "deadline_exceeded",
+                            f"the deadline passed after {now - start:.2f} s of waiting for "
+                            f"decode capacity (prompt of {seq.num_tokens} tokens)")
+                    if now > capacity_deadline:
                         raise RequestError(
                             "resource_exhausted",
                             f"no decode capacity for {now - start:.0f} s (prompt of "
@@ -356,6 +450,12 @@ class Flow:
                 delay = min(delay * 2, 0.1)
         finally:
             self._waiting -= 1
+            self.admission.leave(ticket)
+
+    def _roomiest_decode(self, route: RouteRequest, loads: list[WorkerLoad]) -> DecodeChoice:
+        best = max(loads, key=lambda ld: (ld.free_blocks, ld.worker_id))
+        needed = self.balancer.blocks_needed(route)
+        return DecodeChoice(best.worker_id, needed, 0, 0.0)
 
     async def _prefill(self, attempt: Attempt, seq: Sequence,
                        params: SamplingParams) -> PrefillOutcome:
@@ -373,7 +473,7 @@ class Flow:
         # Writes must start well inside the decode side's lease (see PrefillRequest).
         deadline = attempt.reserved_at + 0.9 * self.config.lease_s
         req = PrefillRequest(attempt.id, list(seq.token_ids), self._spec(seq, params), res.target,
-                             res.block_ids, skip, deadline)
+                             res.block_ids, skip, deadline, attempt.priority)
         outcome = await self.calls.prefill(attempt, handle, req)
         result = outcome.result
         if result is not None and result.ok:

@@ -61,6 +61,10 @@ def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
                      pb.TokenizeResponse),
         "GetStats": (grpc.unary_unary_rpc_method_handler, pb.GetStatsRequest,
                      pb.GetStatsResponse),
+        "Detokenize": (grpc.unary_unary_rpc_method_handler, pb.DetokenizeRequest,
+                       pb.DetokenizeResponse),
+        "GetVersion": (grpc.unary_unary_rpc_method_handler, pb.GetVersionRequest,
+                       pb.GetVersionResponse),
     }
     handlers = {
         name: make(getattr(servicer, name), request_deserializer=_tolerant(req, refusals),

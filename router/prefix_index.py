@@ -227,8 +227,9 @@ class PrefixIndex:
 
     # --- queries --------------------------------------------------------------------------
 
-    def match(self, worker_id: str, hashes: Sequence[int]) -> int:
-        """Number of leading ``hashes`` the worker holds (stored or live routed entries)."""
+    def match(self, worker_id: str, hashes: Sequence[int], *, confirmed_only: bool = False) -> int:
+        """Number of leading ``hashes`` the worker holds (stored or live routed entries;
+        with ``confirmed_only``, stored entries alone: blocks another worker could read)."""
         st = self._workers.get(worker_id)
         if st is None:
             return 0
@@ -240,6 +241,8 @@ class PrefixIndex:
             if h in stored:
                 n += 1
                 continue
+            if confirmed_only:
+                break
             expiry = routed.get(h)
             if expiry is None:
                 break
@@ -250,6 +253,18 @@ class PrefixIndex:
                 break
             n += 1
         return n
+
+    def holders(self, hashes: Sequence[int]) -> list[list[str]]:
+        """For each leading block of ``hashes``, the workers whose confirmed (stored) blocks
+        include it, sorted; stops before the first block no worker has confirmed."""
+        states = sorted(self._workers.items())
+        out: list[list[str]] = []
+        for h in hashes:
+            held = [w for w, st in states if h in st.stored]
+            if not held:
+                break
+            out.append(held)
+        return out
 
     def match_all(self, hashes: Sequence[int]) -> dict[str, int]:
         """``match`` for every tracked worker."""

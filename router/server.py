@@ -8,6 +8,12 @@ client's deadline also bounds the request's waits. No client ever reads a traceb
 unexpected error is logged here and answered INTERNAL with a short message. The standard
 health service and server reflection are served beside ``pdserve.v1.Generation``.
 
+The router's view of the workers is pushed to it: every worker publishes its KV events and
+load as they happen (``router.events`` applies them to this router's prefix index and load
+view; a gap is repaired from a snapshot). Several routers may serve one cluster: the one
+that creates the pools publishes a directory (``router.directory``), and a router whose
+``PoolConfig.attach`` is set serves those pools instead of creating its own.
+
 The OpenAI-compatible HTTP front (``router.http``, on ``RouterConfig.http_port``) runs on the
 same event loop and goes through the same ``Router.prepare`` (validation) and ``Router.run``
 (the request path, with its metrics): no second implementation of either. ``router.app``
@@ -23,9 +29,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
+from pdserve._version import __version__
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.model.checkpoint import load_model_config
 from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
@@ -33,9 +41,12 @@ from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from pdserve.router.balancer import PrefillChoice, make_balancer
 from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
+from pdserve.router.directory import ClusterInfo
 from pdserve.router.errors import public_reason
+from pdserve.router.events import EventSubscriber, endpoint_of
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
 from pdserve.router.grpc_service import Undecodable
+from pdserve.router.grpc_structured import structured_from_proto
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_log import (
@@ -49,7 +60,13 @@ from pdserve.router.request_log import (
 from pdserve.router.served_model import served_names
 from pdserve.router.stream import TokenInbox
 from pdserve.router.text import TextPool
-from pdserve.router.validation import Prepared, RequestLimits, SamplingArgs, Validator
+from pdserve.router.validation import (
+    ChatOptions,
+    Prepared,
+    RequestLimits,
+    SamplingArgs,
+    Validator,
+)
 from pdserve.worker.protocol import PrefillResult, resolve_host
 
 logger = logging.getLogger(__name__)
@@ -59,6 +76,7 @@ _CODES = {
     "model_not_found": grpc.StatusCode.NOT_FOUND,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "internal": grpc.StatusCode.INTERNAL,
 }
 
@@ -77,13 +95,14 @@ class RouterConfig:
     served_model_names: tuple[str, ...] = ()
     """Names clients may use in ``model`` (default: the engine's ``model`` as given)."""
     chat_template: str | None = None
+    tool_call_parser: str | None = None
+    """How tool calls are read out of "auto" outputs ("hermes"); None: "auto" is refused."""
     """Jinja chat template for chat requests, instead of the model's own."""
     log_requests: bool = True
     """One access line per request at INFO (``pdserve.access``)."""
     stats_interval_s: float | None = None
     """A stats line at INFO this often (``pdserve.stats``); None: never."""
     flow: FlowConfig = field(default_factory=FlowConfig)
-    events_interval_s: float = 0.1
     http_port: int | None = None
     """The OpenAI-compatible HTTP front (and /metrics) on ``host``: None = off, 0 = any free
     port (``Router.http_port`` tells which). HTTPS with ``tls_cert``/``tls_key``."""
@@ -121,6 +140,7 @@ class Router(pb_grpc.GenerationServicer):
             eos.add(self.tokenizer.eos_token_id)
         self.cluster = Cluster(config.pools)
         self.index = PrefixIndex(engine_cfg.cache.block_size)
+        self.events: EventSubscriber | None = None
         self.balancer = make_balancer(config.balancer, self.index)
         self.inbox: TokenInbox | None = None
         self.flow: Flow | None = None
@@ -156,18 +176,37 @@ class Router(pb_grpc.GenerationServicer):
         await self.cluster.start(on_connected)
         self.inbox = TokenInbox(self.cluster.channel_key, resolve_host(self.config.pools.kv_host))
         self.inbox.start()
+        self.cluster.router_endpoint = self.inbox.endpoint
         self.flow = Flow(self.cluster, self.inbox, self.tokenizer, self.balancer, self._eos,
-                         self.config.flow)
+                         self.config.flow, router_tag=self.cluster.instance)
         self.flow.on_prefill = self._on_prefill
         for h in self.cluster.pool("prefill"):
             self.index.add_worker(h.worker_id)
+        self.events = EventSubscriber(
+            self.cluster.channel_key,
+            {"prefill": self.index, "decode": self.balancer.decode_index},
+            self._snapshot, self.flow.on_load)
+        self.events.start()
+        for h in self.cluster.workers.values():
+            self._subscribe(h)
+        self.cluster.on_ready.append(self._subscribe)
         self.cluster.run_monitor(self._on_death)
+        if not self.config.pools.attach:
+            self.cluster.publish(ClusterInfo(
+                self.config.pools, self.cluster.channel_key, self.model_names,
+                self.config.chat_template, owner=self.inbox.endpoint))
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._feed_index()))
-        self._tasks.append(loop.create_task(self._refresh_loads()))
         if self.config.stats_interval_s:
             self._tasks.append(loop.create_task(self._log_stats(self.config.stats_interval_s)))
         await self._probe_all()
+
+    def _subscribe(self, handle: WorkerHandle) -> None:
+        endpoint = endpoint_of(handle.info)
+        if self.events is not None and endpoint is not None:
+            self.events.add_worker(handle.worker_id, handle.role, endpoint)
+
+    async def _snapshot(self, worker_id: str) -> tuple[str, int, list[int], dict[str, float]]:
+        return await self.cluster.workers[worker_id].actor.kv_snapshot.remote()
 
     async def _probe_all(self) -> None:
         for h in self.cluster.workers.values():
@@ -181,6 +220,8 @@ class Router(pb_grpc.GenerationServicer):
         if self.flow is not None:
             await self.flow.calls.drain()
         await self.cluster.shutdown()
+        if self.events is not None:
+            await self.events.close()
         if self.inbox is not None:
             await self.inbox.close()
         self.text.close()
@@ -201,12 +242,6 @@ class Router(pb_grpc.GenerationServicer):
     async def _on_death(self, handle: WorkerHandle) -> None:
         if self.flow is not None:
             self.flow.on_worker_death(handle)
-
-    async def _refresh_loads(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.pools.ping_interval_s)
-            if self.flow is not None:
-                self.flow.refresh_loads()
 
     def stats_sample(self) -> StatsSample:
         """The figures of the periodic stats line, now."""
@@ -230,27 +265,16 @@ class Router(pb_grpc.GenerationServicer):
                 stats_logger.info(line)
             await asyncio.sleep(interval_s)
 
-    async def _feed_index(self) -> None:
-        """Pull each prefill worker's KV events into the prefix index; resync on gaps."""
-        while True:
-            await asyncio.sleep(self.config.events_interval_s)
-            for h in self.cluster.pool("prefill"):
-                try:
-                    incarnation, seq_no, events = await h.actor.kv_events.remote()
-                    self.index.apply_events(h.worker_id, seq_no, events, incarnation)
-                    if self.index.needs_resync(h.worker_id):
-                        inc, snap_seq, hashes = await h.actor.kv_snapshot.remote()
-                        self.index.snapshot(h.worker_id, snap_seq, hashes, inc)
-                except Exception as exc:  # the monitor handles dead workers
-                    logger.debug("KV events of %s unavailable: %r", h.worker_id, exc)
-
     # ------------------------------------------------------------------ the request path
 
     async def prepare(self, model: str, prompt: str | Sequence[int] | None,
                       args: SamplingArgs,
-                      messages: Sequence[dict[str, str]] | None = None) -> Prepared:
-        """Validate and tokenize a request of either front (``RequestError`` if bad)."""
-        return await self.validator.prepare(model, prompt, args, messages)
+                      messages: Sequence[dict[str, Any]] | None = None,
+                      chat: ChatOptions | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> Prepared:
+        """Validate and tokenize a request of either front (``RequestError`` if bad);
+        ``tools`` are given to the chat template."""
+        return await self.validator.prepare(model, prompt, args, messages, chat, tools)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``authorization`` header value carries the API key (any, if none is
@@ -295,7 +319,8 @@ class Router(pb_grpc.GenerationServicer):
         last: Delta | None = None
         try:
             async for delta in self.flow.generate(rid, prepared.prompt, prepared.params,
-                                                  prepared.max_len, arrival, deadline):
+                                                  prepared.max_len, arrival, deadline,
+                                                  prepared.priority):
                 timer.on_tokens(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     outcome = delta.finish_reason
@@ -356,6 +381,21 @@ class Router(pb_grpc.GenerationServicer):
             stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            repetition_penalty=(s.repetition_penalty if s.HasField("repetition_penalty")
+                                else 1.0),
+            logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
+            bad_words=tuple(s.bad_words), allowed_token_ids=tuple(s.allowed_token_ids),
+            include_stop_str_in_output=s.include_stop_str_in_output,
+            skip_special_tokens=(s.skip_special_tokens if s.HasField("skip_special_tokens")
+                                 else True),
+            truncate_prompt_tokens=(s.truncate_prompt_tokens
+                                    if s.HasField("truncate_prompt_tokens") else None),
+            n=s.n if s.HasField("n") else 1,
+            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+            add_special_tokens=(s.add_special_tokens if s.HasField("add_special_tokens")
+                                else None),
+            structured=structured_from_proto(s), priority=request.priority,
         )
         return await self.prepare(request.model, prompt, args)
 
@@ -384,9 +424,14 @@ class Router(pb_grpc.GenerationServicer):
 
     @staticmethod
     def _response(rid: str, delta: Delta) -> pb.GenerateResponse:
-        msg = pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
+        msg = pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text,
+                                  index=delta.index)
         for lp in delta.logprobs:
             msg.logprobs.append(pb.TokenLogprobs(
+                token_id=lp.token_id, logprob=lp.logprob,
+                top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+        for lp in delta.prompt_logprobs or ():
+            msg.prompt_logprobs.append(pb.TokenLogprobs(
                 token_id=lp.token_id, logprob=lp.logprob,
                 top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
         if delta.finish_reason is not None:
@@ -415,6 +460,22 @@ class Router(pb_grpc.GenerationServicer):
         except RequestError as exc:
             await context.abort(_CODES[exc.code], exc.message)
         return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext):
+        await self._authorize(context, request)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        try:
+            self.validator.check_model(request.model)
+            text = await self.validator.detokenize(list(request.token_ids), skip)
+        except RequestError as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetVersion(self, request: pb.GetVersionRequest,
+                         context: grpc.aio.ServicerContext):
+        await self._authorize(context, request)
+        return pb.GetVersionResponse(version=__version__)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext):
         await self._authorize(context, request)

@@ -22,6 +22,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +38,36 @@ Encoded = list[int] | int
 _FRAME = struct.Struct("!I")
 
 
+@dataclass(frozen=True, slots=True)
+class ChatOptions:
+    """How a conversation becomes a prompt: a per-request ``chat_template`` (None: the
+    server's), extra template variables, whether to open an assistant turn
+    (``add_generation_prompt``) or continue the conversation's last message
+    (``continue_final_message``: the template's end-of-turn after it is cut)."""
+
+    chat_template: str | None = None
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
 class TextInputError(ValueError):
     """The tokenizer or chat template refused the input (the client's to fix)."""
 
 
 def _run(tokenizer: Tokenizer, kind: str, payload: Any, limit: int) -> Encoded:
-    """``encode``: ``payload`` is a text; ``chat``: ``[messages, template or None]``."""
+    """``encode``: ``payload`` is ``[text, add_special_tokens]``; ``chat``: ``[messages,
+    template or None, add_generation_prompt, continue_final_message, template variables,
+    add_special_tokens, tools or None]``."""
     if kind == "encode":
-        ids = tokenizer.encode(payload)
+        text, add_special = payload
+        ids = tokenizer.encode(text, add_special_tokens=add_special)
     else:
-        messages, template = payload
-        ids = tokenizer.apply_chat_template(messages, chat_template=template)
+        messages, template, add_generation, continue_final, kwargs, add_special, tools = payload
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation, chat_template=template,
+            continue_final_message=continue_final, template_kwargs=kwargs,
+            add_special_tokens=add_special, tools=tools)
     return ids if len(ids) <= limit else len(ids)
 
 
@@ -122,17 +142,34 @@ class TextPool:
                 raise TextInputError(f"{type(exc).__name__}: {exc}") from None
             raise
 
-    async def encode(self, text: str, limit: int, size: int | None = None) -> Encoded:
+    async def encode(self, text: str, limit: int, size: int | None = None, *,
+                     add_special_tokens: bool = True) -> Encoded:
         """Ids of ``text`` (``size``: its length in UTF-8 bytes, if known)."""
-        return await self._encode(len(text) if size is None else size, "encode", text, limit)
+        return await self._encode(len(text) if size is None else size, "encode",
+                                  [text, add_special_tokens], limit)
 
-    async def chat(self, messages: Sequence[dict[str, str]], limit: int, size: int) -> Encoded:
-        """Ids of a conversation rendered with ``chat_template`` or else the model's own;
-        ``NoChatTemplateError`` if there is neither, ``TextInputError`` if the template
+    async def chat(self, messages: Sequence[dict[str, Any]], limit: int, size: int,
+                   options: ChatOptions | None = None, *,
+                   add_special_tokens: bool = False,
+                   tools: list[dict[str, Any]] | None = None) -> Encoded:
+        """Ids of a conversation rendered with the request's template (``options``), else
+        ``chat_template``, else the model's own, given the request's ``tools``;
+        ``NoChatTemplateError`` if there is none, ``TextInputError`` if the template
         refuses the conversation."""
-        if self.chat_template is None and not self.tokenizer.has_chat_template:
+        options = options or ChatOptions()
+        template = options.chat_template or self.chat_template
+        if template is None and not self.tokenizer.has_chat_template:
             self.tokenizer.apply_chat_template(messages)  # raises NoChatTemplateError
-        return await self._encode(size, "chat", [list(messages), self.chat_template], limit)
+        return await self._encode(size, "chat", [
+            list(messages), template, options.add_generation_prompt,
+            options.continue_final_message, dict(options.chat_template_kwargs),
+            add_special_tokens, tools], limit)
+
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (bounded by the caller), on the thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self.tokenizer.decode, ids,
+                                          skip_special_tokens)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

@@ -35,7 +35,7 @@ def test_trace_ids_map_to_engine_chained_hashes() -> None:
 def test_simulated_worker_events_keep_the_index_equal_to_its_cache() -> None:
     rng = random.Random(3)
     hasher = BlockHasher()
-    worker = harness._Worker("w", capacity=8, rate=1.0, cache=OrderedDict())
+    worker = harness.SimWorker("w", capacity=8, rate=1.0, cache=OrderedDict())
     idx = PrefixIndex(4)
     for seq in range(200):
         ids = [rng.randrange(5)] + [rng.randrange(12) for _ in range(rng.randrange(6))]
@@ -77,3 +77,14 @@ def test_plot_writes_a_png(trace: list, tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
     harness.plot(results, path, title="smoke")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kv_pool_counts_pulled_tokens_apart_from_local_hits(trace: list) -> None:
+    cfg = harness.SimConfig(decode_workers=2)
+    pool = harness.simulate(trace, "kv_pool", cfg)
+    aware = harness.simulate(trace, "prefix_aware", cfg)
+    assert pool.pulled_rate > 0 and aware.pulled_rate == 0
+    assert pool.saved_rate == pytest.approx(pool.hit_rate + pool.pulled_rate)
+    assert aware.saved_rate == aware.hit_rate
+    # Pulls only replace compute: never fewer tokens saved than local hits alone.
+    assert pool.saved_rate >= pool.hit_rate

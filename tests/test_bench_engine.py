@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from pdserve.bench.common import Progress
 from pdserve.bench.engine import (
     BenchOptions,
@@ -22,6 +24,7 @@ TINY_SIZES = Sizes(
     b_requests=3, b_length_divisor=128, b_max_output=4,
     c_requests=3, c_prefix=32, c_suffix=8, c_output=2,
     mfu_prompts=2, mfu_prompt_len=16, hf_batch=2, matmul_n=128,
+    decode_batches=(1, 3), decode_context=40, decode_steps=2, bandwidth_mib=8,
 )
 
 
@@ -51,6 +54,7 @@ def test_bench_engine_tiny_run_reports_every_figure() -> None:
         assert w["systems"]["pdserve"]["generated"] == w["output_tokens"]
         assert set(w["ratios"]) == {"pdserve/hf-static", "pdserve/hf-cb"}
         assert all(v > 0 for v in w["ratios"].values())
+        assert [r["system"] for r in w["runs"]] == ["pdserve", "hf-static", "hf-cb"]
     assert set(res["b"]["targets"]) == {"b pdserve/hf-static", "b pdserve/hf-cb"}
     c = res["c"]
     assert c["min_prefill_tokens"] == 40 + 2 * 8
@@ -59,10 +63,45 @@ def test_bench_engine_tiny_run_reports_every_figure() -> None:
     for label in ("on", "off"):
         assert c[label]["ttft_mean_s"] > 0 and c[label]["ttft_median_s"] > 0
     assert math.isfinite(c["ttft_ratio"]) and c["ttft_ratio"] > 0
-    assert set(c["targets"]) == {"c ttft off/on", "c prefill excess"}
+    assert set(c["targets"]) == {"c prefill excess"}  # the ratio targets need vLLM's
+    d = res["d"]
+    assert [r["batch"] for r in d["rows"]] == [1, 3]
+    assert d["bandwidth_gbs"] > 0 and d["peak_gflops"] == res["matmul_peak_gflops"]
+    for row in d["rows"]:
+        assert row["step_s"] > 0 and 0 < row["fraction"] and row["bound"] in ("memory", "compute")
+        assert row["kv_bytes"] == row["batch"] * 40 * 2 * 2 * 2 * 32 * 4  # tiny, fp32
+    assert set(d["targets"]) == set()  # batch 64 was not measured
     text = report(result)
     assert "pdserve / hf-static" in text and "prefill MFU" in text
+    assert "roofline" in text and "off / on" in text
     json.dumps(result)  # JSON-ready
+
+
+def test_repeats_interleave_systems_and_keep_per_run_ratios() -> None:
+    opts = BenchOptions(model="tiny", dtypes=("float32",), workloads=("a",),
+                        systems=("pdserve", "hf-static"), sizes=TINY_SIZES, repeats=2,
+                        max_num_batched_tokens=64, threads=1)
+    a = run_benchmark(opts, Progress("test", enabled=False))["results"]["float32"]["a"]
+    assert [(r["system"], r["run"]) for r in a["runs"]] == [
+        ("pdserve", 0), ("hf-static", 0), ("pdserve", 1), ("hf-static", 1)]
+    runs = a["systems"]["pdserve"]["runs_tokens_per_s"]
+    assert len(runs) == 2 and a["systems"]["pdserve"]["tokens_per_s"] in runs
+    per_run = a["run_ratios"]["pdserve/hf-static"]
+    expected = [p / h for p, h in zip(runs, a["systems"]["hf-static"]["runs_tokens_per_s"],
+                                      strict=True)]
+    assert per_run == expected
+
+
+def test_cli_refuses_vllm_without_its_python(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("PDSERVE_VLLM_PYTHON", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--systems", "pdserve,vllm", "--model", "tiny"])
+    assert "--vllm-python" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--systems", "pdserve,sglang"])
+    assert "unknown system sglang" in capsys.readouterr().err
+
 
 
 def test_bench_engine_cli_writes_json(tmp_path: Path) -> None:

@@ -72,10 +72,11 @@ def hf_greedy(model, prompt: list[int]) -> tuple[list[int], list[float]]:
     return tokens, logprobs
 
 
-def engine_for(path: Path, setup: str, **cache_kw) -> Engine:
+def engine_for(path: Path, setup: str, backend: str | None = None, **cache_kw) -> Engine:
     block_size, budget, num_blocks = ENGINE_SETUPS[setup]
     return Engine(EngineConfig(
         model=str(path), dtype="float32", device="cpu", detokenize=False,
+        attention_backend=backend,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, **cache_kw),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16),
     ))
@@ -154,7 +155,7 @@ def test_decodes_sharing_a_prefix_attend_it_once_and_match_transformers(
     rng = random.Random(11)
     shared = [rng.randrange(3, 100) for _ in range(100)]
     prompts = [shared + [rng.randrange(3, 100) for _ in range(n)] for n in (3, 1, 9, 17, 30)]
-    engine = engine_for(path, "whole")
+    engine = engine_for(path, "whole", backend="torch")
     outputs = run_all(engine, prompts[:1], tag="first") + run_all(engine, prompts[1:])
     assert calls and max(calls) == 4  # the four later requests, in one group
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -82,6 +82,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "router_options": {"router": {"extraArgs": ["--max-num-seqs", "256"],
                                   "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}]},
                        "ray": {"auth": {"mode": "disabled"}, "upgradeStrategy": "None"}},
+    "routers": {"router": {"replicas": 3}, "model": {
+        "source": "pvc", "path": "/models/llama", "pvc": {"claimName": "weights"}}},
 }
 
 
@@ -363,9 +365,49 @@ def test_service_exposes_grpc_and_http_on_the_head(chart) -> None:
     (svc,) = objects["Service"]
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["selector"] == {"ray.io/cluster": "demo-pdserve",
-                                       "ray.io/node-type": "head"}
+                                       "app.kubernetes.io/component": "router"}
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
         ("grpc", 50051, "grpc"), ("http", 8000, "http"), ("metrics", 9090, "metrics")}
+
+
+def test_router_replicas_add_router_pods_behind_the_service(chart) -> None:
+    """router.replicas N: the head's router plus a `router` group of N - 1 pods, selected by
+    the Service, each a Ray node with nothing to schedule on it running `pdserve router`
+    (a command pdserve's own parser accepts) with the head's ports, TLS and API key."""
+    import shlex
+
+    from pdserve.cli import build_parser
+
+    assert "router" not in groups(raycluster(chart, {}))  # one router by default
+    values = {"router": {"replicas": 3}, "tls": {"enabled": True, "secretName": "tls"},
+              "apiKey": {"enabled": True, "secretName": "key"}}
+    objects = render(chart, values)
+    (rc,) = objects["RayCluster"]
+    group = groups(rc)["router"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    assert group["rayStartParams"] == {"num-cpus": "0"}
+    pod = group["template"]
+    (svc,) = objects["Service"]
+
+    def labels(name: str) -> dict[str, str]:  # KubeRay adds ray.io/cluster to every pod
+        return {**groups(rc)[name]["template"]["metadata"]["labels"],
+                "ray.io/cluster": "demo-pdserve"}
+
+    selector = svc["spec"]["selector"].items()
+    assert selector <= labels("router").items() and selector <= labels("head").items()
+    for role in ("prefill", "decode"):  # the workers are not behind the Service
+        assert not selector <= labels(role).items()
+    (container,) = pod["spec"]["containers"]
+    script = container["args"][0]
+    line = script[script.index("exec pdserve router"):].replace("\\\n", " ")
+    line = line.replace('"$address"', "10.0.0.1:6379")
+    args = build_parser().parse_args(shlex.split(line)[2:])
+    assert args.command == "router" and args.ray_address == "10.0.0.1:6379"
+    assert (args.port, args.http_port, args.metrics_port) == (50051, 8000, 9090)
+    assert args.tls_cert == "/etc/pdserve/tls/tls.crt" and args.wait > 0
+    assert {e["name"] for e in container["env"]} >= {"PDSERVE_API_KEY"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert {p["name"] for p in container["ports"]} == {"grpc", "http", "metrics"}
 
 
 @pytest.mark.parametrize("variant", ["pvc_model", "host_path_model", "url_model"])

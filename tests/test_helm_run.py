@@ -153,8 +153,9 @@ class Pod:
         self.launch()
 
 
-def _local_values(values: dict[str, Any], grpc: int, http: int) -> dict[str, Any]:
-    local: dict[str, Any] = {"router": {"grpcPort": grpc, "httpPort": http}}
+def _local_values(values: dict[str, Any], grpc: int, http: int, metrics: int) -> dict[str, Any]:
+    local: dict[str, Any] = {"router": {"grpcPort": grpc, "httpPort": http,
+                                        "metricsPort": metrics}}
     for role in ("prefill", "decode"):
         gpus = int((values.get(role) or {}).get("gpusPerPod", 0))
         local[role] = {"replicas": 1, "gpusPerPod": min(gpus, 1), "workersPerPod": 1,
@@ -214,8 +215,8 @@ class ChartRun:
     """Runs one rendered RayCluster's containers as local processes."""
 
     def __init__(self, chart: helm.Chart, values: dict[str, Any], root: Path) -> None:
-        self.grpc, self.http = free_ports(2)
-        self.values = _local_values(values, self.grpc, self.http)
+        self.grpc, self.http, self.metrics = free_ports(3)
+        self.values = _local_values(values, self.grpc, self.http, self.metrics)
         (self.rc,) = render(chart, self.values)["RayCluster"]
         self.root = root
         self.pods: list[Pod] = []
@@ -294,14 +295,18 @@ class ChartRun:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.logs.text(40) if p.logs else ''}" for p in self.pods)
 
-    def wait_ready(self, timeout: float) -> None:
-        """Until the head's readiness probe, as rendered, answers 200."""
+    def probe(self, kind: str) -> int:
+        """The HTTP status the head's ``kind`` probe, as rendered, gets now (0: no answer)."""
         head = self.pods[0]
-        probe = head.container["readinessProbe"]["httpGet"]
+        probe = head.container[kind]["httpGet"]
         ports = {p["name"]: p["containerPort"] for p in head.container["ports"]}
         port = ports[probe["port"]] if isinstance(probe["port"], str) else probe["port"]
+        return _probe(port, probe["path"])
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the head's readiness probe answers 200."""
         deadline = time.monotonic() + timeout
-        while _probe(port, probe["path"]) != 200:
+        while self.probe("readinessProbe") != 200:
             for pod in self.pods:
                 pod.supervise()
             assert time.monotonic() < deadline, self.logs()
@@ -357,8 +362,7 @@ def test_what_the_chart_renders_starts_and_serves(chart, case: str, tmp_path: Pa
             assert len(completion.token_ids) == 4
             assert client.health()
         head = run.pods[0]
-        liveness = head.container["livenessProbe"]["httpGet"]
-        assert _probe(run.http, liveness["path"]) == 200
+        assert run.probe("livenessProbe") == 200
         assert head.logs is not None
         assert head.logs.wait_for("pdserve.access: request", timeout=10), head.logs.text()
         placed = {line for line in head.logs.matching("pdserve.access")}

@@ -118,8 +118,9 @@ def test_models_health_and_error_shapes(svc, client) -> None:
     with pytest.raises(openai.NotFoundError, match="'nope' does not exist") as missing:
         client.chat.completions.create(model="nope", messages=MESSAGES, max_tokens=2)
     assert missing.value.status_code == 404 and missing.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
-        client.completions.create(model="tiny", prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="'best_of'") as refused:
+        client.completions.create(model="tiny", prompt="hi", best_of=3)
+    assert refused.value.body["param"] == "best_of"
     wrong = openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as auth:
         wrong.completions.create(model="tiny", prompt="hi", max_tokens=2)

@@ -23,13 +23,14 @@ FOLDERS = {
     "router": "pdserve.router",
     "protos": "pdserve.protos",
     "bench": "pdserve.bench",
+    "planner": "pdserve.planner",
     "pdserve": "pdserve",
     "clients/python/pdserve_client": "pdserve_client",
     "tests": "tests",
 }
 """Source folder -> the package it is imported as."""
 LEGACY_ROOTS = {"engine", "router", "bench", "protos", "kvtransfer", "prefill_worker",
-                "decode_worker", "worker"}
+                "decode_worker", "worker", "planner"}
 
 
 def _modules() -> dict[str, Path]:
@@ -92,7 +93,12 @@ def test_every_project_import_goes_through_the_pdserve_root() -> None:
     ("pdserve.prefill_worker", ("pdserve.decode_worker",)),
     ("pdserve.decode_worker", ("pdserve.prefill_worker",)),
     ("pdserve.worker", ("pdserve.prefill_worker", "pdserve.decode_worker", "pdserve.router")),
-    ("pdserve.router", ("pdserve.bench", "pdserve.cli")),
+    ("pdserve.router", ("pdserve.bench", "pdserve.cli", "pdserve.planner")),
+    ("pdserve.planner.sim", ("torch", "ray", "grpc", "pdserve_client", "pdserve.worker")),
+    ("pdserve.planner.workers", ("torch", "ray", "grpc", "pdserve_client")),
+    ("pdserve.planner.router_model", ("torch", "ray", "grpc", "pdserve_client")),
+    ("pdserve.planner.search", ("torch", "ray", "grpc", "pdserve_client")),
+    ("pdserve.planner.costs", ("torch", "ray", "grpc", "pdserve_client")),
     ("pdserve.engine", ("pdserve.router", "pdserve.worker", "pdserve.prefill_worker",
                         "pdserve.decode_worker", "pdserve.kvtransfer", "pdserve.bench",
                         "ray", "grpc", "nixl", "nixl_cu12", "nixl_cu13", "zmq")),

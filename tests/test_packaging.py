@@ -71,6 +71,9 @@ def test_server_wheel_installs_everything_under_pdserve(server_wheel: Path) -> N
                    "pdserve/bench/data/mooncake_synthetic_trace.jsonl",
                    "pdserve/bench/data/azure_llm_inference_2023_code.csv",
                    "pdserve/bench/data/sharegpt_v3_first_turns_1000.json",
+                   "pdserve/planner/sim.py", "pdserve/planner/hardware/h100-llama3-8b.json",
+                   "pdserve/engine/csrc/paged_attention.cpp", "pdserve/engine/csrc/fused_ops.cpp",
+                   "pdserve/engine/csrc/simd.h", "pdserve/bench/peers/vllm_engine.py",
                    f"pdserve-{__version__}.dist-info/licenses/LICENSE"):
         assert needed in names, needed
     assert not [n for n in names if "pdserve_client" in n or n.startswith("pdserve/tests")]

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from pdserve_client import Client
+from tests.procs import Lines
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `pdserve`: workers share its Python
@@ -137,37 +137,6 @@ def _cluster_state(head: Head) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-class _Lines:
-    """Collects a process's output lines on a thread; waits for one to appear."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return any(text in line for line in self.lines)
-                self._cond.wait(min(left, 0.5))
-            return True
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines[-60:])
-
-
 def test_ray_job_serves_streams_and_stops_without_leftover_actors(head: Head) -> None:
     port, http_port = _free_ports(2)
     job_id = f"pdserve-test-{secrets.token_hex(4)}"
@@ -180,7 +149,7 @@ def test_ray_job_serves_streams_and_stops_without_leftover_actors(head: Head) ->
          "--decode-resource", "decode_node=1"],
         env=head.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    logs = _Lines(submit)
+    logs = Lines(submit)
     try:
         assert logs.wait_for("pdserve: serving", timeout=90), (
             f"the job's router did not come up:\n{logs.text()}")
@@ -195,7 +164,11 @@ def test_ray_job_serves_streams_and_stops_without_leftover_actors(head: Head) ->
                 assert r.status == 200, path
 
         running = _cluster_state(head)
-        assert len(running["actors"]) == 2, running  # one prefill + one decode worker
+        # One prefill + one decode worker, and the directory other routers attach with.
+        workers = sorted(a for a in running["actors"] if a != "pdserve-directory")
+        assert "pdserve-directory" in running["actors"], running
+        assert len(workers) == 2 and "prefill-0" in workers[1] and "decode-0" in workers[0], \
+            running
         assert running["free"] == {"decode_node": 3, "prefill_node": 3}, running
 
         stopped = _ray(head, "job", "stop", "--address", head.dashboard, job_id)

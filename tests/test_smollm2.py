@@ -282,8 +282,9 @@ def test_the_dashboard_queries_only_metrics_pdserve_exports(served) -> None:
 def test_logs_name_each_request_the_startup_steps_and_the_load(served, client) -> None:
     client.completions.create(model="smollm2", prompt="Hello", max_tokens=3, temperature=0)
     logs = served.logs
-    assert logs.wait_for("status=length prompt=", timeout=10)
-    (line,) = [ln for ln in logs.matching("pdserve.access") if "status=length" in ln][-1:]
+    # Earlier tests' requests logged lines of their own: wait for this one's (3 tokens).
+    assert logs.wait_for(" output=3 ", timeout=10), logs.text()
+    (line,) = [ln for ln in logs.matching("pdserve.access") if " output=3 " in ln][-1:]
     assert re.search(r"request \w+ model=smollm2 status=length prompt=\d+ output=3 cached=\d+ "
                      r"ttft=\d+\.\d+s e2e=\d+\.\d+s prefill=prefill-0 decode=decode-0", line)
     for step in ("tokenizer and config read in", "Ray: started a local instance in",

@@ -1,7 +1,14 @@
 """What both worker roles are made of: one ``Engine`` on its own ``EngineDriver`` thread,
 one KV connector around the engine's KV cache (``kv_transport``: NIXL, or torch.distributed
 with "nccl"), and the Ray methods every worker answers
-(``ping``, ``watch``, ``info``, ``abort``, ``stats``, ``shutdown``).
+(``ping``, ``watch``, ``info``, ``abort``, ``stats``, ``kv_snapshot``, ``shutdown``).
+
+Every worker pushes its KV events and load to the routers as they happen
+(``pdserve.worker.events``: a sealed ZMQ PUB socket, numbered messages, published on the
+driver thread after every engine step and tick); ``kv_snapshot`` is what a router that lost
+messages resyncs from. ``ping(router=endpoint)`` doubles as each router's lease renewal: the
+decode role ends the requests of a router silent for longer than the lease (it died), so
+nothing a dead router held stays on the workers.
 
 A role subclasses ``EngineWorker``, sets up its own state, then calls ``start_driver``;
 it provides the driver hooks ``_on_outputs`` / ``_on_tick`` and ``_abort`` (all run on the
@@ -21,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +36,8 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.driver import EngineDriver, EngineStoppedError
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
+from pdserve.worker.affinity import pin_process, split_cpus
+from pdserve.worker.events import LOAD_FIELDS, EventPublisher
 from pdserve.worker.protocol import resolve_host
 
 if TYPE_CHECKING:
@@ -62,8 +72,9 @@ class EngineWorker:
 
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, kv_transport: str = "nixl", *,
-                 channel_key: ChannelKey, tensor_parallel_size: int = 1,
-                 cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0) -> None:
+                 channel_key: ChannelKey, cpus: Sequence[int] | None = None,
+                 tensor_parallel_size: int = 1, cpus_per_rank: float = 1.0,
+                 gpus_per_rank: float = 0.0) -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
@@ -71,6 +82,9 @@ class EngineWorker:
         from pdserve.worker.tp_ranks import rank_connector
 
         _log_like_the_router()
+        rank_cpus = split_cpus(cpus, tensor_parallel_size) if cpus else None
+        if rank_cpus:  # this worker's own cores (router.cluster plans them per host)
+            pin_process(rank_cpus[0])
         self.worker_id = worker_id
         self.kv_transport = kv_transport
         self.channel_key = channel_key
@@ -82,7 +96,8 @@ class EngineWorker:
         self._ranks_checked = 0.0
         if tensor_parallel_size > 1:
             self.engine, self.ranks = self._start_ranks(config, tensor_parallel_size, kv,
-                                                        cpus_per_rank, gpus_per_rank)
+                                                        cpus_per_rank, gpus_per_rank,
+                                                        rank_cpus)
         else:
             self.engine = Engine(config)
         local = rank_connector(self.engine, rank=0, **kv)
@@ -91,6 +106,9 @@ class EngineWorker:
             getattr(self.engine.runner, "call_ranks", None),
             self.engine.model_config.num_kv_heads, kv_transport)
         self.agent_name = self.connector.describe().agent_name  # new per worker process
+        self.events = EventPublisher(worker_id, self.agent_name, channel_key, resolve_host(host))
+        self.routers_seen: dict[str, float] = {}
+        """Router inbox endpoint -> ``time.monotonic()`` of its last ping (lease renewal)."""
         self.driver: EngineDriver | None = None
         self.tombstones = Tombstones(2 * lease_s)
         self._stopping = False
@@ -99,8 +117,11 @@ class EngineWorker:
         self._watch_lock = threading.Lock()
 
     def _start_ranks(self, config: EngineConfig, world: int, kv: dict[str, Any],
-                     cpus_per_rank: float, gpus_per_rank: float) -> tuple[Engine, RankGroup]:
-        """Place ranks 1..world-1 beside this process (rank 0) and build rank 0's engine."""
+                     cpus_per_rank: float, gpus_per_rank: float,
+                     rank_cpus: list[tuple[int, ...]] | None,
+                     ) -> tuple[Engine, RankGroup]:
+        """Place ranks 1..world-1 beside this process (rank 0) and build rank 0's engine
+        (``rank_cpus``: each rank's cores, rank 0's already pinned; None: not pinned)."""
         import torch
 
         from pdserve.engine.engine import Engine, resolve_device
@@ -111,10 +132,12 @@ class EngineWorker:
         if device.type == "cuda":
             device = torch.device("cuda:0")  # this actor's one GPU
             config = replace(config, device="cuda:0")
-        torch.set_num_threads(max(1, int(cpus_per_rank)))
+        if rank_cpus is None:
+            torch.set_num_threads(max(1, int(cpus_per_rank)))
         ranks = RankGroup(config, world, cpus_per_rank=cpus_per_rank,
                           gpus_per_rank=gpus_per_rank, name=self.worker_id,
-                          timeout_s=self.lease_s, kv=kv)
+                          timeout_s=self.lease_s, kv=kv,
+                          cpus=rank_cpus[1:] if rank_cpus else None)
         try:
             group = TPGroup(ranks.address, 0, device, watch=ranks.check)
             return Engine(config, tp=group), ranks
@@ -130,7 +153,8 @@ class EngineWorker:
         self._on_tick()
 
     def start_driver(self) -> None:
-        self.driver = EngineDriver(self.engine, self._on_outputs, self._tick,
+        self.driver = EngineDriver(self.engine, self._outputs_then_publish,
+                                   self._tick_then_publish,
                                    name=f"{self.worker_id}-loop", on_stop=self._on_stop)
         self.driver.start()
         logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
@@ -143,6 +167,24 @@ class EngineWorker:
         return self.driver
 
     # ------------------------------------------------------------------ hooks
+
+    def _outputs_then_publish(self, outputs: list[RequestOutput]) -> None:
+        self._on_outputs(outputs)
+        self._publish()
+
+    def _tick_then_publish(self) -> None:
+        self._tick()
+        self._publish()
+
+    def _load(self) -> dict[str, float]:
+        """The load figures pushed with the events (driver thread)."""
+        s = asdict(self.engine.stats())
+        s.update(self._extra_stats())
+        return {k: float(s[k]) for k in LOAD_FIELDS if k in s}
+
+    def _publish(self) -> None:
+        """Push the engine's KV events and load, if anything changed (driver thread)."""
+        self.events.maybe_publish(self.engine.take_kv_events(), self._load())
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         raise NotImplementedError
@@ -158,7 +200,10 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ Ray methods
 
-    async def ping(self) -> str:
+    async def ping(self, router: str | None = None) -> str:
+        """Liveness; ``router`` (its token inbox endpoint) renews that router's lease."""
+        if router is not None:
+            self.routers_seen[router] = time.monotonic()
         driver = self._driver
         if not driver.alive:
             raise EngineStoppedError(f"{self.worker_id}: engine loop stopped: {driver.error!r}")
@@ -195,7 +240,20 @@ class EngineWorker:
         return {"worker_id": self.worker_id, "pid": os.getpid(),
                 "block_size": self.engine.kv_spec.block_size,
                 "num_blocks": self.engine.num_blocks,
-                "max_model_len": self.engine.max_model_len}
+                "max_model_len": self.engine.max_model_len,
+                "events_endpoint": self.events.endpoint, "incarnation": self.agent_name,
+                "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else None}
+
+    async def kv_snapshot(self) -> tuple[str, int, list[int], dict[str, float]]:
+        """(incarnation, seq, every cached block hash, load) as of event message ``seq``
+        (-1: before the first): what a router resyncs from after a gap."""
+        def take(engine: Engine) -> tuple[str, int, list[int], dict[str, float]]:
+            self._publish()  # events not yet pushed are covered by the snapshot's seq
+            return (self.agent_name, self.events.last_seq, engine.pool.cached_hashes(),
+                    self._load())
+
+        return await asyncio.wrap_future(self._driver.call(take))
 
     async def abort(self, request_id: str, writes_done: bool = False) -> bool:
         """Drop ``request_id`` and free what it holds. ``writes_done``: the caller knows no
@@ -231,6 +289,7 @@ class EngineWorker:
         self._driver.stop()
         self.engine.close()  # stops the other ranks' loops (tensor parallelism)
         self.connector.close()
+        self.events.close()
         if self.ranks is not None:
             self.ranks.close()
 

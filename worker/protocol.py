@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
+from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.kvtransfer.base import TransferTarget
 
 
@@ -35,6 +36,22 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    """Output tokens still to come before EOS or a stop token id may end the output."""
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    prompt_logprobs: int | None = None
+    prompt_len: int | None = None
+    """Where the output begins in the prompt sent (a resumed request's prompt holds the
+    output already streamed; penalties count output tokens from here)."""
+    structured: StructuredSpec | None = None
+    """The output's constraint; both roles apply it (the prefill side's first token obeys
+    it, the decode side rebuilds the matcher from the tokens so far)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +61,7 @@ class ReserveRequest:
     sampling: SamplingSpec
     reply_to: str  # the router's ZMQ PULL endpoint for this request's tokens
     lease_s: float
+    priority: int = 0  # lower runs first (``--scheduling-policy priority``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,8 @@ class TokenRecord:
     logprobs: list[Any] | None = None  # [token, logprob, [[token, logprob], ...]] per token
     error: str | None = None
     retryable: bool = True
+    index: int = 0
+    """The choice these tokens belong to (``n`` > 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +109,7 @@ class PrefillRequest:
     dst_block_ids: list[int]
     skip_blocks: int
     write_deadline: float = float("inf")
+    priority: int = 0  # lower runs first (``--scheduling-policy priority``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +126,9 @@ class PrefillResult:
     transfer_tail_s: float = 0.0  # from the first token to the last write's completion
     error: str = ""
     retryable: bool = True
+    prompt_logprobs: list[Any] | None = None
+    """With ``prompt_logprobs`` asked for: ``[token, logprob, top, rank]`` of prompt tokens
+    1 .. (``prompt_logprobs_to_wire``)."""
 
 
 def resolve_host(host: str) -> str:
@@ -124,8 +148,8 @@ def token_channel(endpoint: str) -> str:
 
 def encode_batch(records: list[TokenRecord]) -> bytes:
     return msgpack.packb(
-        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error, r.retryable]
-         for r in records]
+        [[r.request_id, r.token_ids, r.finish_reason, r.logprobs, r.error, r.retryable,
+          r.index] for r in records]
     )
 
 
@@ -143,6 +167,11 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
         top_k=spec.top_k, min_p=spec.min_p, seed=spec.seed,
         stop_token_ids=spec.stop_token_ids, ignore_eos=spec.ignore_eos, logprobs=spec.logprobs,
+        presence_penalty=spec.presence_penalty, frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty, logit_bias=spec.logit_bias,
+        min_tokens=spec.min_tokens, bad_words_ids=spec.bad_words_ids,
+        allowed_token_ids=spec.allowed_token_ids, prompt_len=spec.prompt_len, n=spec.n,
+        prompt_logprobs=spec.prompt_logprobs, structured=spec.structured,
     )
 
 
@@ -150,6 +179,15 @@ def logprobs_to_wire(lps: list[TokenLogprobs]) -> list[Any] | None:
     if not lps:
         return None
     return [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in lps]
+
+
+def prompt_logprobs_to_wire(lps: list[TokenLogprobs]) -> list[Any]:
+    return [[lp.token_id, lp.logprob, [list(t) for t in lp.top], lp.rank] for lp in lps]
+
+
+def prompt_logprobs_from_wire(raw: list[Any]) -> list[TokenLogprobs]:
+    return [TokenLogprobs(int(t), float(p), tuple((int(a), float(b)) for a, b in top),
+                          None if rank is None else int(rank)) for t, p, top, rank in raw]
 
 
 def logprobs_from_wire(raw: list[Any] | None) -> TokenLogprobs | None:

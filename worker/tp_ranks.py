@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +29,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.engine.config import EngineConfig
+from pdserve.worker.affinity import pin_process
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +42,16 @@ class RankActor:
     """Ray actor body of one rank other than 0."""
 
     def __init__(self, config: EngineConfig, address: Any, rank: int, threads: int,
-                 kv: dict[str, Any] | None = None) -> None:
+                 kv: dict[str, Any] | None = None, cpus: Sequence[int] | None = None) -> None:
         import torch
 
         from pdserve.engine.engine import Engine
         from pdserve.engine.tp_group import TPGroup
 
-        torch.set_num_threads(threads)
+        if cpus:  # this rank's share of the worker's cores
+            pin_process(cpus)
+        else:
+            torch.set_num_threads(threads)
         if config.device.startswith("cuda") or (config.device == "auto"
                                                 and torch.cuda.is_available()):
             config = replace(config, device="cuda:0")  # the bundle's one GPU
@@ -116,9 +121,11 @@ class RankGroup:
     def __init__(self, config: EngineConfig, world: int, *, cpus_per_rank: float = 1.0,
                  gpus_per_rank: float = 0.0, strategy: str = "STRICT_PACK",
                  host: str = "127.0.0.1", timeout_s: float = 60.0, name: str = "worker",
-                 ready_timeout_s: float = 300.0, kv: dict[str, Any] | None = None) -> None:
+                 ready_timeout_s: float = 300.0, kv: dict[str, Any] | None = None,
+                 cpus: Sequence[Sequence[int]] | None = None) -> None:
         """``kv``: ``rank_connector``'s keyword arguments (the worker's KV transport), for
-        a connector on every rank; None: no KV transfer (an engine alone)."""
+        a connector on every rank; None: no KV transfer (an engine alone). ``cpus``: the
+        cores of ranks 1..N-1 (each pins itself to its own); None: not pinned."""
         from pdserve.engine.tp_group import TPAddress, free_port
 
         self.world = world
@@ -146,7 +153,8 @@ class RankGroup:
                 max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement, placement_group_bundle_index=rank - 1),
-            ).remote(config, self.address, rank, threads, kv)
+            ).remote(config, self.address, rank, threads, kv,
+                     tuple(cpus[rank - 1]) if cpus else None)
             for rank in range(1, world)
         ]
         self._waits = [a.wait.remote() for a in self.actors]

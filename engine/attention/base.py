@@ -62,9 +62,17 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Computes one layer's attention for a flattened batch. Stateless across steps."""
+    """Computes one layer's attention for a flattened batch. Stateless across steps.
+
+    The runner calls ``plan_step`` once per step and hands what it returns to every layer's
+    ``write_kv`` and ``attend`` as ``meta``: work that depends only on the batch (combined
+    tables, tensors a kernel wants) is done once per step, not once per layer."""
 
     name: str = "abstract"
+
+    def plan_step(self, meta: AttentionMetadata) -> Any:
+        """What the layers of this step receive as ``meta``; by default ``meta`` itself."""
+        return meta
 
     @abstractmethod
     def write_kv(

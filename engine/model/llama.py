@@ -12,9 +12,10 @@ Query, key and value projections are fused into one ``qkv_proj`` and gate / up i
 Hugging Face names onto the fused parameters.
 
 The residual stream is carried beside each layer's output and added by the next norm
-(``add_rms_norm``), so that on CUDA the add, the norm, the rotation and the SwiGLU product
-each run as one fused Triton kernel (``pdserve.engine.model.triton_ops``, same roundings). Other
-devices, or a missing ``triton``, take the plain torch ops.
+(``add_rms_norm``), so that the add, the norm, the rotation and the SwiGLU product each run
+as one fused kernel, with the same roundings: Triton's on CUDA
+(``pdserve.engine.model.triton_ops``), C++ on the CPU (``pdserve.engine.model.cpu_ops``).
+Elsewhere, or without ``triton`` / a C++ compiler, the plain torch ops run.
 """
 
 from __future__ import annotations
@@ -95,9 +96,23 @@ def _load_triton_ops() -> ModuleType | None:
     return triton_ops
 
 
+@functools.cache
+def _load_cpu_ops() -> ModuleType | None:
+    from pdserve.engine import cpu_kernels
+
+    if not cpu_kernels.available():
+        return None
+    from pdserve.engine.model import cpu_ops
+
+    return cpu_ops
+
+
 def _fused(x: torch.Tensor) -> ModuleType | None:
-    """The fused kernels for tensors on CUDA (when triton imports); None elsewhere."""
-    return _load_triton_ops() if x.is_cuda else None
+    """The fused kernels: Triton's on CUDA (when triton imports), the C++ ones on the CPU
+    (when they build); None elsewhere."""
+    if x.is_cuda:
+        return _load_triton_ops()
+    return _load_cpu_ops() if x.device.type == "cpu" else None
 
 
 def add_rms_norm(
@@ -116,7 +131,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """``apply_rope``, as one kernel on CUDA (for head_dim a power of two)."""
     ops = _fused(x)
     head_dim = x.shape[-1]
-    if ops is not None and head_dim & (head_dim - 1) == 0 and x.stride(-1) == 1:
+    if ops is not None and x.stride(-1) == 1 and (not x.is_cuda or head_dim & (head_dim - 1) == 0):
         return ops.rotate(x, cos, sin)
     return apply_rope(x, cos, sin)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import wrappers_pb2
@@ -134,12 +135,17 @@ def build_generate_request(
     request_id: str,
     priority: int,
     model: str,
+    sampling: Mapping[str, Any] | None = None,
 ) -> pb.GenerateRequest:
     """The wire request; ``prompt`` is text or token ids. Raises ``TypeError`` for other types.
+    ``sampling``: further ``SamplingParams`` fields by their .proto names (``n``,
+    ``presence_penalty``, ``logit_bias``, ``bad_words``, ...); ``ValueError`` for a name the
+    message does not have.
 
     Values are range-checked by the server (INVALID_ARGUMENT), not here, so that the client and
     the server never disagree about what is valid.
     """
+    extra = sampling
     sampling = pb.SamplingParams(
         top_k=top_k,
         min_p=min_p,
@@ -157,6 +163,16 @@ def build_generate_request(
         sampling.seed = seed
     if logprobs is not None:
         sampling.logprobs = logprobs
+    for name, value in (extra or {}).items():
+        if name not in pb.SamplingParams.DESCRIPTOR.fields_by_name:
+            raise ValueError(f"SamplingParams has no field {name!r}")
+        field = getattr(sampling, name)
+        if isinstance(value, Mapping):
+            field.update(value)
+        elif isinstance(value, (list, tuple)):
+            field.extend(value)
+        else:
+            setattr(sampling, name, value)
     request = pb.GenerateRequest(
         request_id=request_id, sampling=sampling, priority=priority, model=model
     )

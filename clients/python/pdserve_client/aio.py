@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -191,6 +191,7 @@ class AsyncClient:
         request_id: str = "",
         priority: int = 0,
         model: str = "",
+        sampling: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> AsyncStream:
         """Start a generation and return its chunks as they are produced (``async for``).
@@ -212,6 +213,7 @@ class AsyncClient:
             request_id=request_id,
             priority=priority,
             model=model,
+            sampling=sampling,
         )
         metadata = self._config.metadata
 
@@ -237,6 +239,7 @@ class AsyncClient:
         request_id: str = "",
         priority: int = 0,
         model: str = "",
+        sampling: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Completion:
         """Run a generation to the end and return it whole; arguments as for ``stream()``."""
@@ -256,6 +259,7 @@ class AsyncClient:
             request_id=request_id,
             priority=priority,
             model=model,
+            sampling=sampling,
             timeout=timeout,
         ) as chunks:
             async for chunk in chunks:
@@ -273,6 +277,19 @@ class AsyncClient:
         """Token ids of ``text`` under the model's tokenizer (``model=""``: the default)."""
         request = pb.TokenizeRequest(text=text, model=model)
         return list((await self._unary(self._stub.Tokenize, request, timeout)).token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], *, model: str = "",
+                         skip_special_tokens: bool = True,
+                         timeout: float | None = None) -> str:
+        """The text of ``token_ids`` under the model's tokenizer."""
+        request = pb.DetokenizeRequest(token_ids=list(token_ids), model=model,
+                                       skip_special_tokens=skip_special_tokens)
+        return str((await self._unary(self._stub.Detokenize, request, timeout)).text)
+
+    async def version(self, *, timeout: float | None = None) -> str:
+        """The server's version."""
+        resp = await self._unary(self._stub.GetVersion, pb.GetVersionRequest(), timeout)
+        return str(resp.version)
 
     async def stats(self, *, timeout: float | None = None) -> Stats:
         """Router, balancer and worker statistics."""

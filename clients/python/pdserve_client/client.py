@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -188,12 +188,15 @@ class Client:
         request_id: str = "",
         priority: int = 0,
         model: str = "",
+        sampling: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Stream:
         """Start a generation and return its chunks as they are produced.
 
         ``prompt`` is text or token ids; unset sampling options take the server's defaults
-        (see ``SamplingParams`` in the .proto). The RPC starts on the first ``next()``.
+        (see ``SamplingParams`` in the .proto); ``sampling`` sets any other of its fields by
+        name (``{"n": 4, "presence_penalty": 0.5}``): with ``n`` > 1, ``Chunk.index`` names
+        each chunk's choice. The RPC starts on the first ``next()``.
         """
         request = build_generate_request(
             prompt,
@@ -210,6 +213,7 @@ class Client:
             request_id=request_id,
             priority=priority,
             model=model,
+            sampling=sampling,
         )
         metadata = self._config.metadata
 
@@ -235,6 +239,7 @@ class Client:
         request_id: str = "",
         priority: int = 0,
         model: str = "",
+        sampling: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Completion:
         """Run a generation to the end and return it whole; arguments as for ``stream()``."""
@@ -254,6 +259,7 @@ class Client:
             request_id=request_id,
             priority=priority,
             model=model,
+            sampling=sampling,
             timeout=timeout,
         ) as chunks:
             for chunk in chunks:
@@ -269,6 +275,17 @@ class Client:
         """Token ids of ``text`` under the model's tokenizer (``model=""``: the default)."""
         request = pb.TokenizeRequest(text=text, model=model)
         return list(self._unary(self._stub.Tokenize, request, timeout).token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], *, model: str = "",
+                   skip_special_tokens: bool = True, timeout: float | None = None) -> str:
+        """The text of ``token_ids`` under the model's tokenizer."""
+        request = pb.DetokenizeRequest(token_ids=list(token_ids), model=model,
+                                       skip_special_tokens=skip_special_tokens)
+        return str(self._unary(self._stub.Detokenize, request, timeout).text)
+
+    def version(self, *, timeout: float | None = None) -> str:
+        """The server's version."""
+        return str(self._unary(self._stub.GetVersion, pb.GetVersionRequest(), timeout).version)
 
     def stats(self, *, timeout: float | None = None) -> Stats:
         """Router, balancer and worker statistics."""

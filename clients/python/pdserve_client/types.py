@@ -81,6 +81,8 @@ class Chunk:
     usage: Usage | None
     timing: Timing | None
     stop_reason: str | None = None
+    index: int = 0
+    """The choice this chunk belongs to (requests with ``n`` > 1)."""
 
     @classmethod
     def from_proto(cls, msg: pb.GenerateResponse) -> Chunk:
@@ -93,6 +95,7 @@ class Chunk:
             usage=Usage.from_proto(msg.usage) if msg.HasField("usage") else None,
             timing=Timing.from_proto(msg.timing) if msg.HasField("timing") else None,
             stop_reason=msg.stop_reason or None,
+            index=msg.index,
         )
 
 

@@ -50,6 +50,16 @@ class GenerationStub:
                 request_serializer=pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/pdserve.v1.Generation/Detokenize',
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.GetVersion = channel.unary_unary(
+                '/pdserve.v1.Generation/GetVersion',
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.GetVersionResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/pdserve.v1.Generation/GetStats',
                 request_serializer=pdserve_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
@@ -83,6 +93,20 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detokenize(self, request, context):
+        """The text of token ids under the served model's tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVersion(self, request, context):
+        """The server's version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Router, balancer and worker statistics (the numbers behind /metrics).
         """
@@ -107,6 +131,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.DetokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'GetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersion,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.GetVersionRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.GetVersionResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -196,6 +230,60 @@ class Generation:
             '/pdserve.v1.Generation/Tokenize',
             pdserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
             pdserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/Detokenize',
+            pdserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/GetVersion',
+            pdserve_dot_v1_dot_generation__pb2.GetVersionRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.GetVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The router's pods: the Ray head of this release's RayCluster (labels KubeRay sets). */}}
 {{- define "pdserve.routerSelector" -}}
 ray.io/cluster: {{ include "pdserve.fullname" . }}
-ray.io/node-type: head
+app.kubernetes.io/component: router
 {{- end }}
 
 {{- define "pdserve.image" -}}

@@ -1,0 +1,387 @@
+"""Check the planner's simulator against the real service, on this machine.
+
+    python -m pdserve.bench.plan_check [--configs 1P1D,2P1D,1P2D] [--json PATH]
+
+One local Ray head (``ray start``, token authentication) serves every configuration in
+turn: for each, ``pdserve serve --ray-address`` starts the router and its P prefill and D
+decode workers (built-in tiny model, CPU), ``pdserve bench serve``'s trace replay sends the
+same requests (Mooncake conversation trace, lengths scaled to the tiny model, greedy,
+``ignore_eos``), and the service is stopped. Then the planner's simulation replays the same
+requests with a costs file calibrated just before, on this machine
+(``pdserve.bench.costs``), and the predicted TTFT and TPOT medians are compared with the
+measured ones, as is the order of the configurations by each.
+
+``--calibrate`` also derives the service overheads from the first configuration's run:
+the per-request and per-decode-step time the service adds to the engine's (its measured
+medians minus the simulation's without overheads) and writes them into the costs file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pdserve.bench.serve import GrpcBackend, run_load
+from pdserve.bench.serve_metrics import RequestResult
+from pdserve.bench.serve_workload import WorkItem, read_trace, replay, trace_prompts
+from pdserve.planner.costs import HardwareCosts, Overheads
+from pdserve.planner.sim import ClusterSpec, simulate
+from pdserve.planner.workload import Workload, from_prompts
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True, slots=True)
+class CheckWorkload:
+    """Which requests the check replays (the tiny model's 16-token blocks, one per trace
+    block: ``length_scale`` 1/32)."""
+
+    trace: str = "conversation"
+    offset: int = 0
+    requests: int = 80
+    length_scale: float = 1 / 32
+    max_input: int = 1024
+    max_output: int = 48
+    time_scale: float = 0.25
+    vocab_size: int = 512
+    block_size: int = 16
+
+    def items(self) -> list[WorkItem]:
+        rows = read_trace(self.trace, "mooncake", self.offset + self.requests)[self.offset:]
+        items = trace_prompts(rows, vocab_size=self.vocab_size, length_scale=self.length_scale,
+                              max_input_len=self.max_input, max_output_len=self.max_output)
+        return replay(items, self.time_scale)
+
+    def workload(self) -> Workload:
+        items = self.items()
+        return from_prompts([it.arrival_s for it in items],
+                            [list(it.prompt) for it in items],  # type: ignore[arg-type]
+                            [it.output_len for it in items], self.block_size,
+                            name=f"{self.trace}[{self.offset}:{self.offset + self.requests}]")
+
+
+def machine_busy_fraction(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU time spent busy over ``seconds`` (from /proc/stat), while
+    this process sleeps: the other work a latency measurement here would share cores
+    with."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else 0.0
+
+
+def parse_config(label: str) -> tuple[int, int]:
+    """'2P1D' -> (2, 1)."""
+    text = label.upper()
+    try:
+        p, d = text.rstrip("D").split("P")
+        return int(p), int(d)
+    except ValueError:
+        raise ValueError(f"bad configuration {label!r}; use e.g. 2P1D") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def ray_head(num_cpus: int = 8) -> Iterator[tuple[str, dict[str, str]]]:
+    """A local Ray head for the run: (its address, the environment that reaches it)."""
+    temp_dir = tempfile.mkdtemp(prefix="pdplan-", dir="/tmp")  # short: unix socket paths
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp_dir,
+           "--num-cpus", str(num_cpus), "--disable-usage-stats"]
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _pids_using(temp_dir: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop the processes of the head started on ``temp_dir``, and only those (``ray stop``
+    would stop every Ray process of the machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_using(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5.0
+        while _pids_using(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+async def _wait_ready(target: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    from pdserve_client import AsyncClient
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pdserve serve exited with {proc.returncode}")
+        try:
+            async with AsyncClient(target, retries=0) as client:
+                await client.list_models(timeout=2)
+            return
+        except Exception:  # not up yet
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"pdserve serve on {target} not ready after {timeout_s:.0f} s")
+
+
+async def _replay(target: str, items: list[WorkItem]) -> list[RequestResult]:
+    backend = GrpcBackend(target)
+    await backend.start()
+    try:
+        results, _ = await run_load(backend, items, progress=False)
+    finally:
+        await backend.close()
+    return results
+
+
+def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], address: str,
+                env: dict[str, str], *, warmup: int = 4) -> list[list[RequestResult]]:
+    """Serve with ``pdserve serve`` on the Ray head, replay each batch of requests in turn
+    (after ``warmup`` requests sent at once), stop the service."""
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    cmd = [str(BIN / "pdserve"), "serve", "--ray-address", address, "--port", str(port),
+           "--http-port", "0", "--model", "tiny", "--device", "cpu", "--dtype", "float32",
+           "--prefill-workers", str(prefill), "--decode-workers", str(decode)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        asyncio.run(_wait_ready(target, proc, 180.0))
+        if warmup:  # first calls of a fresh worker (allocations, lazy imports) are slow
+            first = batches[0][:warmup]
+            asyncio.run(_replay(target, [replace(it, arrival_s=0.0) for it in first]))
+        return [asyncio.run(_replay(target, items)) for items in batches]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def medians(ttft: Sequence[float], tpot: Sequence[float]) -> dict[str, float]:
+    return {"ttft_s": float(np.nanmedian(ttft)) if len(ttft) else np.nan,
+            "tpot_s": float(np.nanmedian(tpot)) if len(tpot) else np.nan}
+
+
+def measured(results: Sequence[RequestResult]) -> dict[str, float]:
+    """Median TTFT and TPOT (seconds) of the completed requests."""
+    done = [r for r in results if r.ok]
+    if len(done) < len(results):
+        errors = sorted({r.error for r in results if not r.ok})
+        raise RuntimeError(f"{len(results) - len(done)} requests failed: {errors[:3]}")
+    return medians([r.ttft for r in done], [t for r in done if (t := r.tpot) is not None])
+
+
+def predicted(workload: Workload, costs: HardwareCosts, prefill: int, decode: int,
+              seed: int = 0) -> dict[str, float]:
+    res = simulate(workload, costs, ClusterSpec(prefill, decode, seed=seed))
+    if not res.ok.all():
+        raise RuntimeError(f"{int((~res.ok).sum())} simulated requests failed")
+    return medians(res.ttft_s, res.tpot_s)
+
+
+def fit_overheads(costs: HardwareCosts, workload: Workload, real: dict[str, float],
+                  prefill: int, decode: int) -> HardwareCosts:
+    """``costs`` with the service overheads that close the gap between the simulated and
+    the measured medians of a lightly loaded run (requests mostly alone: one decode step
+    per output token, no queueing): per request on TTFT, per decode step on TPOT."""
+    sim = predicted(workload, replace(costs, overheads=Overheads()), prefill, decode)
+    return replace(costs, overheads=Overheads(
+        request_s=max(0.0, real["ttft_s"] - sim["ttft_s"]),
+        decode_step_s=max(0.0, real["tpot_s"] - sim["tpot_s"])))
+
+
+def same_order(real: dict[str, float], sim: dict[str, float], margin: float) -> bool:
+    """True if the simulation orders every pair of configurations whose measured values
+    differ by more than ``margin`` (relative) as the measurement does."""
+    labels = list(real)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            lo, hi = sorted((real[a], real[b]))
+            if hi > lo * (1 + margin) and (real[a] < real[b]) != (sim[a] < sim[b]):
+                return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    real: dict[str, dict[str, float]]
+    sim: dict[str, dict[str, float]]
+    overheads: Overheads
+    seconds: float
+
+    def errors(self) -> dict[str, dict[str, float]]:
+        """Relative error sim / real - 1 of each median."""
+        return {c: {k: self.sim[c][k] / self.real[c][k] - 1 for k in ("ttft_s", "tpot_s")}
+                for c in self.real}
+
+    def table(self) -> str:
+        lines = ["| config | TTFT real | TTFT sim | error | TPOT real | TPOT sim | error |",
+                 "|---|---|---|---|---|---|---|"]
+        for c, err in self.errors().items():
+            r, s = self.real[c], self.sim[c]
+            lines.append(f"| {c} | {r['ttft_s'] * 1e3:.1f} ms | {s['ttft_s'] * 1e3:.1f} ms | "
+                         f"{err['ttft_s']:+.0%} | {r['tpot_s'] * 1e3:.2f} ms | "
+                         f"{s['tpot_s'] * 1e3:.2f} ms | {err['tpot_s']:+.0%} |")
+        return "\n".join(lines)
+
+
+CALIBRATION = CheckWorkload(offset=400, requests=16)
+"""Requests sent one every ``CALIBRATION_GAP_S`` to fit the overheads (other rows of the
+trace than the check's)."""
+CALIBRATION_GAP_S = 0.25
+
+
+def calibration_items() -> list[WorkItem]:
+    return [replace(it, arrival_s=i * CALIBRATION_GAP_S)
+            for i, it in enumerate(CALIBRATION.items())]
+
+
+def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
+          log: Any = None) -> CheckResult:
+    """Run every configuration for real on one Ray head (the first also serves the
+    calibration requests, which fit the overheads), then simulate each."""
+    t0 = time.monotonic()
+    items = spec.items()
+    cal_items = calibration_items()
+    real: dict[str, dict[str, float]] = {}
+    cal_real: dict[str, float] = {}
+    with ray_head() as (address, env):
+        for n, label in enumerate(configs):
+            batches = [cal_items, items] if n == 0 else [items]
+            results = run_service(*parse_config(label), batches, address, env)
+            if n == 0:
+                cal_real = measured(results[0])
+            real[label] = measured(results[-1])
+            if log:
+                log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s")
+    cal_wl = from_prompts([it.arrival_s for it in cal_items],
+                          [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
+                          [it.output_len for it in cal_items], spec.block_size)
+    costs = fit_overheads(costs, cal_wl, cal_real, *parse_config(configs[0]))
+    workload = spec.workload()
+    sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
+    return CheckResult(real, sim, costs.overheads, time.monotonic() - t0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pdserve.planner.costs import load_costs
+
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.plan_check",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="1P1D,2P1D,1P2D")
+    p.add_argument("--costs", default=None,
+                   help="costs file (default: calibrate the engine here first)")
+    p.add_argument("--requests", type=int, default=CheckWorkload().requests)
+    p.add_argument("--time-scale", type=float, default=CheckWorkload().time_scale)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    spec = CheckWorkload(requests=args.requests, time_scale=args.time_scale)
+    costs = load_costs(args.costs) if args.costs else calibrate_here()
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    result = check(costs, configs, spec, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"overheads fitted on the calibration requests: {result.overheads}")
+    print(result.table())
+    for key in ("ttft_s", "tpot_s"):
+        real = {c: v[key] for c, v in result.real.items()}
+        sim = {c: v[key] for c, v in result.sim.items()}
+        print(f"{key[:4].upper()} order: real {rank(real)}, sim {rank(sim)}; pairs apart by "
+              f"> {RANK_MARGIN:.0%} ordered alike: {same_order(real, sim, RANK_MARGIN)}")
+    print(f"{result.seconds:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"real": result.real, "sim": result.sim, "overheads": str(result.overheads)},
+            indent=1))
+    return 0
+
+
+RANK_MARGIN = 0.15
+"""Configurations whose measured medians are closer than this are not ranked."""
+
+
+def rank(values: dict[str, float]) -> list[str]:
+    """Configuration labels, best (lowest) first."""
+    return sorted(values, key=lambda k: values[k])
+
+
+def calibrate_here() -> HardwareCosts:
+    """The engine's step costs measured now, in this process (``pdserve.bench.costs``, CPU
+    time of the stepping thread), on a machine of ``os.cpu_count()`` cores shared by the
+    workers."""
+    from pdserve.bench.costs import calibrate
+    from pdserve.planner.costs import parse_costs
+
+    # CPU time: what a step costs on a core of its own, whatever else runs meanwhile (on
+    # an idle machine the same as the wall clock); the workers' sharing of the cores is
+    # the host model's.
+    data = calibrate("tiny", quick=True, cpu_time=True, repeats=5)
+    data["transfer"] = dict(LOCAL_LINK)
+    data["host"] = {"cores": os.cpu_count() or 1, "threads_per_worker": 1,
+                    "background_threads": BACKGROUND_THREADS}
+    return parse_costs(data)
+
+
+LOCAL_LINK = {"link_bytes_per_s": 4.12e9, "latency_s": 0.000195,
+              "source": "README: pdserve.bench.kvtransfer, NIXL block lists and one block"}
+"""Two workers on one machine (UCX over shared memory), as measured by bench.kvtransfer."""
+BACKGROUND_THREADS = 0.3
+"""Cores the router, the load generator and Ray's daemons keep busy while requests flow."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

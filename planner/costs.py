@@ -1,0 +1,254 @@
+"""What one worker's engine steps, KV transfers and service overheads cost on some hardware:
+the planner's cost model, read from a JSON file.
+
+A costs file holds *measurements* (engine step times from ``pdserve.bench.costs`` on CPU or
+``pdserve.bench.gpu`` on CUDA, the link rate from ``pdserve.bench.kvtransfer``) and the
+planner fits its step model to them when the file is loaded:
+
+    prefill step:  p0 + p1 * tokens + p2 * attention_pairs
+                   attention_pairs = sum over the step's sequences of chunk * context
+                                     + chunk * (chunk + 1) / 2   (causal, over cached context)
+    decode step:   d0 + d1 * batch + d2 * context_tokens        (summed over the batch)
+
+Each fit is a non-negative least squares on relative errors (a step of 1 ms matters as much
+as one of 100 ms). ``overheads`` are what the service adds around the engine (router, RPCs,
+token streaming), measured on a running service; ``host`` describes workers sharing one
+machine's cores (a CPU test box), absent for one accelerator per worker.
+
+Pure Python and numpy; no torch. Bad files raise ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "pdserve.planner.costs/1"
+HARDWARE_DIR = Path(__file__).resolve().parent / "hardware"
+"""The costs files shipped with the planner (``--costs NAME`` finds them by stem)."""
+
+
+def attention_pairs(chunk: int, context: int) -> int:
+    """Query-key pairs a chunk of ``chunk`` new tokens attends over ``context`` cached ones."""
+    return chunk * context + chunk * (chunk + 1) // 2
+
+
+@dataclass(frozen=True, slots=True)
+class LinearFit:
+    """``seconds = coef . features``, fitted by ``fit_nonnegative``."""
+
+    coef: tuple[float, ...]
+    max_rel_error: float
+    """Largest |fit - measured| / measured over the points it was fitted on."""
+
+
+def fit_nonnegative(features: np.ndarray, seconds: np.ndarray) -> LinearFit:
+    """Non-negative least squares of ``seconds`` on ``features`` (rows: points), weighting
+    each point by 1 / its value; exact for a handful of columns (every column subset is
+    tried and the best all-non-negative solution kept)."""
+    n_points, n_cols = features.shape
+    if n_points == 0:
+        raise ValueError("no measurements to fit")
+    if np.any(seconds <= 0):
+        raise ValueError("step times must be positive")
+    w = 1.0 / seconds
+    a = features * w[:, None]
+    b = seconds * w
+    best: tuple[float, np.ndarray] | None = None
+    for k in range(n_cols, 0, -1):
+        for cols in itertools.combinations(range(n_cols), k):
+            sol, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if np.any(sol < 0):
+                continue
+            coef = np.zeros(n_cols)
+            coef[list(cols)] = sol
+            err = float(np.sum((a @ coef - b) ** 2))
+            if best is None or err < best[0] - 1e-15:
+                best = (err, coef)
+    assert best is not None  # a single column with positive targets always fits
+    coef = best[1]
+    rel = np.abs(features @ coef - seconds) / seconds
+    return LinearFit(tuple(float(c) for c in coef), float(rel.max()))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """The engine configuration the step times were measured with (per worker)."""
+
+    block_size: int = 16
+    num_blocks: int = 4096
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Overheads:
+    """Seconds the service adds around the engine steps."""
+
+    request_s: float = 0.0
+    """Per request, on its TTFT: routing, the reserve and prefill RPCs, the first token's
+    trip from the decode worker to the client."""
+    prefill_step_s: float = 0.0
+    """Per prefill step, beyond the engine's step (the worker's loop, KV writes)."""
+    decode_step_s: float = 0.0
+    """Per decode step, beyond the engine's step (polling, token batches to the router)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """Workers sharing one machine's cores: a step runs ``stretch`` times slower while more
+    threads are busy than there are cores."""
+
+    cores: float
+    threads_per_worker: float = 1.0
+    background_threads: float = 0.0
+    """Cores kept busy by the router and the clients while requests are in flight."""
+
+    def stretch(self, busy_workers: int, active: bool) -> float:
+        background = self.background_threads if active else 0.0
+        demand = busy_workers * self.threads_per_worker + background
+        return max(1.0, demand / self.cores)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareCosts:
+    """One worker's costs on one kind of hardware, at one tensor-parallel degree ``tp``."""
+
+    name: str
+    prefill: LinearFit
+    """Over (1, tokens, attention_pairs)."""
+    decode: LinearFit
+    """Over (1, batch, context_tokens)."""
+    kv_bytes_per_token: int
+    link_bytes_per_s: float
+    link_latency_s: float = 0.0
+    engine: EngineLimits = field(default_factory=EngineLimits)
+    overheads: Overheads = field(default_factory=Overheads)
+    host: Host | None = None
+    tp: int = 1
+    """GPUs per worker these costs were measured with (a worker is a TP group)."""
+    source: str = ""
+
+    def prefill_step_s(self, tokens: int, pairs: int) -> float:
+        c = self.prefill.coef
+        return c[0] + c[1] * tokens + c[2] * pairs + self.overheads.prefill_step_s
+
+    def decode_step_s(self, batch: int, context_tokens: int) -> float:
+        c = self.decode.coef
+        return c[0] + c[1] * batch + c[2] * context_tokens + self.overheads.decode_step_s
+
+    def transfer_s(self, tokens: int) -> float:
+        """Seconds to move ``tokens`` tokens' KV from a prefill to a decode worker."""
+        if self.link_bytes_per_s <= 0:
+            return 0.0
+        return self.link_latency_s + tokens * self.kv_bytes_per_token / self.link_bytes_per_s
+
+
+def _num(obj: Mapping[str, Any], key: str, where: str, *, positive: bool = False,
+         default: float | None = None) -> float:
+    if key not in obj:
+        if default is None:
+            raise ValueError(f"{where}: missing {key!r}")
+        return default
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{where}.{key} must be {'positive' if positive else '>= 0'}, "
+                         f"got {value}")
+    return float(value)
+
+
+def _points(data: Mapping[str, Any], key: str, cols: Sequence[str]) -> list[dict[str, float]]:
+    rows = data.get(key)
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"costs: {key!r} must be a non-empty list of measured steps")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"costs: {key}[{i}] must be an object")
+        out.append({c: _num(row, c, f"{key}[{i}]", positive=c == "ms") for c in cols})
+    return out
+
+
+def fit_prefill(points: Sequence[Mapping[str, float]]) -> LinearFit:
+    """The prefill model fitted to ``{"tokens", "context", "ms"}`` points."""
+    feats = np.array([[1.0, p["tokens"], attention_pairs(int(p["tokens"]), int(p["context"]))]
+                      for p in points])
+    return fit_nonnegative(feats, np.array([p["ms"] / 1000.0 for p in points]))
+
+
+def fit_decode(points: Sequence[Mapping[str, float]]) -> LinearFit:
+    """The decode model fitted to ``{"batch", "context", "ms"}`` points (``context`` per
+    sequence)."""
+    feats = np.array([[1.0, p["batch"], p["batch"] * p["context"]] for p in points])
+    return fit_nonnegative(feats, np.array([p["ms"] / 1000.0 for p in points]))
+
+
+def parse_costs(data: Mapping[str, Any], source: str = "") -> HardwareCosts:
+    """A ``HardwareCosts`` from a costs file's JSON object (see the module docstring)."""
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"costs: 'schema' must be {SCHEMA!r}, got {data.get('schema')!r}")
+    eng = data.get("engine", {})
+    engine = EngineLimits(
+        block_size=int(_num(eng, "block_size", "engine", positive=True, default=16)),
+        num_blocks=int(_num(eng, "num_blocks", "engine", positive=True, default=4096)),
+        max_num_batched_tokens=int(_num(eng, "max_num_batched_tokens", "engine", positive=True,
+                                        default=512)),
+        max_num_seqs=int(_num(eng, "max_num_seqs", "engine", positive=True, default=128)),
+    )
+    transfer = data.get("transfer", {})
+    ov = data.get("overheads", {})
+    overheads = Overheads(**{k: _num(ov, k, "overheads", default=0.0)
+                             for k in ("request_s", "prefill_step_s", "decode_step_s")})
+    host = None
+    if data.get("host"):
+        h = data["host"]
+        host = Host(cores=_num(h, "cores", "host", positive=True),
+                    threads_per_worker=_num(h, "threads_per_worker", "host", default=1.0),
+                    background_threads=_num(h, "background_threads", "host", default=0.0))
+    return HardwareCosts(
+        name=str(data.get("name", "unnamed")),
+        prefill=fit_prefill(_points(data, "prefill_steps", ("tokens", "context", "ms"))),
+        decode=fit_decode(_points(data, "decode_steps", ("batch", "context", "ms"))),
+        kv_bytes_per_token=int(_num(data, "kv_bytes_per_token", "costs", positive=True)),
+        link_bytes_per_s=_num(transfer, "link_bytes_per_s", "transfer", default=0.0),
+        link_latency_s=_num(transfer, "latency_s", "transfer", default=0.0),
+        engine=engine, overheads=overheads, host=host,
+        tp=int(_num(data, "tp", "costs", positive=True, default=1)),
+        source=source or str(data.get("source", "")),
+    )
+
+
+def resolve_costs_path(name_or_path: str) -> Path:
+    """A path, or the stem of a file shipped in ``planner/hardware``."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = HARDWARE_DIR / f"{name_or_path}.json"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in HARDWARE_DIR.glob("*.json")))
+    raise FileNotFoundError(f"costs file {name_or_path!r} not found; give a path or one of: "
+                            f"{names}")
+
+
+def load_costs(name_or_path: str) -> HardwareCosts:
+    """Read and fit a costs file (path or shipped name); ValueError for a bad one."""
+    path = resolve_costs_path(name_or_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a costs file is a JSON object")
+    try:
+        return parse_costs(data, source=str(data.get("source", path.name)))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -1,0 +1,268 @@
+"""The planner: cost model fits and files, the simulation's timing (checked against hand
+arithmetic and a step-by-step replay), determinism, the search, metrics, ``--watch``'s
+scrape, and the ``pdserve plan`` command. Pure logic: milliseconds to a few seconds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pdserve.cli import main as cli_main
+from pdserve.planner.costs import (
+    HARDWARE_DIR,
+    SCHEMA,
+    HardwareCosts,
+    Host,
+    LinearFit,
+    Overheads,
+    attention_pairs,
+    fit_nonnegative,
+    load_costs,
+    parse_costs,
+)
+from pdserve.planner.metrics import SLO, summarize
+from pdserve.planner.search import SearchConfig, plan
+from pdserve.planner.sim import ClusterSpec, simulate
+from pdserve.planner.watch import parse_prometheus, traffic, workload_for
+from pdserve.planner.workers import DecodeSim, SimRequest
+from pdserve.planner.workload import Workload, from_prompts, load_trace
+
+# A toy machine: prefill 1 ms + 10 us a token (no attention term), decode 2 ms + 0.1 ms a
+# sequence + 1 us a context token, 1 MB/s link of 1 KB/token.
+TOY = HardwareCosts(
+    name="toy",
+    prefill=LinearFit((0.001, 1e-5, 0.0), 0.0),
+    decode=LinearFit((0.002, 1e-4, 1e-6), 0.0),
+    kv_bytes_per_token=1000,
+    link_bytes_per_s=1e6,
+    link_latency_s=0.0005,
+)
+
+
+def workload(arrivals: list[float], prompts: list[int], outputs: list[int]) -> Workload:
+    n = len(arrivals)
+    return Workload(np.array(arrivals, dtype=float), np.array(prompts), np.array(outputs),
+                    ((),) * n, 16)
+
+
+def toy_file(**changes: object) -> dict:
+    data = {
+        "schema": SCHEMA, "name": "toy", "kv_bytes_per_token": 1000,
+        "prefill_steps": [{"tokens": t, "context": 0, "ms": 1 + 0.01 * t} for t in (16, 64, 256)],
+        "decode_steps": [{"batch": b, "context": k, "ms": 2 + 0.1 * b + 0.001 * b * k}
+                         for b in (1, 8, 64) for k in (100, 1000)],
+    }
+    data.update(changes)
+    return data
+
+
+# ---------------------------------------------------------------------- costs
+
+
+def test_fit_recovers_a_linear_model_and_drops_negative_terms() -> None:
+    x = np.array([[1, t, t * t] for t in (1.0, 2.0, 5.0, 9.0)])
+    fit = fit_nonnegative(x, x @ np.array([0.5, 0.25, 0.0]))
+    assert fit.coef == pytest.approx((0.5, 0.25, 0.0), abs=1e-9) and fit.max_rel_error < 1e-9
+    # Decreasing data would want a negative slope: the fit keeps every term >= 0.
+    fit = fit_nonnegative(x[:, :2], np.array([4.0, 3.0, 2.0, 1.0]))
+    assert min(fit.coef) >= 0
+
+
+def test_costs_file_is_fitted_on_load() -> None:
+    costs = parse_costs(toy_file(transfer={"link_bytes_per_s": 2e6, "latency_s": 0.001}))
+    assert costs.prefill_step_s(100, attention_pairs(100, 0)) == pytest.approx(0.002)
+    assert costs.decode_step_s(8, 8 * 1000) == pytest.approx(0.0108)
+    assert costs.transfer_s(1000) == pytest.approx(0.001 + 0.5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"schema": "other/1"}, "schema"),
+    ({"kv_bytes_per_token": -1}, "kv_bytes_per_token must be positive"),
+    ({"prefill_steps": []}, "prefill_steps"),
+    ({"decode_steps": [{"batch": 1, "context": 1}]}, "decode_steps\\[0\\]: missing 'ms'"),
+    ({"decode_steps": [{"batch": 1, "context": 1, "ms": 0}]}, "ms must be positive"),
+    ({"host": {"threads_per_worker": 1}}, "host: missing 'cores'"),
+])
+def test_bad_costs_files_name_the_field(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_costs(toy_file(**change))
+
+
+def test_shipped_costs_files_load_and_fit_their_measurements() -> None:
+    names = sorted(p.stem for p in HARDWARE_DIR.glob("*.json"))
+    assert "h100-llama3-8b" in names and "cpu-tiny" in names
+    h100 = load_costs("h100-llama3-8b")
+    assert h100.prefill_step_s(2048, attention_pairs(2048, 0)) == pytest.approx(0.0515, rel=0.01)
+    assert h100.decode.max_rel_error < 0.05
+    with pytest.raises(FileNotFoundError, match="h100-llama3-8b"):
+        load_costs("no-such-machine")
+
+
+# ---------------------------------------------------------------------- simulation
+
+
+def test_one_request_times_match_hand_arithmetic() -> None:
+    costs = replace(TOY, overheads=Overheads(request_s=0.004, decode_step_s=0.0005))
+    res = simulate(workload([0.0], [100], [4]), costs, ClusterSpec(1, 1, idle_poll_s=0.0))
+    prefill = 0.001 + 100 * 1e-5                  # one step of 100 tokens
+    transfer = 0.0005 + 100 * 1000 / 1e6          # the whole prompt in that step's write
+    assert res.ttft_s[0] == pytest.approx(0.004 + prefill + transfer)
+    # Three decode steps of one sequence, context 101, 102, 103.
+    steps = [0.002 + 1e-4 + 1e-6 * c + 0.0005 for c in (101, 102, 103)]
+    assert res.tpot_s[0] == pytest.approx(sum(steps) / 3)
+    assert res.e2e_s[0] == pytest.approx(res.ttft_s[0] + sum(steps))
+
+
+def test_decode_worker_closed_form_matches_stepping_one_step_at_a_time() -> None:
+    jobs = {0: (50, 30), 1: (300, 7), 2: (10, 19)}  # idx: (prompt, output tokens)
+    # Step by step: the join gave each its first token; each step adds one to every context.
+    live = {i: [p + 1, out - 1] for i, (p, out) in jobs.items()}  # context, tokens to go
+    t, want = 0.0, {}
+    while live:
+        t += 0.002 + 1e-4 * len(live) + 1e-6 * sum(c for c, _ in live.values())
+        for i in list(live):
+            live[i][0] += 1
+            live[i][1] -= 1
+            if live[i][1] == 0:
+                want[i] = t
+                del live[i]
+    d = DecodeSim("d", TOY)
+    for i, (p, out) in jobs.items():
+        d.awaiting += 1
+        d.join(SimRequest(i, 0.0, p, out, ()))
+    got = {}
+    while d.finishing:
+        counter = d.finishing[0][0]
+        assert d.counter_at(d.next_finish() - 1e-9) == counter  # that step is in progress
+        d.advance(counter)
+        got.update((req.idx, d.anchor_t) for req in d.pop_finished())
+    assert got == pytest.approx(want)
+
+
+def test_same_seed_same_result_and_the_seed_matters_only_through_ties() -> None:
+    wl = load_trace("conversation", limit=300, length_scale=1 / 32, max_output=64)
+    costs = load_costs("cpu-tiny")
+    a = simulate(wl.scaled(4), costs, ClusterSpec(2, 2, seed=7))
+    b = simulate(wl.scaled(4), costs, ClusterSpec(2, 2, seed=7))
+    for field in ("ttft_s", "tpot_s", "e2e_s", "ok"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert (a.events, a.cached_tokens) == (b.events, b.cached_tokens)
+    assert a.cached_tokens > 0  # the trace's shared prefixes hit the prefill caches
+
+
+def test_more_load_than_the_pools_hold_queues_then_fails_past_the_admission_timeout() -> None:
+    small = replace(TOY, engine=replace(TOY.engine, num_blocks=300, max_num_seqs=2))
+    n = 40
+    wl = workload([0.0] * n, [100] * n, [2000] * n)
+    res = simulate(wl, small, ClusterSpec(1, 1))
+    assert 0 < res.ok.sum() < n  # the first ones ran; the rest waited 30 s and failed
+    assert np.all(np.isnan(res.ttft_s[~res.ok]))
+
+
+def test_shared_cores_stretch_steps() -> None:
+    wl = workload([0.0, 0.0], [2000, 2000], [200, 200])
+    alone = simulate(wl, TOY, ClusterSpec(1, 2))
+    shared = simulate(wl, replace(TOY, host=Host(cores=1.0)), ClusterSpec(1, 2))
+    assert np.nanmedian(shared.tpot_s) > 1.5 * np.nanmedian(alone.tpot_s)
+
+
+def test_prompts_hash_as_the_router_hashes_them() -> None:
+    from pdserve.engine.hashing import hash_blocks
+
+    wl = from_prompts([0.0, 1.0], [list(range(40)), list(range(33))], [5, 5], 16)
+    assert wl.block_hashes[0] == tuple(hash_blocks(list(range(40)), 16))
+    assert wl.block_hashes[0][:2] == wl.block_hashes[1]
+
+
+# ---------------------------------------------------------------------- metrics, search
+
+
+def test_slo_parsing_and_goodput() -> None:
+    assert SLO.parse("ttft:500,tpot:50") == SLO(0.5, 0.05)
+    for bad in ("ttft", "e2e:5", "ttft:-1", "ttft:abc", ""):
+        with pytest.raises(ValueError):
+            SLO.parse(bad)
+    res = simulate(workload([0.0, 1.0], [100, 100], [4, 1]), TOY, ClusterSpec(1, 1))
+    s = summarize(res, SLO(1.0, 1e-6))  # TPOT impossible: only the 1-token request counts
+    assert s.completed == 2 and s.slo_attainment == 0.5
+
+
+def test_search_gives_prefill_heavy_work_more_prefill_workers() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    arrivals = np.sort(rng.uniform(0, 100, n))
+    slo = SLO(0.5, 0.05)
+    heavy_prefill = Workload(arrivals, np.full(n, 8000), np.full(n, 4), ((),) * n, 16)
+    heavy_decode = Workload(arrivals, np.full(n, 50), np.full(n, 300), ((),) * n, 16)
+    costs = load_costs("h100-llama3-8b")
+    cfg = SearchConfig(bisect_steps=2)
+    p = plan(heavy_prefill, [costs], 4, slo, cfg)
+    d = plan(heavy_decode, [costs], 4, slo, cfg)
+    assert p.best.prefill > p.best.decode and d.best.decode >= d.best.prefill
+    assert [r.label for r in p.splits] == ["1P3D", "2P2D", "3P1D"]
+    assert p.best.goodput_rps == max(r.goodput_rps for r in p.splits) > 0
+
+
+# ---------------------------------------------------------------------- watch
+
+
+def test_watch_reads_the_routers_own_metrics() -> None:
+    from pdserve.router.metrics import RouterMetrics, WorkerSample
+
+    workers = [WorkerSample("prefill-0", "prefill", True, {}),
+               WorkerSample("decode-0", "decode", True, {}),
+               WorkerSample("decode-1", "decode", False, {})]
+    m = RouterMetrics(policy="prefix_aware", workers=lambda: workers)
+    before = parse_prometheus(m.render().decode())
+    for _ in range(10):
+        timer = m.track(prompt_tokens=300, arrival=0.0)
+        timer.on_tokens(40, now=0.5)
+        timer.finish("length", now=1.0)
+    m.requests.labels("resource_exhausted").inc()  # refused: not served traffic
+    t = traffic(before, parse_prometheus(m.render().decode()), seconds=5.0)
+    assert (t.rate, t.mean_prompt, t.mean_output) == (2.0, 300.0, 40.0)
+    assert (t.prefill_workers, t.decode_workers) == (1, 1)
+    wl = workload_for(t, duration_s=100, seed=1)
+    assert abs(len(wl) - 200) < 60 and abs(wl.prompt_tokens.mean() - 300) < 60
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_pdserve_plan_prints_every_split_and_a_recommendation(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    rc = cli_main(["plan", "--trace", "azure", "--requests", "200", "--slo", "ttft:2000,tpot:100",
+                   "--gpus", "3", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "| 1P2D" in text and "| 2P1D" in text and "recommended:" in text
+    data = json.loads(out.read_text())
+    rec = data["recommended"]
+    assert rec["prefill_replicas"] + rec["decode_replicas"] == 3
+    assert {s["prefill"] for s in data["splits"]} == {1, 2}
+
+
+def test_pdserve_plan_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["plan", "--trace", "azure", "--slo", "ttft:abc"]) == 2
+    assert "bad SLO" in capsys.readouterr().err
+    assert cli_main(["plan", "--trace", "nope.jsonl", "--slo", "ttft:100"]) == 2
+    assert cli_main(["plan", "--trace", "azure", "--slo", "ttft:100", "--gpus", "1"]) == 2
+
+
+def test_fast_router_serves_a_prefix_free_stream_as_the_live_one_does() -> None:
+    from pdserve.planner.router_model import RouterSettings
+    from pdserve.planner.workload import poisson
+
+    wl = poisson(load_trace("azure", limit=500, length_scale=0.1), 400.0, 3.0, seed=1)
+    costs = load_costs("h100-llama3-8b")
+    live = simulate(wl, costs, ClusterSpec(4, 4))
+    fast = simulate(wl, costs, ClusterSpec(4, 4, router=RouterSettings(fast=True)))
+    assert live.ok.all() and fast.ok.all()
+    # Decode is the same machine either way; prefill routing differs (see FastRouter).
+    assert np.nanmedian(fast.tpot_s) == pytest.approx(np.nanmedian(live.tpot_s), rel=0.05)
+    assert np.median(fast.ttft_s) < 3 * np.median(live.ttft_s)

@@ -1,0 +1,59 @@
+"""The planner's simulator against the real service on this machine (CPU, tiny model).
+
+The engine's step costs are measured first, here (``pdserve.bench.costs``, quick); the
+service overheads are fitted on a few lightly loaded requests served by the first
+configuration; then 1P1D, 2P1D and 1P2D each serve the same replayed trace for real
+(``pdserve serve`` on a local Ray head, ``pdserve bench serve``'s trace replay), and the
+simulation of each must come within 20% of the measured TTFT and TPOT medians and order
+the configurations as the measurements do (pairs closer than ``RANK_MARGIN`` are not
+ranked). About 1.5 minutes on two idle cores; skipped, saying why, when other work keeps
+the machine's cores more than half busy.
+
+Not met yet, so not part of ``make test`` (run it with ``pytest -m validation``): on an idle
+2-core machine the simulator was 2-4x optimistic (TTFT 93 / 81 / 96 ms simulated against
+226 / 249 / 369 ms measured for 1P1D / 2P1D / 1P2D; TPOT 5.0-5.4 ms against 8.4-11.3 ms).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pdserve.bench.plan_check import (
+    RANK_MARGIN,
+    CheckWorkload,
+    calibrate_here,
+    check,
+    machine_busy_fraction,
+    same_order,
+)
+
+CONFIGS = ("1P1D", "2P1D", "1P2D")
+TOLERANCE = 0.20
+MAX_BUSY = 0.5
+"""Latencies measured while other work keeps the cores busier than this say nothing of the
+service (a shared machine at a load of 20 ran every configuration 3-5x slower than its
+engine steps)."""
+
+
+@pytest.mark.validation
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_simulated_medians_match_real_runs_and_rank_the_configurations_alike(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    busy = machine_busy_fraction()
+    if busy > MAX_BUSY:
+        pytest.skip(f"the machine is {busy:.0%} busy with other work: latencies would not be "
+                    "the service's")
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    result = check(calibrate_here(), CONFIGS, CheckWorkload(), log=print)
+    print(f"overheads {result.overheads}; {result.seconds:.0f} s\n{result.table()}")
+    table = result.table()
+    for config, err in result.errors().items():
+        for key in ("ttft_s", "tpot_s"):
+            assert abs(err[key]) <= TOLERANCE, f"{config} {key} off by {err[key]:+.0%}\n{table}"
+    for key in ("ttft_s", "tpot_s"):
+        real = {c: v[key] for c, v in result.real.items()}
+        sim = {c: v[key] for c, v in result.sim.items()}
+        assert same_order(real, sim, RANK_MARGIN), f"{key} ordered differently\n{table}"
