@@ -169,6 +169,7 @@ class KVConnector(ABC):
         *,
         last: bool = False,
         payload: bytes = b"",
+        part: tuple[int, int] = (0, 1),
     ) -> int:
         """Start writing our blocks ``src_block_ids[i]`` into the target's blocks
         ``dst_block_ids[i]`` (all layers, one transfer) and return the chunk index.
@@ -177,6 +178,11 @@ class KVConnector(ABC):
         request (it may carry no blocks) and its ``payload`` reaches the receiver with the
         completion. Errors of the peer or the transport are reported by ``poll()``; invalid
         arguments (lengths differ, ids out of range, write after last) raise ``ValueError``.
+
+        Tensor parallelism: a connector that holds some of the model's KV heads writes the
+        heads both it and the target hold; ``part`` = (this sender's index, number of
+        senders) when the target gets its heads from several senders (see
+        ``pdserve.kvtransfer.ledger``).
         """
 
     @abstractmethod

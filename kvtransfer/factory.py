@@ -43,7 +43,7 @@ def make_connector(
     """A connector of ``transport`` around ``kv_cache``, its side channel on ``host`` and
     sealed with ``channel_key`` (the cluster's secret: both transports refuse peers that do
     not hold it). ``kv_heads``/``total_kv_heads``: the model KV heads this cache holds, for a
-    tensor-parallel rank (nccl moves head ranges; NIXL moves whole blocks of equal layouts)."""
+    tensor-parallel rank (both transports move the heads sender and receiver share)."""
     check_transport(transport)
     if transport == "nccl":
         from pdserve.kvtransfer.nccl import NcclConfig, NcclConnector
@@ -56,4 +56,5 @@ def make_connector(
 
     return NixlConnector(kv_cache, spec, NixlConfig(
         model=model, host=host, name=name, lease_s=lease_s, channel_key=channel_key,
+        kv_heads=kv_heads, total_kv_heads=total_kv_heads,
     ))

@@ -39,13 +39,15 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class KVRegion:
     """Where a connector's KV cache lives: ``num_blocks`` blocks of ``block_bytes`` from
-    ``base_addr`` on ``mem_type`` ('DRAM' or 'VRAM') device ``device_id``."""
+    ``base_addr`` on ``mem_type`` ('DRAM' or 'VRAM') device ``device_id``, holding the model's
+    KV heads ``kv_heads`` (``[start, stop)``; None: all of them)."""
 
     base_addr: int
     num_blocks: int
     block_bytes: int
     mem_type: str
     device_id: int
+    kv_heads: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +216,7 @@ def fetch_peer(
     hello = PeerHello(
         agent_name=body["agent"],
         info=PeerInfo(**body["info"]),
-        region=KVRegion(**body["region"]),
+        region=_region(body["region"]),
         metadata=metadata,
     )
     problems = compatibility_problems(info, hello.info)
@@ -224,6 +226,11 @@ def fetch_peer(
             + "; ".join(problems)
         )
     return hello
+
+
+def _region(d: dict) -> KVRegion:
+    heads = d.get("kv_heads")
+    return KVRegion(**{**d, "kv_heads": None if heads is None else (int(heads[0]), int(heads[1]))})
 
 
 def _plain_error(answer: bytes) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -24,6 +25,7 @@ from pdserve.kvtransfer.base import (
     TransferTarget,
     check_compatible,
 )
+from pdserve.kvtransfer.heads import HeadRange, overlap
 from pdserve.kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
 from pdserve.kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
@@ -57,9 +59,18 @@ class InProcessConnector(KVConnector):
         model: str,
         lease_s: float = 30.0,
         name: str = "kv",
+        kv_heads: tuple[int, int] | None = None,
+        total_kv_heads: int | None = None,
     ) -> None:
+        """``kv_heads``: the model KV heads ``[start, stop)`` this cache holds, of
+        ``total_kv_heads`` (None: all of them); a write copies the heads both sides hold."""
         self.num_blocks = check_kv_cache(kv_cache, spec)
-        self.info = peer_info(spec, model)
+        total = total_kv_heads or spec.num_kv_heads
+        self.heads = HeadRange(*(kv_heads or (0, spec.num_kv_heads)))
+        if self.heads.count != spec.num_kv_heads or self.heads.stop > total:
+            raise ValueError(f"kv_heads {self.heads} of {total} do not match the cache's "
+                             f"{spec.num_kv_heads} heads")
+        self.info = replace(peer_info(spec, model), num_kv_heads=total)
         self.agent_name = f"{name}-{uuid.uuid4().hex[:12]}"
         self._kv = kv_cache
         self._fabric = fabric
@@ -89,6 +100,7 @@ class InProcessConnector(KVConnector):
         *,
         last: bool = False,
         payload: bytes = b"",
+        part: tuple[int, int] = (0, 1),
     ) -> int:
         """See ``KVConnector.write_blocks``; returns -1 for a request already failed."""
         self._require_open()
@@ -105,10 +117,17 @@ class InProcessConnector(KVConnector):
         except KVTransferError as exc:
             self._fail(request_id, FailureKind.PEER_RESTARTED, str(exc), now)
             return chunk
+        heads = overlap(self.heads, peer.heads)
+        if heads is None:
+            self._fail(request_id, FailureKind.INCOMPATIBLE, f"we hold KV heads {self.heads}, "
+                       f"the receiver {peer.heads}: none in common", now)
+            return chunk
         if len(src):
             index = torch.from_numpy(dst.astype("int64")).to(peer._kv.device)
             source = self._kv[torch.from_numpy(src.astype("int64")).to(self._kv.device)]
-            peer._kv.index_copy_(0, index, source.to(peer._kv.device))
+            source = source[..., self.heads.local(heads), :]
+            target = peer._kv[..., peer.heads.local(heads), :]
+            target.index_copy_(0, index, source.to(peer._kv.device))
         notice = ChunkNotice(
             request_id,
             chunk,
@@ -116,6 +135,8 @@ class InProcessConnector(KVConnector):
             block_digest(dst.tolist()),
             total_chunks=chunk + 1 if last else None,
             payload=payload,
+            part=part[0],
+            parts=part[1],
         )
         peer._recv.on_notice(notice, now)
         self._send.write_done(request_id)

@@ -6,6 +6,13 @@ wrote and an order-independent digest of their ids; the last one also carries th
 chunks. The receiver declares a request received only when every announced chunk arrived and
 the blocks written are exactly the expected ones (same count, same digest).
 
+Parts: a receiver that holds KV heads from several senders (tensor-parallel workers of
+different degrees: a TP=2 prefill worker writing a TP=1 decode worker) gets one part per
+sender, each numbering its own chunks and writing every expected block (its heads of them).
+Each notice names its part and the number of parts (``part``/``parts``; 0 of 1 for a single
+sender, which the encoding leaves out); the request is received when every part is complete,
+so the receiver needs no knowledge of the sender's layout.
+
 Not thread-safe: owned by one connector, used from its owner thread.
 """
 
@@ -47,6 +54,8 @@ class ChunkNotice:
     digest: int
     total_chunks: int | None = None
     payload: bytes = b""
+    part: int = 0
+    parts: int = 1
 
     def encode(self) -> bytes:
         body = {
@@ -57,6 +66,8 @@ class ChunkNotice:
             "n": self.total_chunks,
             "p": self.payload.hex(),
         }
+        if self.parts != 1:
+            body["q"], body["Q"] = self.part, self.parts
         return _NOTICE_PREFIX + json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -73,6 +84,8 @@ class ChunkNotice:
                 digest=int(body["h"]),
                 total_chunks=None if body["n"] is None else int(body["n"]),
                 payload=bytes.fromhex(body["p"]),
+                part=int(body.get("q", 0)),
+                parts=int(body.get("Q", 1)),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -163,8 +176,9 @@ class _Incoming:
     expected_blocks: int
     expected_digest: int
     deadline: float
-    chunks: dict[int, ChunkNotice] = field(default_factory=dict)
-    total_chunks: int | None = None
+    chunks: dict[tuple[int, int], ChunkNotice] = field(default_factory=dict)  # (part, chunk)
+    totals: dict[int, int] = field(default_factory=dict)  # part -> its number of chunks
+    parts: int | None = None
     payload: bytes = b""
 
 
@@ -202,30 +216,43 @@ class ReceiveLedger:
             seen, notices = self._early.setdefault(notice.request_id, (now, []))
             notices.append(notice)
             return
-        if notice.chunk in req.chunks:
-            self._fail(notice.request_id, FailureKind.MISMATCH, "chunk written twice", now)
+        rid = notice.request_id
+        if req.parts is None:
+            req.parts = notice.parts
+        if notice.parts != req.parts or not 0 <= notice.part < notice.parts:
+            self._fail(rid, FailureKind.MISMATCH, f"part {notice.part} of {notice.parts} "
+                       f"in a request of {req.parts} parts", now)
             return
-        req.chunks[notice.chunk] = notice
+        key = (notice.part, notice.chunk)
+        if key in req.chunks:
+            self._fail(rid, FailureKind.MISMATCH, "chunk written twice", now)
+            return
+        req.chunks[key] = notice
         if notice.total_chunks is not None:
-            req.total_chunks = notice.total_chunks
-            req.payload = notice.payload
-        if req.total_chunks is None or len(req.chunks) < req.total_chunks:
+            req.totals[notice.part] = notice.total_chunks
+            if notice.part == 0:
+                req.payload = notice.payload
+        if len(req.totals) < req.parts or len(req.chunks) < sum(req.totals.values()):
             return
-        blocks = sum(n.num_blocks for n in req.chunks.values())
-        digest = sum(n.digest for n in req.chunks.values()) & ((1 << 64) - 1)
-        if sorted(req.chunks) != list(range(req.total_chunks)):
-            self._fail(notice.request_id, FailureKind.MISMATCH, "unexpected chunk numbers", now)
-        elif blocks != req.expected_blocks or digest != req.expected_digest:
-            self._fail(
-                notice.request_id,
-                FailureKind.MISMATCH,
-                f"sender wrote {blocks} blocks, expected {req.expected_blocks} "
-                f"(or different block ids)",
-                now,
-            )
-        else:
-            del self._requests[notice.request_id]
-            self._received.append(Received(notice.request_id, req.payload))
+        for part in range(req.parts):
+            chunks = sorted(c for p, c in req.chunks if p == part)
+            mine = [n for (p, _), n in req.chunks.items() if p == part]
+            blocks = sum(n.num_blocks for n in mine)
+            digest = sum(n.digest for n in mine) & ((1 << 64) - 1)
+            if chunks != list(range(req.totals[part])):
+                self._fail(rid, FailureKind.MISMATCH, "unexpected chunk numbers", now)
+                return
+            if blocks != req.expected_blocks or digest != req.expected_digest:
+                self._fail(
+                    rid,
+                    FailureKind.MISMATCH,
+                    f"sender wrote {blocks} blocks, expected {req.expected_blocks} "
+                    f"(or different block ids)" + (f" in part {part}" if req.parts > 1 else ""),
+                    now,
+                )
+                return
+        del self._requests[rid]
+        self._received.append(Received(rid, req.payload))
 
     def _fail(self, request_id: str, kind: FailureKind, message: str, now: float,
               grace_s: float | None = None) -> None:
@@ -247,7 +274,8 @@ class ReceiveLedger:
     def check_leases(self, now: float) -> None:
         for rid, req in list(self._requests.items()):
             if now >= req.deadline:
-                got = f"{len(req.chunks)} of {req.total_chunks or '?'} chunks"
+                total = sum(req.totals.values()) if len(req.totals) == req.parts else "?"
+                got = f"{len(req.chunks)} of {total} chunks"
                 self._fail(rid, FailureKind.TIMEOUT, f"lease expired with {got} landed", now)
         for rid, (seen, _) in list(self._early.items()):
             if now - seen > self.grace_s:

@@ -23,9 +23,9 @@ receive only when a send is coming: no operation ever waits idle for a peer) and
   rendezvous under a name derived from the key (``nccl_wire``, ``pair_group``).
 
 Tensor parallelism: a connector holds heads ``kv_heads`` of the model's ``total_kv_heads``
-(all by default). A write moves, of every block, exactly the heads the receiver holds; they
-must all be held by the sender (``pdserve.kvtransfer.heads.transfer_plan`` says which sender
-rank serves which receiver rank).
+(all by default). A write moves, of every block, the heads both the sender and the receiver
+hold (``pdserve.kvtransfer.heads.transfer_plan`` says which sender rank serves which receiver
+rank); a receiver holding heads of several senders gets one part from each (``part``).
 
 Not thread-safe: one owner thread calls every method.
 """
@@ -203,6 +203,7 @@ class NcclConnector(KVConnector):
         *,
         last: bool = False,
         payload: bytes = b"",
+        part: tuple[int, int] = (0, 1),
     ) -> int:
         """See ``KVConnector.write_blocks``. Returns -1 (and writes nothing) for a request
         already reported failed; its failure was or will be reported by ``poll()``."""
@@ -215,6 +216,7 @@ class NcclConnector(KVConnector):
         notice = ChunkNotice(
             request_id, chunk, len(dst), block_digest(dst.tolist()),
             total_chunks=chunk + 1 if last else None, payload=payload,
+            part=part[0], parts=part[1],
         )
         ready = None
         if self._kv.device.type == "cuda" and len(src):

@@ -370,7 +370,7 @@ class ReceiveSide:
             written = before + frame.dst
             if notice.num_blocks != len(written) or notice.digest != block_digest(written):
                 return FailureKind.MISMATCH, "frame blocks differ from its notice"
-        if frame.heads != mine:
+        if not mine.contains(frame.heads):
             return FailureKind.MISMATCH, f"frame carries KV heads {frame.heads}, we hold {mine}"
         with self._write_lock:
             allowed = self._writable.get(rid)

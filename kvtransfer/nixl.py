@@ -12,6 +12,13 @@ whose agent no longer answers at its address is refused as ``PEER_RESTARTED``; e
 has a lease after which its writes are cancelled and it is reported failed. A NIXL remote agent
 is removed only after all transfer handles that reference it are released.
 
+Tensor parallelism: a connector may hold some of the model's KV heads (``kv_heads``). Between
+caches holding the same heads a write moves whole blocks (one descriptor per block, prepared
+once per peer). Otherwise it moves the heads both sides hold: the cache layout keeps a
+token's heads side by side, so such a write has one descriptor per (block, layer, K/V,
+token) on each side, built per write; a receiver holding heads of several senders gets one
+part from each (``part``, counted by ``pdserve.kvtransfer.ledger``).
+
 Not thread-safe: one owner thread calls every method. UCX picks its transports itself; set
 ``UCX_TLS`` in the environment to restrict them (``describe_transports`` reports the result).
 UCX's TCP transport listens on every network interface unless ``UCX_NET_DEVICES`` names
@@ -31,7 +38,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +62,7 @@ from pdserve.kvtransfer.handshake import (
     PeerHello,
     fetch_peer,
 )
+from pdserve.kvtransfer.heads import HeadRange, overlap
 from pdserve.kvtransfer.layout import check_kv_cache, checked_block_ids, checked_write, peer_info
 from pdserve.kvtransfer.ledger import ChunkNotice, ReceiveLedger, SendLedger, block_digest
 
@@ -75,6 +83,8 @@ class NixlConfig:
     ``lease_s`` bounds a request on the sending side (from its first write to its last write's
     completion) and is the grace a receiver adds before a failed request's blocks may be reused.
     ``channel_key`` (required) seals the handshake side channel: peers must share it.
+    ``kv_heads``: the model KV heads ``[start, stop)`` this cache holds, of ``total_kv_heads``
+    (None: all of them; see "Tensor parallelism" above).
     """
 
     model: str
@@ -86,6 +96,8 @@ class NixlConfig:
     progress_thread: bool = False
     progress_interval_s: float = 0.0001
     idle_progress_interval_s: float = 0.002
+    kv_heads: tuple[int, int] | None = None
+    total_kv_heads: int | None = None
     channel_key: ChannelKey = field(kw_only=True)
 
     def __post_init__(self) -> None:
@@ -127,8 +139,24 @@ class _Peer:
     target: TransferTarget
     future: Future[PeerHello] | None
     remote_name: str | None = None
-    dlist: Any = None
+    dlist: Any = None  # whole blocks (equal heads); None when writes move head ranges
     waiting: list[_Write] = field(default_factory=list)
+    region: KVRegion | None = None
+    heads: HeadRange | None = None  # the peer's KV heads
+    moved: HeadRange | None = None  # the heads a write to it moves, when not all of a block
+
+
+def _head_descs(base: int, block_ids: np.ndarray, block_bytes: int, row_bytes: int,
+                offset: int, length: int, device_id: int) -> np.ndarray:
+    """One descriptor per (block, layer, K/V, token) row of ``block_ids``: ``length`` bytes at
+    ``offset`` in each row of ``row_bytes`` (a cache holding some heads of every token)."""
+    rows = np.arange(block_bytes // row_bytes, dtype=np.uint64) * np.uint64(row_bytes)
+    starts = np.uint64(base) + block_ids.astype(np.uint64)[:, None] * np.uint64(block_bytes)
+    descs = np.empty((len(block_ids) * len(rows), 3), dtype=np.uint64)
+    descs[:, 0] = (starts + rows[None, :] + np.uint64(offset)).reshape(-1)
+    descs[:, 1] = length
+    descs[:, 2] = device_id
+    return descs
 
 
 class NixlConnector(KVConnector):
@@ -152,7 +180,12 @@ class NixlConnector(KVConnector):
 
         self.num_blocks = check_kv_cache(kv_cache, spec)
         self.spec, self.config = spec, config
-        self.info = peer_info(spec, config.model)
+        total = config.total_kv_heads or spec.num_kv_heads
+        self.heads = HeadRange(*(config.kv_heads or (0, spec.num_kv_heads)))
+        if self.heads.count != spec.num_kv_heads or self.heads.stop > total:
+            raise ValueError(f"kv_heads {self.heads} of {total} do not match the cache's "
+                             f"{spec.num_kv_heads} heads")
+        self.info = replace(peer_info(spec, config.model), num_kv_heads=total)
         self.agent_name = f"{config.name}-{uuid.uuid4().hex[:12]}"
         self._kv = kv_cache
         self._mem_type = "DRAM" if kv_cache.device.type == "cpu" else "VRAM"
@@ -175,8 +208,11 @@ class NixlConnector(KVConnector):
         self._block_bytes = spec.block_bytes
         descs = _block_descs(kv_cache.data_ptr(), self.num_blocks, spec.block_bytes, device_id)
         self._local_dlist = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self._mem_type)
+        self._device_id = device_id
+        self._row_bytes = spec.head_dim * kv_cache.element_size()  # one head of one token
         region = KVRegion(
-            kv_cache.data_ptr(), self.num_blocks, spec.block_bytes, self._mem_type, device_id
+            kv_cache.data_ptr(), self.num_blocks, spec.block_bytes, self._mem_type, device_id,
+            (self.heads.start, self.heads.stop),
         )
         self._server = HandshakeServer(
             config.host,
@@ -257,6 +293,7 @@ class NixlConnector(KVConnector):
         *,
         last: bool = False,
         payload: bytes = b"",
+        part: tuple[int, int] = (0, 1),
     ) -> int:
         """See ``KVConnector.write_blocks``. Returns -1 (and writes nothing) for a request
         already reported failed; its failure was or will be reported by ``poll()``."""
@@ -274,6 +311,8 @@ class NixlConnector(KVConnector):
             block_digest(dst.tolist()),
             total_chunks=chunk + 1 if last else None,
             payload=payload,
+            part=part[0],
+            parts=part[1],
         )
         peer = self._peer_for(target)
         write = _Write(request_id, target.agent_name, src, dst, notice.encode())
@@ -400,18 +439,17 @@ class NixlConnector(KVConnector):
                     f"target names agent {name} but {hello.agent_name} answers at {where}: "
                     "the peer restarted, take a fresh target",
                 )
-            elif hello.region.block_bytes != self._block_bytes:
-                error = (
-                    FailureKind.INCOMPATIBLE,
-                    f"block bytes: local {self._block_bytes} vs peer {hello.region.block_bytes}",
-                )
+            else:
+                error = self._check_heads(peer, hello)
         if error is None:
             try:
                 remote = self._agent.add_remote_agent(hello.metadata)
                 peer.remote_name = remote.decode() if isinstance(remote, bytes) else str(remote)
                 r = hello.region
-                descs = _block_descs(r.base_addr, r.num_blocks, r.block_bytes, r.device_id)
-                peer.dlist = self._agent.prep_xfer_dlist(peer.remote_name, descs, r.mem_type)
+                if peer.moved is None:  # same heads: whole blocks
+                    descs = _block_descs(r.base_addr, r.num_blocks, r.block_bytes, r.device_id)
+                    peer.dlist = self._agent.prep_xfer_dlist(peer.remote_name, descs,
+                                                             r.mem_type)
             except Exception as exc:  # NIXL raises several binding errors
                 error = (FailureKind.TRANSFER_ERROR, f"cannot load metadata of {name}: {exc}")
         peer.future = None
@@ -425,6 +463,37 @@ class NixlConnector(KVConnector):
                 self._post(peer, write)
         return None
 
+    def _check_heads(self, peer: _Peer, hello: PeerHello) -> tuple[FailureKind, str] | None:
+        """Record which heads writes to ``peer`` move; the problem if none or sizes differ."""
+        r = hello.region
+        theirs = HeadRange(*(r.kv_heads or (0, hello.info.num_kv_heads)))
+        mine = self.heads
+        if r.block_bytes * mine.count != self._block_bytes * theirs.count:
+            return (FailureKind.INCOMPATIBLE, f"block bytes: local {self._block_bytes} for "
+                    f"{mine.count} KV heads vs peer {r.block_bytes} for {theirs.count}")
+        common = overlap(mine, theirs)
+        if common is None:
+            return (FailureKind.INCOMPATIBLE,
+                    f"we hold KV heads {mine}, the peer {theirs}: none in common")
+        peer.region, peer.heads = r, theirs
+        peer.moved = None if theirs == mine else common
+        return None
+
+    def _sliced_xfer(self, peer: _Peer, write: _Write) -> Any:
+        """A WRITE of the heads ``peer.moved`` of ``write``'s blocks (descriptors built now)."""
+        r, moved, theirs = peer.region, peer.moved, peer.heads
+        assert r is not None and moved is not None and theirs is not None
+        row = self._row_bytes
+        length = moved.count * row
+        local = _head_descs(self._kv.data_ptr(), write.src, self._block_bytes,
+                            self.heads.count * row, (moved.start - self.heads.start) * row,
+                            length, self._device_id)
+        remote = _head_descs(r.base_addr, write.dst, r.block_bytes, theirs.count * row,
+                             (moved.start - theirs.start) * row, length, r.device_id)
+        return self._agent.initialize_xfer(
+            "WRITE", self._agent.get_xfer_descs(local, self._mem_type),
+            self._agent.get_xfer_descs(remote, r.mem_type), peer.remote_name, write.notice)
+
     def _post(self, peer: _Peer, write: _Write) -> None:
         now = time.monotonic()
         try:
@@ -432,9 +501,12 @@ class NixlConnector(KVConnector):
                 self._agent.send_notif(peer.remote_name, write.notice)
                 self._send.write_done(write.request_id)
                 return
-            write.handle = self._agent.make_prepped_xfer(
-                "WRITE", self._local_dlist, write.src, peer.dlist, write.dst, write.notice
-            )
+            if peer.moved is not None:
+                write.handle = self._sliced_xfer(peer, write)
+            else:
+                write.handle = self._agent.make_prepped_xfer(
+                    "WRITE", self._local_dlist, write.src, peer.dlist, write.dst, write.notice
+                )
             state = self._agent.transfer(write.handle)
         except Exception as exc:
             self._retire(

@@ -463,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensor-parallel ranks per prefill worker (one Ray actor and one GPU "
                           "per rank, placed on one node)")
     srv.add_argument("--decode-tp", type=int, default=1, metavar="M",
-                     help="tensor-parallel ranks per decode worker; with --kv-transport nixl "
-                          "equal to --prefill-tp, with nccl a multiple of it")
+                     help="tensor-parallel ranks per decode worker (may differ from "
+                          "--prefill-tp over either transport: each rank receives its own KV "
+                          "heads from the prefill ranks that hold them)")
     srv.add_argument("--prefill-resource", action="append",
                      help="Ray resource NAME=AMOUNT each prefill worker needs (repeatable)")
     srv.add_argument("--decode-resource", action="append",

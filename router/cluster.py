@@ -88,21 +88,12 @@ class PoolConfig:
 
 
 def check_tp_pair(prefill_tp: int, decode_tp: int, transport: str) -> None:
-    """``ValueError`` unless KV can move from prefill workers of ``prefill_tp`` ranks to
-    decode workers of ``decode_tp`` ranks rank to rank over ``transport``."""
+    """``ValueError`` unless ``--prefill-tp``/``--decode-tp`` are usable degrees. Every pair
+    of degrees that splits the model's KV heads moves KV rank to rank over either
+    ``transport`` (the engine refuses a degree the model's heads do not split over)."""
     if prefill_tp < 1 or decode_tp < 1:
         raise ValueError(f"tensor-parallel sizes must be at least 1, got --prefill-tp "
                          f"{prefill_tp} and --decode-tp {decode_tp}")
-    if prefill_tp == decode_tp:
-        return
-    if transport != "nccl":
-        raise ValueError(f"--prefill-tp {prefill_tp} and --decode-tp {decode_tp} differ: "
-                         f"the {transport} transport moves whole blocks between equal layouts; "
-                         "use --kv-transport nccl (it moves head ranges) or equal degrees")
-    if decode_tp % prefill_tp:
-        raise ValueError(f"--decode-tp {decode_tp} must be a multiple of --prefill-tp "
-                         f"{prefill_tp}: each decode rank receives its KV heads from one "
-                         "prefill rank")
 
 
 @dataclass(slots=True, eq=False)

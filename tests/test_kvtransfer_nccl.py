@@ -114,15 +114,15 @@ def test_each_receiver_rank_gets_exactly_its_kv_heads(closing) -> None:
     for r, (_, cache) in enumerate(ranks):
         assert out.wait((0, f"q@{r}"), (r + 1, f"q@{r}")) == [("sent", ""), ("received", "x")]
         assert torch.equal(cache[[6, 1, 3]], src[[9, 4, 11]][:, :, :, :, 2 * r : 2 * r + 2])
-    # A rank holding heads [0, 2) cannot give a receiver all four: refused, nothing lands.
-    low, _ = ranks[0]
-    before = src[0].clone()
-    full.expect("p", [0], lease_s=5)
-    low.write_blocks(full.describe(), "p", [2], [0], last=True)
+    # Ranks holding heads [0, 2) and [2, 4) share none: refused, nothing lands.
+    (low, _), (high, high_cache) = ranks
+    before = high_cache[0].clone()
+    high.expect("p", [0], lease_s=5)
+    low.write_blocks(high.describe(), "p", [2], [0], last=True)
     (state, why), = out.wait((1, "p"))
     assert state == "failed" and why.startswith("incompatible"), why
-    assert "all its heads from one sender" in why
-    assert torch.equal(src[0], before)
+    assert "none in common" in why
+    assert torch.equal(high_cache[0], before)
 
 
 def test_a_write_larger_than_a_frame_goes_in_several_frames(closing) -> None:

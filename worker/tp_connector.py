@@ -9,13 +9,15 @@ one connector with the usual contract.
 Layouts: a target names its worker's ranks (``TransferTarget.ranks``). Prefill rank ``i``
 writes to decode rank ``j`` exactly the heads ``j`` holds
 (``pdserve.kvtransfer.heads.transfer_plan``): rank to rank, nothing gathered through one
-process. With equal TP degrees rank ``i`` writes rank ``i`` (any transport); with a decode
-degree that is a multiple of the prefill one, each prefill rank feeds several decode ranks,
-which needs a transport that moves head ranges (``nccl``); a decode worker holding heads from
-several prefill ranks is not supported (the write fails as ``INCOMPATIBLE``). On the wire
-the request id of the part for decode rank ``j`` of a multi-rank target is ``<id>#r<j>``;
-a request counts as sent (received) when every part is, and fails at its first failed part
-(the other parts are aborted). Driver thread only, like any connector.
+process, over either transport. With equal TP degrees rank ``i`` writes rank ``i`` whole
+blocks; with a larger decode degree each prefill rank feeds several decode ranks (each its
+share of the heads); with a larger prefill degree each decode rank gets its heads from
+several prefill ranks, one part per sender (``write_blocks(part=...)``): the receiving rank
+completes when every part is complete, so a decode worker needs no knowledge of the prefill
+worker's degree. On the wire the request id of what decode rank ``j`` of a multi-rank target
+receives is ``<id>#r<j>``; a request counts as sent (received) when every rank's share is,
+and fails at its first failed share (the others are aborted). Driver thread only, like any
+connector.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class RankKV:
             for w in mine:
                 try:
                     c.write_blocks(decode_target(w["target"]), w["id"], w["src"], w["dst"],
-                                   last=w["last"], payload=base64.b64decode(w["payload"]))
+                                   last=w["last"], payload=base64.b64decode(w["payload"]),
+                                   part=tuple(w["part"]))
                 except ValueError as e:
                     self._failed.append(TransferFailure(w["id"], FailureKind.TRANSFER_ERROR,
                                                         str(e), time.monotonic()))
@@ -139,21 +142,20 @@ class RankedConnector(KVConnector):
             return self.local.describe()
         return dataclasses.replace(self.local.describe(), ranks=self._others)
 
-    def _moves(self, dst_world: int) -> list[tuple[int, int]]:
+    def _moves(self, dst_world: int) -> list[tuple[int, int, tuple[int, int]]]:
+        """(source rank, destination rank, (part, parts)) of every rank-to-rank move."""
         if dst_world == self.world:
-            return [(i, i) for i in range(self.world)]
+            return [(i, i, (0, 1)) for i in range(self.world)]
         moves = transfer_plan(self.total_kv_heads, self.world, dst_world)
-        dsts = [m.dst_rank for m in moves]
-        if self.transport != "nccl" or len(set(dsts)) != len(dsts):
-            raise ValueError(
-                f"KV from a TP={self.world} prefill worker to a TP={dst_world} decode worker "
-                f"over {self.transport} is not supported: use equal TP degrees, or the nccl "
-                "transport with a decode degree that is a multiple of the prefill degree")
-        return [(m.src_rank, m.dst_rank) for m in moves]
+        senders = {j: [m.src_rank for m in moves if m.dst_rank == j] for j in range(dst_world)}
+        return [(m.src_rank, m.dst_rank,
+                 (senders[m.dst_rank].index(m.src_rank), len(senders[m.dst_rank])))
+                for m in moves]
 
     def write_blocks(self, target: TransferTarget, request_id: str,
                      src_block_ids: Sequence[int], dst_block_ids: Sequence[int], *,
-                     last: bool = False, payload: bytes = b"") -> int:
+                     last: bool = False, payload: bytes = b"",
+                     part: tuple[int, int] = (0, 1)) -> int:
         dst_world = 1 + len(target.ranks)
         if self.world == 1 and dst_world == 1:
             return self.local.write_blocks(target, request_id, src_block_ids, dst_block_ids,
@@ -162,22 +164,23 @@ class RankedConnector(KVConnector):
             return 0
         try:
             moves = self._moves(dst_world)
-        except ValueError as e:
+        except ValueError as e:  # heads that split over neither degree
             self._fail_now(request_id, FailureKind.INCOMPATIBLE, str(e))
             return 0
         targets = [dataclasses.replace(target, ranks=()), *target.ranks]
         self._sending.setdefault(request_id, _Parts(
-            {(src, wire_id(request_id, dst, dst_world)) for src, dst in moves}))
+            {(src, wire_id(request_id, dst, dst_world)) for src, dst, _ in moves}))
         chunk, items = 0, []
-        for src, dst in moves:
+        for src, dst, share in moves:
             wid = wire_id(request_id, dst, dst_world)
             if src == 0:
                 chunk = self.local.write_blocks(targets[dst], wid, src_block_ids, dst_block_ids,
-                                                last=last, payload=payload)
+                                                last=last, payload=payload, part=share)
             else:
                 items.append({"rank": src, "target": encode_target(targets[dst]), "id": wid,
                               "src": list(src_block_ids), "dst": list(dst_block_ids),
-                              "last": last, "payload": base64.b64encode(payload).decode()})
+                              "last": last, "payload": base64.b64encode(payload).decode(),
+                              "part": list(share)})
         if items:
             self._rank_call({"op": "write", "items": items})
         return chunk
