@@ -163,6 +163,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _degrees(text: str) -> int | tuple[int, ...]:
+    """``--prefill-tp``/``--decode-tp``: one degree, or a comma-separated one per worker."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a degree or degrees separated by commas, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _router_config(args: argparse.Namespace) -> RouterConfig:
     """``pdserve serve``'s options as a ``RouterConfig``, checked before anything starts:
     ValueError (or OSError) with a message that names what to fix. Cheap checks first (ports,
@@ -184,12 +194,13 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     names = served_names(args.model, args.served_model_name or ())
     model_config = load_model_config(resolve_model(args.model))  # missing or broken: here
-    for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
-        try:
-            check_tp(model_config.num_heads, model_config.num_kv_heads,
-                     model_config.intermediate_size, tp)
-        except ValueError as e:
-            raise ValueError(f"{flag} {tp}: {e}") from None
+    for flag, degrees in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
+        for tp in (degrees,) if isinstance(degrees, int) else degrees:
+            try:
+                check_tp(model_config.num_heads, model_config.num_kv_heads,
+                         model_config.intermediate_size, tp)
+            except ValueError as e:
+                raise ValueError(f"{flag} {tp}: {e}") from None
     engine = EngineConfig(
         model=args.model, dtype=args.dtype, device=device,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
@@ -459,13 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how KV blocks move from prefill to decode workers: NIXL (UCX: "
                           "RDMA, NVLink, shared memory, TCP) or torch.distributed point-to-"
                           "point sends (NCCL between GPUs, gloo between CPU workers)")
-    srv.add_argument("--prefill-tp", type=int, default=1, metavar="N",
+    srv.add_argument("--prefill-tp", type=_degrees, default=1, metavar="N[,N...]",
                      help="tensor-parallel ranks per prefill worker (one Ray actor and one GPU "
-                          "per rank, placed on one node)")
-    srv.add_argument("--decode-tp", type=int, default=1, metavar="M",
-                     help="tensor-parallel ranks per decode worker (may differ from "
-                          "--prefill-tp over either transport: each rank receives its own KV "
-                          "heads from the prefill ranks that hold them)")
+                          "per rank, placed on one node), or one degree per worker "
+                          "(e.g. 1,2)")
+    srv.add_argument("--decode-tp", type=_degrees, default=1, metavar="M[,M...]",
+                     help="tensor-parallel ranks per decode worker, or one per worker; any "
+                          "degrees pair with any over either transport: each rank receives "
+                          "its own KV heads from the prefill ranks that hold them")
     srv.add_argument("--prefill-resource", action="append",
                      help="Ray resource NAME=AMOUNT each prefill worker needs (repeatable)")
     srv.add_argument("--decode-resource", action="append",

@@ -68,8 +68,10 @@ class PoolConfig:
     """Serve the pools another router created (found by the directory), creating none."""
     ping_timeout_s: float = 10.0
     start_timeout_s: float = 300.0
-    prefill_tp: int = 1  # tensor-parallel ranks per prefill worker (Ray actors, one node)
-    decode_tp: int = 1
+    prefill_tp: int | tuple[int, ...] = 1
+    """Tensor-parallel ranks per prefill worker (Ray actors on one node): one degree for
+    every worker, or one per worker (a pool may mix degrees: KV moves between any two)."""
+    decode_tp: int | tuple[int, ...] = 1
     # Pin each worker to its own cores (pdserve.worker.affinity): None = only when this
     # router starts a local Ray, i.e. every worker runs on this host.
     pin_cpus: bool | None = None
@@ -82,16 +84,30 @@ class PoolConfig:
             )
         check_transport(self.kv_transport)
         check_tp_pair(self.prefill_tp, self.decode_tp, self.kv_transport)
+        for flag, tp, n in (("--prefill-tp", self.prefill_tp, self.num_prefill),
+                            ("--decode-tp", self.decode_tp, self.num_decode)):
+            if not isinstance(tp, int) and len(tp) != n:
+                raise ValueError(f"{flag} names {len(tp)} degrees for {n} workers: give one "
+                                 "degree, or one per worker")
 
-    def tp(self, role: str) -> int:
-        return self.prefill_tp if role == "prefill" else self.decode_tp
+    def tp(self, role: str, index: int = 0) -> int:
+        """The tensor-parallel degree of worker ``index`` of ``role``'s pool."""
+        tp = self.prefill_tp if role == "prefill" else self.decode_tp
+        return tp if isinstance(tp, int) else tp[index]
+
+    def total_ranks(self) -> int:
+        return (sum(self.tp("prefill", i) for i in range(self.num_prefill))
+                + sum(self.tp("decode", i) for i in range(self.num_decode)))
 
 
-def check_tp_pair(prefill_tp: int, decode_tp: int, transport: str) -> None:
+def check_tp_pair(prefill_tp: int | tuple[int, ...], decode_tp: int | tuple[int, ...],
+                  transport: str) -> None:
     """``ValueError`` unless ``--prefill-tp``/``--decode-tp`` are usable degrees. Every pair
     of degrees that splits the model's KV heads moves KV rank to rank over either
     ``transport`` (the engine refuses a degree the model's heads do not split over)."""
-    if prefill_tp < 1 or decode_tp < 1:
+    degrees = [*((prefill_tp,) if isinstance(prefill_tp, int) else prefill_tp),
+               *((decode_tp,) if isinstance(decode_tp, int) else decode_tp)]
+    if not degrees or min(degrees) < 1:
         raise ValueError(f"tensor-parallel sizes must be at least 1, got --prefill-tp "
                          f"{prefill_tp} and --decode-tp {decode_tp}")
 
@@ -151,8 +167,8 @@ class Cluster:
                      log_to_driver=True)
         else:
             cfg = self.config
-            ranks = cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
-            logical_cpus = max(os.cpu_count() or 1, int(ranks * cfg.cpus_per_worker) + 1)
+            logical_cpus = max(os.cpu_count() or 1,
+                               int(cfg.total_ranks() * cfg.cpus_per_worker) + 1)
             # address="local": a new Ray of our own even when a `ray start` head runs on
             # this machine (ray.init() would attach to it and refuse num_cpus).
             ray.init(address="local", num_cpus=logical_cpus, namespace=NAMESPACE,
@@ -182,7 +198,8 @@ class Cluster:
             ids += [f"decode-{i}" for i in range(cfg.num_decode)]
             # One share per rank: a tensor-parallel worker gets a share for each of its ranks
             # (it divides them between its rank processes).
-            shares = [(w, r) for w in ids for r in range(cfg.tp(w.split("-")[0]))]
+            shares = [(w, r) for w in ids
+                      for r in range(cfg.tp(w.split("-")[0], int(w.split("-")[1])))]
             per_rank = plan_cpu_sets(sorted(os.sched_getaffinity(0)),
                                      [f"{w}/{r}" for w, r in shares])
             self._cpu_sets = {}
@@ -264,8 +281,9 @@ class Cluster:
             max_concurrency=1000,
         )
         extra: dict[str, Any] = {"kv_transport": cfg.kv_transport}
-        if cfg.tp(role) > 1:  # ranks 1..N-1: Ray actors the worker places beside itself
-            extra.update(tensor_parallel_size=cfg.tp(role), cpus_per_rank=cfg.cpus_per_worker,
+        if cfg.tp(role, index) > 1:  # ranks 1..N-1: Ray actors the worker places beside it
+            extra.update(tensor_parallel_size=cfg.tp(role, index),
+                         cpus_per_rank=cfg.cpus_per_worker,
                          gpus_per_rank=cfg.gpus_per_worker)
         if role == "prefill":
             extra["stream_kv"] = cfg.stream_kv

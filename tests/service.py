@@ -35,7 +35,8 @@ class ServiceThread:
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
                  http: bool = False, served_model_names: tuple[str, ...] = (),
                  kv_transport: str = "nixl", ping_interval_s: float = 0.2,
-                 prefill_tp: int = 1, decode_tp: int = 1,
+                 prefill_tp: int | tuple[int, ...] = 1,
+                 decode_tp: int | tuple[int, ...] = 1,
                  **router_options: Any) -> None:
         if not ray.is_initialized():
             # address="local": this process's own Ray, whatever else runs on the machine.
