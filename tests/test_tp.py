@@ -1,5 +1,6 @@
 """Tensor parallelism inside a worker (CPU, gloo): the layout's arithmetic, exactness of
-TP=2 and TP=4 against TP=1 and transformers, per-rank weight memory, clear refusals."""
+TP=2 and TP=4 against TP=1 and transformers (ranks as threads), the offline LLM's spawned
+ranks reading a GGUF file, per-rank weight memory, clear refusals."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.engine import Engine
 from pdserve.engine.model.loader import load_model
 from pdserve.engine.model.parallel import load_parallel_model
 from pdserve.engine.tp_group import TPAddress, TPGroup, free_port
@@ -89,19 +92,55 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], lis
     return tokens, logprobs
 
 
+def thread_ranks_generate(config: EngineConfig, world: int, prompts: list[list[int]],
+                          params: SamplingParams) -> list:
+    """Greedy outputs of an engine of ``world`` ranks whose ranks 1..N-1 are threads of this
+    process (the same TPGroup over gloo, the same step-plan broadcast and collectives as rank
+    processes: only the process boundary is left out, which the GGUF test below and the
+    service tests cross)."""
+    address = TPAddress("127.0.0.1", free_port(), "threads", world, timeout_s=120)
+    errors: list[BaseException] = []
+
+    def follower(rank: int) -> None:
+        try:
+            engine = Engine(config, tp=TPGroup(address, rank, torch.device("cpu")))
+            try:
+                engine.follow()
+            finally:
+                engine.close()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=follower, args=(r,), daemon=True) for r in range(1, world)]
+    for t in threads:
+        t.start()
+    engine = Engine(config, tp=TPGroup(address, 0, torch.device("cpu")))
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+    finally:
+        engine.close()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_tp_greedy_tokens_and_logprobs_equal_tp1_and_transformers(references, name) -> None:
     path, prompts, expected = references[name]
-    got: dict[int, list] = {}
-    for tp in (1, 2, 4):
-        # Small budgets: prompts are prefilled in chunks beside running decodes.
-        llm = LLM(str(path), dtype="float32", device="cpu", tensor_parallel_size=tp,
-                  block_size=8, num_blocks=64, max_num_batched_tokens=40, max_num_seqs=8,
-                  detokenize=False)
-        try:
-            got[tp] = llm.generate(prompts, GREEDY)
-        finally:
-            llm.close()
+    # Small budgets: prompts are prefilled in chunks beside running decodes.
+    config = EngineConfig(model=str(path), dtype="float32", device="cpu", detokenize=False,
+                          cache=CacheConfig(block_size=8, num_blocks=64),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=40, max_num_seqs=8))
+    got = {1: LLM(str(path), dtype="float32", device="cpu", block_size=8, num_blocks=64,
+                  max_num_batched_tokens=40, max_num_seqs=8,
+                  detokenize=False).generate(prompts, GREEDY)}
+    for tp in (2, 4):
+        got[tp] = thread_ranks_generate(config, tp, prompts, GREEDY)
     for tp, outs in got.items():
         for out, (tokens, logprobs), tp1 in zip(outs, expected, got[1], strict=True):
             assert out.token_ids == tokens == tp1.token_ids, f"TP={tp}"
@@ -165,3 +204,17 @@ def test_pool_tp_degrees_below_one_are_refused_at_start() -> None:
         check_tp_pair(0, 1, "nccl")
     with pytest.raises(ValueError, match="at least 1"):
         check_tp_pair(2, 0, "nixl")
+
+
+def test_a_pool_takes_one_degree_or_one_per_worker() -> None:
+    from pdserve.cli import _degrees
+    from pdserve.router.cluster import PoolConfig
+
+    assert _degrees("2") == 2 and _degrees("1,2") == (1, 2)
+    pools = PoolConfig(engine=EngineConfig(model="tiny"), num_prefill=2, num_decode=1,
+                       prefill_tp=(1, 2), decode_tp=2)
+    assert [pools.tp("prefill", i) for i in range(2)] == [1, 2]
+    assert pools.tp("decode", 0) == 2 and pools.total_ranks() == 5
+    with pytest.raises(ValueError, match="--prefill-tp names 2 degrees for 3 workers"):
+        PoolConfig(engine=EngineConfig(model="tiny"), num_prefill=3, num_decode=1,
+                   prefill_tp=(1, 2))
