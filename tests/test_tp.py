@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -92,18 +93,32 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], lis
     return tokens, logprobs
 
 
+def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Every finished output (forked choices too), by request id."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return done
+
+
 def thread_ranks_generate(config: EngineConfig, world: int, prompts: list[list[int]],
-                          params: SamplingParams) -> list:
+                          params: SamplingParams, every: bool = False,
+                          then: Callable[[Engine], None] | None = None,
+                          engines: list[Engine] | None = None) -> list | dict:
     """Greedy outputs of an engine of ``world`` ranks whose ranks 1..N-1 are threads of this
     process (the same TPGroup over gloo, the same step-plan broadcast and collectives as rank
     processes: only the process boundary is left out, which the GGUF test below and the
-    service tests cross)."""
+    service tests cross). ``then(rank 0's engine)`` runs after the prompts, before the
+    ranks stop; ``engines`` receives every rank's engine, rank 0 first (closed)."""
     address = TPAddress("127.0.0.1", free_port(), "threads", world, timeout_s=120)
     errors: list[BaseException] = []
 
     def follower(rank: int) -> None:
         try:
             engine = Engine(config, tp=TPGroup(address, rank, torch.device("cpu")))
+            followers.append(engine)
             try:
                 engine.follow()
             finally:
@@ -111,22 +126,23 @@ def thread_ranks_generate(config: EngineConfig, world: int, prompts: list[list[i
         except BaseException as e:  # reported below
             errors.append(e)
 
+    followers: list[Engine] = []
     threads = [threading.Thread(target=follower, args=(r,), daemon=True) for r in range(1, world)]
     for t in threads:
         t.start()
     engine = Engine(config, tp=TPGroup(address, 0, torch.device("cpu")))
     try:
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, params)
-        done = {}
-        while engine.has_unfinished():
-            done.update({o.request_id: o for o in engine.step() if o.finished})
+        done = _run(engine, prompts, params)
+        if then is not None:
+            then(engine)
     finally:
         engine.close()
         for t in threads:
             t.join(60)
     assert not errors, errors
-    return [done[f"r{i}"] for i in range(len(prompts))]
+    if engines is not None:
+        engines += [engine, *followers]
+    return done if every else [done[f"r{i}"] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
@@ -147,6 +163,32 @@ def test_tp_greedy_tokens_and_logprobs_equal_tp1_and_transformers(references, na
             ours = [lp.logprob for lp in out.logprobs]
             assert max(abs(a - b) for a, b in zip(ours, logprobs, strict=True)) < 1e-3
             assert out.finish_reason == "length"
+
+
+def test_tp2_prompt_logprobs_equal_tp1_and_forked_blocks_are_copied_on_every_rank(
+        references) -> None:
+    """Prompt logprobs (logits of prefill rows: a gather every rank joins) equal TP=1's; the
+    block copy of an n > 1 fork runs on every rank (each copies its own heads)."""
+    path, prompts, _ = references["llama-gqa-bias"]
+    config = EngineConfig(model=str(path), dtype="float32", device="cpu", detokenize=False,
+                          cache=CacheConfig(block_size=8, num_blocks=64),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=40, max_num_seqs=8))
+    params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1)
+    one = _run(Engine(config), prompts[1:3], params)
+    engines: list[Engine] = []
+    two = thread_ranks_generate(config, 2, prompts[1:3], params, every=True,
+                                then=lambda e: e.runner.copy_block(1, 60), engines=engines)
+    assert sorted(one) == sorted(two) == ["r0", "r1"]
+    for rid, out in one.items():
+        assert two[rid].token_ids == out.token_ids, rid
+        got = [lp.logprob for lp in two[rid].prompt_logprobs]
+        want = [lp.logprob for lp in out.prompt_logprobs]
+        assert len(got) == len(want) == len(out.prompt_token_ids) - 1
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+    assert len(engines) == 2 and engines[0] is not engines[1]
+    for e in engines:
+        cache = e.runner.kv_cache
+        assert cache[1].any() and torch.equal(cache[60], cache[1])
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
