@@ -28,7 +28,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,21 @@ def check_tp_pair(prefill_tp: int | tuple[int, ...], decode_tp: int | tuple[int,
     if not degrees or min(degrees) < 1:
         raise ValueError(f"tensor-parallel sizes must be at least 1, got --prefill-tp "
                          f"{prefill_tp} and --decode-tp {decode_tp}")
+
+
+def plan_worker_cpus(cores: Sequence[int], cfg: PoolConfig) -> dict[str, tuple[int, ...]]:
+    """Each worker's cores on this host (prefill workers first, then decode): one share per
+    rank, so a tensor-parallel worker gets one for each of its ranks (and divides them
+    between its rank processes). Empty when there are fewer cores than ranks."""
+    ids = [("prefill", i) for i in range(cfg.num_prefill)]
+    ids += [("decode", i) for i in range(cfg.num_decode)]
+    shares = [(f"{role}-{i}", r) for role, i in ids for r in range(cfg.tp(role, i))]
+    per_rank = plan_cpu_sets(cores, [f"{w}/{r}" for w, r in shares])
+    sets: dict[str, tuple[int, ...]] = {}
+    for w, r in shares:
+        if f"{w}/{r}" in per_rank:
+            sets[w] = sets.get(w, ()) + per_rank[f"{w}/{r}"]
+    return sets
 
 
 @dataclass(slots=True, eq=False)
@@ -194,18 +209,7 @@ class Cluster:
             return
         cfg = self.config
         if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
-            ids = [f"prefill-{i}" for i in range(cfg.num_prefill)]
-            ids += [f"decode-{i}" for i in range(cfg.num_decode)]
-            # One share per rank: a tensor-parallel worker gets a share for each of its ranks
-            # (it divides them between its rank processes).
-            shares = [(w, r) for w in ids
-                      for r in range(cfg.tp(w.split("-")[0], int(w.split("-")[1])))]
-            per_rank = plan_cpu_sets(sorted(os.sched_getaffinity(0)),
-                                     [f"{w}/{r}" for w, r in shares])
-            self._cpu_sets = {}
-            for w, r in shares:
-                if f"{w}/{r}" in per_rank:
-                    self._cpu_sets[w] = self._cpu_sets.get(w, ()) + per_rank[f"{w}/{r}"]
+            self._cpu_sets = plan_worker_cpus(sorted(os.sched_getaffinity(0)), cfg)
             logger.info("worker cores: %s", self._cpu_sets or "shared (fewer cores than workers)")
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]

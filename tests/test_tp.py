@@ -260,3 +260,17 @@ def test_a_pool_takes_one_degree_or_one_per_worker() -> None:
     with pytest.raises(ValueError, match="--prefill-tp names 2 degrees for 3 workers"):
         PoolConfig(engine=EngineConfig(model="tiny"), num_prefill=3, num_decode=1,
                    prefill_tp=(1, 2))
+
+
+def test_cores_are_planned_per_rank_and_divided_between_a_workers_ranks() -> None:
+    from pdserve.router.cluster import PoolConfig, plan_worker_cpus
+    from pdserve.worker.affinity import split_cpus
+
+    pools = PoolConfig(engine=EngineConfig(model="tiny"), num_prefill=1, num_decode=2,
+                       decode_tp=(2, 1))
+    sets = plan_worker_cpus(range(8), pools)
+    # 4 ranks over 8 cores: two each; decode-0 (TP=2) holds two ranks' shares.
+    assert sets == {"prefill-0": (0, 1), "decode-0": (2, 3, 4, 5), "decode-1": (6, 7)}
+    assert split_cpus(sets["decode-0"], 2) == [(2, 3), (4, 5)]
+    assert split_cpus((6,), 2) == [(6,), (6,)]  # fewer cores than ranks: shared
+    assert plan_worker_cpus(range(3), pools) == {}  # fewer cores than ranks: not pinned
