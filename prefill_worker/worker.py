@@ -31,10 +31,13 @@ import msgpack
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
+from pdserve.prefill_worker.pull import Puller
 from pdserve.worker.base import EngineWorker
 from pdserve.worker.protocol import (
+    LendRequest,
     PrefillRequest,
     PrefillResult,
+    PullSource,
     logprobs_to_wire,
     prompt_logprobs_to_wire,
     sampling_params,
@@ -42,6 +45,7 @@ from pdserve.worker.protocol import (
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
+    from pdserve.kvtransfer.base import PollResult
 
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,8 @@ class _Job:
     first_token_time: float = 0.0
     prompt_logprobs: list[Any] | None = None
     aborted: bool = False  # by the router: nobody waits for the result
+    admitted: float = 0.0  # when it entered the engine (a pull waits for its prefix first)
+    pulled_tokens: int = 0
     expired: bool = False  # missed its write deadline: the router should retry
 
 
@@ -78,6 +84,8 @@ class PrefillWorker(EngineWorker):
                          channel_key=channel_key, cpus=cpus)
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
+        self.puller = Puller(worker_id, self.engine, self.connector)
+        self._asks: set[asyncio.Task[None]] = set()
         self.prefill_tokens = 0
         self.prefill_seconds = 0.0
         self.start_driver()
@@ -89,39 +97,84 @@ class PrefillWorker(EngineWorker):
         landed (ok) or the transfer failed (error). ValueError for a refused request."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[PrefillResult] = loop.create_future()
-        await asyncio.wrap_future(self._driver.call(lambda e: self._start(e, req, loop, fut)))
+        lend = await asyncio.wrap_future(
+            self._driver.call(lambda e: self._start(e, req, loop, fut)))
+        if lend is not None and req.pull is not None:
+            task = loop.create_task(self._ask_holder(req.request_id, req.pull, lend))
+            self._asks.add(task)
+            task.add_done_callback(self._asks.discard)
         try:
             return await fut
         except asyncio.CancelledError:
             self._driver.call(lambda e: self._abort(e, req.request_id))
             raise
 
+    async def _ask_holder(self, rid: str, source: PullSource, lend: LendRequest) -> None:
+        """Ask the holder to write the pulled blocks; on a refusal or a failure of the call,
+        give the pull up at once (the request computes its prefix instead)."""
+        import ray
+
+        writes_done = True  # a refusal wrote nothing
+        try:
+            refusal = await asyncio.wait_for(source.holder.lend.remote(lend), source.timeout_s)
+        except TimeoutError:
+            refusal, writes_done = f"{source.worker_id} did not answer", False
+        except ray.exceptions.ActorDiedError as exc:
+            refusal = f"{source.worker_id} died: {type(exc).__name__}"  # it writes nothing more
+        except Exception as exc:
+            refusal, writes_done = f"{source.worker_id} failed: {type(exc).__name__}", False
+        if refusal:
+            self._driver.call(lambda e: self.puller.fail(rid, refusal, writes_done))
+
     def _extra_stats(self) -> dict[str, Any]:
         rate = self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-        pending = sum(len(j.req.prompt_token_ids) for j in list(self._jobs.values())
-                      if j.first_token < 0)
+        pending = sum(len(j.req.prompt_token_ids) - j.pulled_tokens
+                      for j in list(self._jobs.values()) if j.first_token < 0)
         return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate,
-                "pending_prefill_tokens": pending}
+                "pending_prefill_tokens": pending, **self.puller.stats()}
 
     # ------------------------------------------------------------------ driver thread
 
     def _start(self, engine: Engine, req: PrefillRequest, loop: asyncio.AbstractEventLoop,
-               fut: asyncio.Future[PrefillResult]) -> None:
+               fut: asyncio.Future[PrefillResult]) -> LendRequest | None:
+        """Take the job; with a pull, the lend to ask the holder for (the request enters
+        the engine once its prefix landed or the pull failed)."""
         rid = req.request_id
         if rid in self.tombstones:  # aborted before it arrived
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(PrefillResult(
                 rid, False, error="aborted", retryable=False)))
-            return
-        params = replace(sampling_params(req.sampling), max_tokens=1)
-        engine.add_request(rid, req.prompt_token_ids, params, prefill_only=True,
-                           priority=req.priority)
+            return None
         bs = engine.kv_spec.block_size
         num_blocks = -(-len(req.prompt_token_ids) // bs)
         if len(req.dst_block_ids) < num_blocks:
-            engine.abort(rid)
             raise ValueError(f"{rid}: {num_blocks} destination blocks needed, "
                              f"{len(req.dst_block_ids)} given")
-        self._jobs[rid] = _Job(req, loop, fut, time.monotonic(), req.skip_blocks, num_blocks)
+        job = _Job(req, loop, fut, time.monotonic(), req.skip_blocks, num_blocks)
+        lend = self.puller.begin(req) if req.pull is not None else None
+        if lend is None:
+            self._add(engine, job)  # ValueError: refused, answered to the caller
+        self._jobs[rid] = job
+        return lend
+
+    def _add(self, engine: Engine, job: _Job) -> None:
+        params = replace(sampling_params(job.req.sampling), max_tokens=1)
+        engine.add_request(job.req.request_id, job.req.prompt_token_ids, params,
+                           prefill_only=True, priority=job.req.priority)
+        job.admitted = time.monotonic()
+
+    def _admit_after_pull(self, rid: str, pulled_tokens: int) -> None:
+        """The pull of ``rid`` landed (``pulled_tokens``) or failed (0): into the engine."""
+        job = self._jobs.get(rid)
+        if job is None or job.aborted:
+            self.puller.finish(rid)
+            return
+        job.pulled_tokens = pulled_tokens
+        try:
+            self._add(self.engine, job)
+        except ValueError as exc:
+            self.puller.finish(rid)
+            self._resolve(job, PrefillResult(rid, False, error=str(exc)[:500],
+                                             retryable=False))
 
     def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
         """True once no write of ``rid`` can still land at its decode worker."""
@@ -134,6 +187,8 @@ class PrefillWorker(EngineWorker):
         if job.writes_started:
             self.connector.abort(rid)  # source blocks are released when poll reports it
         else:
+            if rid in self.puller:
+                self.puller.fail(rid, "aborted", writes_done=False)
             engine.abort(rid)
             self._resolve(job, PrefillResult(rid, False, error="aborted", retryable=False))
         return not self.connector.writes_pending(rid)
@@ -162,7 +217,8 @@ class PrefillWorker(EngineWorker):
                 job.first_token_time = now
                 computed = len(job.req.prompt_token_ids) - out.num_cached_tokens
                 self.prefill_tokens += computed
-                self.prefill_seconds += now - job.arrival
+                # The rate of computing: a pull's wait is not part of it.
+                self.prefill_seconds += now - job.admitted
                 payload = msgpack.packb([job.first_token, job.first_logprobs])
             if upto <= job.next_block and not out.finished:
                 continue
@@ -197,8 +253,12 @@ class PrefillWorker(EngineWorker):
         self.engine.abort(rid)
         self._resolve(job, PrefillResult(rid, False, error="timeout: reservation lease over"))
 
-    def _on_tick(self) -> None:
-        result = self.connector.poll()
+    def _on_tick(self, result: PollResult) -> None:
+        landed, failed = self.puller.take(result)
+        for rid, tokens in landed:
+            self._admit_after_pull(rid, tokens)
+        for rid in failed:
+            self._admit_after_pull(rid, 0)
         now = time.monotonic()
         for rid in result.sent:
             job = self._jobs.get(rid)
@@ -206,6 +266,7 @@ class PrefillWorker(EngineWorker):
             if job is not None:
                 self._resolve(job, PrefillResult(
                     rid, True, job.first_token, job.first_logprobs, job.num_cached_tokens,
+                    pulled_tokens=job.pulled_tokens,
                     prefill_s=job.first_token_time - job.arrival,
                     transfer_tail_s=now - job.first_token_time,
                     prompt_logprobs=job.prompt_logprobs,
@@ -225,6 +286,8 @@ class PrefillWorker(EngineWorker):
 
     def _resolve(self, job: _Job, result: PrefillResult) -> None:
         self._jobs.pop(job.req.request_id, None)
+        if job.req.request_id not in self.puller:
+            self.puller.finish(job.req.request_id)  # an open pull ends in _admit_after_pull
 
         def settle() -> None:
             if not job.future.done():

@@ -226,6 +226,14 @@ class _PulledCollector(Collector):
             "prefill_tokens_computed": ("Prompt tokens the worker computed",
                                         "prefill_tokens_computed"),
             "preemptions": ("Requests preempted for lack of KV blocks", "num_preemptions"),
+            "kv_pool_pulled_tokens": ("Prompt tokens whose KV a prefill worker pulled from "
+                                      "another worker instead of computing it",
+                                      "pool_pulled_tokens"),
+            "kv_pool_pulls": ("Pulls a prefill worker started", "pool_pulls"),
+            "kv_pool_pull_failures": ("Pulls that fell back to computing the prefix",
+                                      "pool_pull_failures"),
+            "kv_pool_lent_tokens": ("Tokens of cached KV a worker sent to pulling prefill "
+                                    "workers", "pool_lent_tokens"),
         }
         families: dict[str, Metric] = {}
         for name, (doc, _) in gauges.items():
