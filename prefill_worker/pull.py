@@ -52,6 +52,8 @@ class _Pull:
     tokens: int
     """Prompt tokens the holder writes here."""
     started: float
+    block_ids: list[int]
+    """The reservation's blocks: the prompt's first ones, all computed once landed."""
 
 
 class Puller:
@@ -101,7 +103,7 @@ class Puller:
         dst = res.block_ids[first:]
         self.connector.expect(pid, dst, source.timeout_s)
         self._open[req.request_id] = _Pull(req.request_id, pid, (num_blocks - first) * bs,
-                                           time.monotonic())
+                                           time.monotonic(), list(res.block_ids))
         self._by_pull_id[pid] = req.request_id
         self.pulls += 1
         return LendRequest(pid, list(prompt[: num_blocks * bs]), first, num_blocks,
@@ -117,10 +119,11 @@ class Puller:
         logger.info("%s: pull for %s abandoned: %s", self.worker_id, request_id, reason)
         self.connector.abort(pull.pull_id, writes_done=writes_done)
 
-    def take(self, result: PollResult) -> tuple[list[tuple[str, int]], list[str]]:
+    def take(self, result: PollResult) -> tuple[list[tuple[str, int, list[int]]], list[str]]:
         """Take this puller's transfers out of ``result``: (requests whose prefix landed,
-        with the tokens pulled; requests whose pull failed). Both are to be admitted now."""
-        landed: list[tuple[str, int]] = []
+        with the tokens pulled and the blocks now holding the prompt's first blocks, referenced
+        until ``finish``; requests whose pull failed). Both are to be admitted now."""
+        landed: list[tuple[str, int, list[int]]] = []
         failed: list[str] = []
         if self._open:
             now = time.monotonic()
@@ -140,7 +143,7 @@ class Puller:
                         self.engine.kv_spec.block_size * elapsed)
                     self.bytes_per_s = rate if not self.bytes_per_s else (
                         _RATE_WEIGHT * rate + (1 - _RATE_WEIGHT) * self.bytes_per_s)
-                landed.append((rid, pull.tokens))
+                landed.append((rid, pull.tokens, pull.block_ids))
             result.received = keep
             left = []
             for failure in result.failed:

@@ -162,8 +162,10 @@ class PrefillWorker(EngineWorker):
                            prefill_only=True, priority=job.req.priority)
         job.admitted = time.monotonic()
 
-    def _admit_after_pull(self, rid: str, pulled_tokens: int) -> None:
-        """The pull of ``rid`` landed (``pulled_tokens``) or failed (0): into the engine."""
+    def _admit_after_pull(self, rid: str, pulled_tokens: int, blocks: list[int]) -> None:
+        """The pull of ``rid`` landed (``pulled_tokens`` in ``blocks``, the prompt's first
+        blocks) or failed (0): into the engine. Streaming, the landed blocks go on to the
+        decode worker at once, while the rest of the prompt is computed."""
         job = self._jobs.get(rid)
         if job is None or job.aborted:
             self.puller.finish(rid)
@@ -175,6 +177,13 @@ class PrefillWorker(EngineWorker):
             self.puller.finish(rid)
             self._resolve(job, PrefillResult(rid, False, error=str(exc)[:500],
                                              retryable=False))
+            return
+        upto = min(len(blocks), job.num_blocks - 1)  # the last write carries the last block
+        if self.stream_kv and upto > job.next_block and time.time() <= job.req.write_deadline:
+            self.connector.write_blocks(job.req.target, rid, blocks[job.next_block:upto],
+                                        job.req.dst_block_ids[job.next_block:upto])
+            job.writes_started = True
+            job.next_block = upto
 
     def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
         """True once no write of ``rid`` can still land at its decode worker."""
@@ -190,6 +199,7 @@ class PrefillWorker(EngineWorker):
             if rid in self.puller:
                 self.puller.fail(rid, "aborted", writes_done=False)
             engine.abort(rid)
+            self.puller.finish(rid)
             self._resolve(job, PrefillResult(rid, False, error="aborted", retryable=False))
         return not self.connector.writes_pending(rid)
 
@@ -239,7 +249,7 @@ class PrefillWorker(EngineWorker):
         if job.writes_started:
             self.connector.abort(rid)  # blocks released when poll reports it
         else:
-            self.engine.release(rid)
+            self._release(rid)
         self._resolve(job, PrefillResult(rid, False, error=error[:500], retryable=False))
 
     def _expire(self, job: _Job) -> None:
@@ -250,19 +260,19 @@ class PrefillWorker(EngineWorker):
         if job.writes_started:
             self.connector.abort(rid)  # released when poll reports the failure
             return
-        self.engine.abort(rid)
+        self._release(rid)
         self._resolve(job, PrefillResult(rid, False, error="timeout: reservation lease over"))
 
     def _on_tick(self, result: PollResult) -> None:
         landed, failed = self.puller.take(result)
-        for rid, tokens in landed:
-            self._admit_after_pull(rid, tokens)
+        for rid, tokens, blocks in landed:
+            self._admit_after_pull(rid, tokens, blocks)
         for rid in failed:
-            self._admit_after_pull(rid, 0)
+            self._admit_after_pull(rid, 0, [])
         now = time.monotonic()
         for rid in result.sent:
             job = self._jobs.get(rid)
-            self.engine.release(rid)
+            self._release(rid)
             if job is not None:
                 self._resolve(job, PrefillResult(
                     rid, True, job.first_token, job.first_logprobs, job.num_cached_tokens,
@@ -274,7 +284,7 @@ class PrefillWorker(EngineWorker):
         for failure in result.failed:
             rid = failure.request_id
             job = self._jobs.get(rid)
-            self.engine.release(rid)
+            self._release(rid)
             if job is not None:
                 if not job.aborted:  # an aborted job's failure is the abort itself
                     logger.warning("%s: KV transfer of %s failed: %s", self.worker_id, rid,
@@ -284,10 +294,14 @@ class PrefillWorker(EngineWorker):
                     retryable=job.expired or not job.aborted,
                 ))
 
+    def _release(self, rid: str) -> None:
+        """Free what ``rid`` holds (its blocks may be read by no write any more): its
+        request's blocks and its pulled prefix's."""
+        self.engine.release(rid)
+        self.puller.finish(rid)
+
     def _resolve(self, job: _Job, result: PrefillResult) -> None:
         self._jobs.pop(job.req.request_id, None)
-        if job.req.request_id not in self.puller:
-            self.puller.finish(job.req.request_id)  # an open pull ends in _admit_after_pull
 
         def settle() -> None:
             if not job.future.done():
