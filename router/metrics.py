@@ -53,6 +53,10 @@ class WorkerSample:
     stats: dict[str, float]
 
 
+EVENT_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+"""KV event lag histogram bounds (seconds): the target is under 10 ms."""
+
+
 class RouterMetrics:
     """Every metric of one router. ``track()`` per request; ``render()`` for /metrics;
     ``samples()`` for GetStats."""
@@ -103,6 +107,10 @@ class RouterMetrics:
         self.actual_ttft = Histogram("pdserve:balancer_actual_ttft_seconds", "The chosen "
                                      "worker's measured prefill TTFT (what was predicted)",
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.event_lag = Histogram("pdserve:kv_event_lag_seconds", "A worker taking KV "
+                                   "events from its engine to this router applying them "
+                                   "to its prefix index (wall clocks: exact on one machine)",
+                                   buckets=EVENT_LAG_BUCKETS, registry=r)
         self.running = Gauge("pdserve:router_requests_running", "Requests in the router",
                              registry=r)
         self.running.set_function(lambda: float(running()))

@@ -203,7 +203,7 @@ class Router(pb_grpc.GenerationServicer):
         self.events = EventSubscriber(
             self.cluster.channel_key,
             {"prefill": self.index, "decode": self.balancer.decode_index},
-            self._snapshot, self.flow.on_load)
+            self._snapshot, self.flow.on_load, on_lag=self.metrics.event_lag.observe)
         self.events.start()
         for h in self.cluster.workers.values():
             self._subscribe(h)

@@ -186,6 +186,20 @@ def test_prefix_held_by_the_busy_worker_is_pulled_exactly(svc: Any, reference: E
     idle = svc.wait_idle(10)
     assert {w: s["num_used_blocks"] for w, s in idle.items()} == dict.fromkeys(idle, 0)
     assert all(s.get("pool_lends_open", 0) == 0 for s in idle.values())
+    # The counters reach the router's Prometheus exposition (worker stats as last polled),
+    # beside the KV event lag histogram.
+    line = f'pdserve:kv_pool_pulled_tokens_total{{role="prefill",worker="{other}"}} '
+    deadline = time.monotonic() + 15
+    while True:
+        text = svc.router.metrics.render().decode()
+        values = [ln[len(line):] for ln in text.splitlines() if ln.startswith(line)]
+        if values and float(values[0]) == after[other]["pool_pulled_tokens"]:
+            break
+        assert time.monotonic() < deadline, values
+        time.sleep(0.2)
+    lag_count = [ln for ln in text.splitlines()
+                 if ln.startswith("pdserve:kv_event_lag_seconds_count")]
+    assert lag_count and float(lag_count[0].split()[-1]) > 0
 
 
 def test_holder_dying_mid_pull_falls_back_to_recomputation(svc: Any,
