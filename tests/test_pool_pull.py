@@ -83,31 +83,56 @@ def _run(engine: Engine, rid: str, prompt: list[int]) -> list[int]:
 
 
 def test_a_pulled_prefix_decodes_as_its_recomputation(reference: Engine) -> None:
-    """Holder's cached blocks copied into the puller's reserved blocks (what the KV transport
-    does): the puller computes only the suffix and samples the recomputed tokens."""
+    """The lender and the puller of two workers, over in-process connectors (the same
+    contract as NIXL): the holder pins its cached blocks only while they are sent, the
+    puller caches them only once landed, computes only the suffix and samples the tokens of
+    a recomputation; a refused pull frees the puller's reserved blocks at once."""
+    from pdserve.kvtransfer.inprocess import InProcessConnector, LocalFabric
+    from pdserve.prefill_worker.pull import Puller
+    from pdserve.worker.lending import Lender
+    from pdserve.worker.protocol import PrefillRequest, PullSource, SamplingSpec
+
     rng = random.Random(5)
     prefix, suffix = _prompt(rng, 6 * BS), _prompt(rng, 7)
+    prompt = prefix + suffix
     holder, puller = _engine(), _engine()
-    expected = _run(reference, "ref", prefix + suffix)
-    _run(holder, "a", prefix + [1, 2])
-    src = holder.leases.lend("pull", prefix, 0, 6)
-    assert src is not None and holder.pool.num_used_blocks == 6
+    fabric = LocalFabric()
+    lender = Lender("h", holder, InProcessConnector(
+        holder.runner.kv_cache, holder.kv_spec, fabric, "tiny", name="h"))
+    pc = InProcessConnector(puller.runner.kv_cache, puller.kv_spec, fabric, "tiny", name="p")
+    pulls = Puller("p", puller, pc)
 
-    res = puller.reserve_prefix("pull", prefix)
-    assert res is not None and res.num_cached_tokens == 0 and len(res.block_ids) == 6
-    # Reserved blocks are not in the cache before the commit: a request would not hit them.
-    assert puller.pool.num_cached_blocks == 0
-    puller.runner.kv_cache[res.block_ids] = holder.runner.kv_cache[src]
-    assert holder.leases.give_back("pull") and holder.pool.num_used_blocks == 0
-    assert puller.commit_prefix("pull") == 6 * BS
+    def request(rid: str) -> PrefillRequest:
+        return PrefillRequest(rid, prompt, SamplingSpec(max_tokens=1), pc.describe(), [], 0,
+                              pull=PullSource("h", None, 6, 5.0))
+
+    _run(holder, "a", prefix + [1, 2])
+    lend = pulls.begin(request("r1"))
+    assert lend is not None and (lend.first_block, lend.num_blocks) == (0, 6)
+    assert puller.pool.num_cached_blocks == 0  # reserved, not cached: nothing hits them yet
+    assert lender.lend(lend) == ""
+    assert holder.pool.num_used_blocks == 6  # pinned while they are sent
+    lender.take(lender.connector.poll())
+    assert holder.pool.num_used_blocks == 0 and lender.lent_tokens == 6 * BS
+    landed, failed = pulls.take(pc.poll())
+    assert [(rid, tokens) for rid, tokens, _ in landed] == [("r1", 6 * BS)] and not failed
     before = puller.scheduler.prefill_tokens_computed
-    assert _run(puller, "b", prefix + suffix) == expected
+    assert _run(puller, "r1", prompt) == _run(reference, "ref", prompt)
     assert puller.scheduler.prefill_tokens_computed - before == len(suffix)
-    assert puller.release("pull") and puller.pool.num_used_blocks == 0
-    # A second reservation of the same prefix finds it all cached: nothing to write.
-    again = puller.reserve_prefix("pull2", prefix)
-    assert again is not None and again.num_cached_tokens == 6 * BS
-    puller.release("pull2")
+    pulls.finish("r1")
+    assert puller.pool.num_used_blocks == 0
+
+    # The holder lost the blocks: it refuses, pins nothing; the puller's blocks come back.
+    puller.pool.reset_prefix_cache()
+    holder.pool.reset_prefix_cache()
+    lend = pulls.begin(request("r2"))
+    assert lend is not None and puller.pool.num_used_blocks == 6
+    assert lender.lend(lend) == "blocks no longer cached here"
+    assert holder.pool.num_used_blocks == 0
+    pulls.fail("r2", "refused", writes_done=True)
+    landed, failed = pulls.take(pc.poll())
+    assert failed == ["r2"] and not landed and pulls.failures == 1
+    assert puller.pool.num_used_blocks == 0 and puller.pool.num_cached_blocks == 0
 
 
 # ------------------------------------------------------------------ the service
