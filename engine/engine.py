@@ -5,7 +5,9 @@ of disaggregated serving. Prefill role: ``add_request(..., prefill_only=True)`` 
 the first token and keeps the request's blocks referenced (their ids are in the outputs)
 until ``release``. Decode role: ``reserve`` allocates blocks for a prompt whose KV will be
 written from outside, and ``commit_kv`` admits it, with its first token, into the decode
-batch. Not thread-safe: one thread owns an engine.
+batch. Prefix pool: ``reserve_prefix`` / ``commit_prefix`` take a prompt's leading blocks
+written by a peer into the prefix cache, and ``leases`` pins cached blocks a peer reads.
+Not thread-safe: one thread owns an engine.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ worker's prefix cache. The ``prefill`` call answers when the decode side holds e
 With ``stream_kv=False`` every block is written once, with the first token, after the last
 chunk (no overlap; kept to measure what streaming saves, see ``bench/service.py``).
 
+A prefill that names a ``PullSource`` (balancer ``kv_pool``) first gets the prompt's cached
+prefix from the worker holding it (``pdserve.prefill_worker.pull``): the request enters the
+engine once those blocks landed, or at once computing everything if the pull fails. The
+blocks this worker lends to others go through ``EngineWorker.lend``.
+
 A request that fails on its own in the engine (its sampling) answers a non-retryable
 ``PrefillResult``: the router fails it instead of trying another worker. ``abort`` answers
 True once no write of the request can still land at the decode worker, so that the router
