@@ -490,7 +490,8 @@ class Flow:
             return PrefillOutcome(Outcome.NO_WORKER)
         handle = self.cluster.workers[choice.worker_id]
         pull = self._pull_source(choice, route)
-        if pull is None:
+        if pull is None and choice.pulled_tokens:
+            self.balancer.metrics.pulled_tokens -= choice.pulled_tokens  # computed after all
             choice = choice._replace(pulled_tokens=0)
         self.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens
                                       - choice.pulled_tokens)
