@@ -11,6 +11,12 @@ events were taken from the engine (right after the engine step that made them); 
 records, for every message with events, the time from that stamp to the events being
 applied to its prefix index. Printed: messages, percentiles of that lag per router, gaps
 and resyncs. On one machine the clocks are the same clock, so the figure is the lag itself.
+
+``--probe`` adds a reference row: a bare subscriber in a process of its own (no router, no
+event loop: a blocking ``recv``, then the same opening and decoding) connected to the same
+workers. What it sees is the floor set by the workers and the machine (the worker's ZMQ
+thread, the kernel, the scheduler on a loaded host); the routers' rows above it are what the
+routers add.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.router.app import serve
 from pdserve.router.cluster import PoolConfig
+from pdserve.router.events import endpoint_of
 from pdserve.router.server import Router, RouterConfig
 
 
@@ -81,6 +88,35 @@ def _load(targets: list[str], requests: int, concurrency: int, prompt_len: int,
         list(pool.map(one, range(requests)))
 
 
+def _probe(endpoints: list[str], key: Any, out: Any) -> None:
+    """The ``--probe`` subscriber (its own process): lags of messages with events until
+    none came for 1.5 s after the first, put on ``out``."""
+    import zmq
+
+    from pdserve.worker.events import EVENT_CHANNEL, decode_message
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    for endpoint in endpoints:
+        sock.connect(endpoint)
+    opener = key.opener(EVENT_CHANNEL, max_senders=65536)
+    lags: list[float] = []
+    last = time.monotonic()
+    while sock.poll(5000):
+        try:
+            msg = decode_message(opener.open(sock.recv()))
+        except ValueError:
+            continue
+        if msg.events:
+            lags.append(time.time() - msg.stamp)
+            last = time.monotonic()
+        elif lags and time.monotonic() - last > 1.5:
+            break
+    out.put(lags)
+    sock.close(linger=0)
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     data = sorted(values)
     if not data:
@@ -99,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--routers", type=int, default=2, choices=[1, 2])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures here ('-': stdout)")
+    ap.add_argument("--probe", action="store_true",
+                    help="also measure a bare subscriber in its own process (the floor)")
     args = ap.parse_args(argv)
     engine = EngineConfig(model="tiny", dtype="float32", device="cpu",
                           cache=CacheConfig(block_size=16, num_blocks=512),
@@ -110,6 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     routers = [s[0] for s in started]
     for r in routers:
         r.events.lag.clear()
+    probe_out = None
+    if args.probe:
+        ctx = mp.get_context("spawn")
+        probe_out = ctx.Queue()
+        endpoints = [e for e in (endpoint_of(h.info) for h in routers[0].cluster.workers.values())
+                     if e]
+        ctx.Process(target=_probe, args=(endpoints, routers[0].cluster.channel_key, probe_out),
+                    daemon=True).start()
+        time.sleep(2)  # its subscriptions take effect
     t0 = time.monotonic()
     child = mp.get_context("spawn").Process(target=_load, args=(
         [f"127.0.0.1:{s[1]}" for s in started], args.requests, args.concurrency,
@@ -131,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {row['router']} | {row['messages']} | {row.get('p50_ms', 0):.2f} | "
               f"{row.get('p90_ms', 0):.2f} | {row.get('p99_ms', 0):.2f} | "
               f"{row.get('max_ms', 0):.2f} | {row['gaps']} | {row['resyncs']} |")
+    if probe_out is not None:
+        probe = percentiles(probe_out.get(timeout=60))
+        result["probe"] = probe
+        print(f"| probe (own process) | {int(probe.get('n', 0))} | {probe.get('p50_ms', 0):.2f} | "
+              f"{probe.get('p90_ms', 0):.2f} | {probe.get('p99_ms', 0):.2f} | "
+              f"{probe.get('max_ms', 0):.2f} | - | - |")
     if args.json:
         text = json.dumps(result, indent=2)
         if args.json == "-":

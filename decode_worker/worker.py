@@ -49,6 +49,7 @@ from pdserve.worker.protocol import (
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
+    from pdserve.kvtransfer.base import PollResult
 
 
 logger = logging.getLogger(__name__)
@@ -127,9 +128,8 @@ class DecodeWorker(EngineWorker):
         self._aborted.discard(rid)
         return engine.abort(rid)
 
-    def _on_tick(self) -> None:
+    def _on_tick(self, result: PollResult) -> None:
         engine = self.engine
-        result = self.connector.poll()
         for rec in result.received:
             rid = rec.request_id
             try:

@@ -5,7 +5,9 @@ of disaggregated serving. Prefill role: ``add_request(..., prefill_only=True)`` 
 the first token and keeps the request's blocks referenced (their ids are in the outputs)
 until ``release``. Decode role: ``reserve`` allocates blocks for a prompt whose KV will be
 written from outside, and ``commit_kv`` admits it, with its first token, into the decode
-batch. Not thread-safe: one thread owns an engine.
+batch. Prefix pool: ``reserve_prefix`` / ``commit_prefix`` take a prompt's leading blocks
+written by a peer into the prefix cache, and ``leases`` pins cached blocks a peer reads.
+Not thread-safe: one thread owns an engine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pdserve.engine.attention import get_attention_backend
+from pdserve.engine.block_leases import BlockLeases
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig, KVCacheSpec, ModelConfig
 from pdserve.engine.kv_cache_manager import KVCacheManager
@@ -173,6 +176,8 @@ class Engine:
         self.pool = BlockPool(num_blocks, config.cache.block_size,
                               config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
+        self.leases = BlockLeases(self.pool)
+        """Cached blocks pinned while a peer worker reads them (prefix pool)."""
         self.scheduler = Scheduler(sched, self.kv)
         backend = get_attention_backend(config.attention_backend, self.device)
         if self.tp is not None:
@@ -436,6 +441,43 @@ class Engine:
         seq.num_cached_tokens = prefix.num_tokens
         self.kv.record_lookup(n, prefix.num_tokens)
         return Reservation(request_id, list(seq.block_ids), prefix.num_tokens)
+
+    def reserve_prefix(self, pull_id: str, token_ids: Seq[int]) -> Reservation | None:
+        """Prefill role, prefix pool: reserve blocks for the leading full blocks
+        ``token_ids`` of a prompt whose KV a peer worker will write here, reusing this
+        engine's own cached prefix (those blocks are not written). None if the blocks are not
+        free now (the caller computes instead). The reservation is no request: it is never
+        scheduled; ``commit_prefix`` puts its blocks in the prefix cache and ``release``
+        drops it."""
+        bs = self.kv.block_size
+        if not token_ids or len(token_ids) % bs:
+            raise ValueError(f"a prefix of {len(token_ids)} tokens is not whole blocks of {bs}")
+        seq = self._new_sequence(pull_id, token_ids, SamplingParams(max_tokens=1), False,
+                                 None)
+        # match_prefix leaves the last token to compute; the whole prefix may be cached here.
+        seq.token_ids.append(0)
+        prefix = self.kv.match_prefix(seq)
+        seq.token_ids.pop()
+        if not self.kv.allocate(seq, len(token_ids) - prefix.num_tokens, prefix):
+            del self._requests[pull_id]
+            return None
+        seq.status = SequenceStatus.AWAITING_KV
+        seq.num_computed_tokens = seq.num_cached_tokens = prefix.num_tokens
+        return Reservation(pull_id, list(seq.block_ids), prefix.num_tokens)
+
+    def commit_prefix(self, pull_id: str) -> int:
+        """Prefill role, prefix pool: every block of ``pull_id``'s reservation now holds its
+        KV; put them in the prefix cache (a request of that prefix admitted from now on hits
+        them). The reservation keeps its blocks referenced until ``release``. Returns the
+        tokens that were written here (not already cached)."""
+        req = self._requests.get(pull_id)
+        if req is None or req.seq.status is not SequenceStatus.AWAITING_KV:
+            raise KeyError(f"no prefix reservation awaiting KV named {pull_id!r}")
+        seq = req.seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.kv.cache_computed_blocks(seq)
+        seq.status = SequenceStatus.PREFILLED
+        return seq.num_prompt_tokens - seq.num_cached_tokens
 
     def commit_kv(
         self, request_id: str, first_token_id: int, first_logprobs: TokenLogprobs | None = None

@@ -38,6 +38,14 @@ STATS_INTERVAL_S = 10.0
 DEFAULT_MODEL = "smollm2"
 
 
+def _add_pool_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool-link-gbps", type=float, default=8.0,
+                        help="--balancer kv_pool: link rate (Gbit/s) assumed for a prefill "
+                             "worker's pulls until it has measured its own")
+    parser.add_argument("--pool-latency-ms", type=float, default=5.0,
+                        help="--balancer kv_pool: fixed cost of one pull (ms)")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face checkpoint folder, GGUF file, or a built-in: 'smollm2' "
@@ -227,6 +235,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         pools=pools, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
         tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
+        pool_link_bytes_per_s=args.pool_link_gbps * 1e9 / 8,
+        pool_latency_s=args.pool_latency_ms / 1000,
         http_port=args.http_port or None,
         metrics_port=args.metrics_port or None, metrics_open=args.metrics_open,
         limits=RequestLimits(max_prompt_bytes=args.max_prompt_bytes,
@@ -312,6 +322,8 @@ def _attach_config(args: argparse.Namespace) -> RouterConfig:
         pools=pools, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
         tls_cert=tls_cert, tls_key=tls_key, balancer=args.balancer,
+        pool_link_bytes_per_s=args.pool_link_gbps * 1e9 / 8,
+        pool_latency_s=args.pool_latency_ms / 1000,
         http_port=args.http_port or None, metrics_open=args.metrics_open,
         metrics_port=args.metrics_port or None,
         drain_timeout_s=args.drain_timeout, flow=FlowConfig(lease_s=pools.lease_s),
@@ -452,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--drain-timeout", type=float, default=60.0,
                      help="seconds requests in flight may take to finish on Ctrl-C/SIGTERM")
     srv.add_argument("--balancer", default="prefix_aware",
-                     choices=["prefix_aware", "least_loaded", "round_robin"])
+                     choices=["prefix_aware", "kv_pool", "least_loaded", "round_robin"],
+                     help="'kv_pool': a prefill worker may pull a prompt's cached prefix "
+                          "from the worker holding it when that beats computing it")
+    _add_pool_args(srv)
     srv.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")
     srv.add_argument("--cpu-cache-mb", type=int, default=512,
                      help="KV cache size per CPU worker when --num-blocks is not given")
@@ -522,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to wait for the cluster's first router to publish it "
                           "(default: fail at once when it is not there)")
     rtr.add_argument("--balancer", default="prefix_aware",
-                     choices=["prefix_aware", "least_loaded", "round_robin"])
+                     choices=["prefix_aware", "kv_pool", "least_loaded", "round_robin"])
+    _add_pool_args(rtr)
     rtr.add_argument("--drain-timeout", type=float, default=60.0)
     rtr.add_argument("--disable-log-requests", action="store_true")
     rtr.add_argument("--disable-log-stats", action="store_true")

@@ -89,7 +89,8 @@ class EventSubscriber:
     """Subscribes to workers' publishers; applies what they push, on the router's loop."""
 
     def __init__(self, key: ChannelKey, indexes: dict[str, PrefixIndex | None],
-                 snapshot: SnapshotFn, on_load: LoadFn, lag_window: int = 10_000) -> None:
+                 snapshot: SnapshotFn, on_load: LoadFn, lag_window: int = 10_000,
+                 on_lag: Callable[[float], None] | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -101,6 +102,8 @@ class EventSubscriber:
         self._indexes = indexes  # role -> index (None: that role's events are not indexed)
         self._snapshot = snapshot
         self._on_load = on_load
+        self._on_lag = on_lag
+        """Told of each lag measured (the router's Prometheus histogram)."""
         self._roles: dict[str, str] = {}
         self._endpoints: dict[str, str] = {}
         self.state = FeedState()
@@ -178,7 +181,10 @@ class EventSubscriber:
         if index is not None:
             index.apply_events(msg.worker_id, msg.seq, msg.events, msg.incarnation)
         if msg.events:
-            self.lag.append(max(0.0, time.time() - msg.stamp))
+            lag = max(0.0, time.time() - msg.stamp)
+            self.lag.append(lag)
+            if self._on_lag is not None:
+                self._on_lag(lag)
         self._on_load(msg.worker_id, msg.load)
         if verdict == "gap":
             task = asyncio.get_running_loop().create_task(

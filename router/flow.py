@@ -57,10 +57,12 @@ from pdserve.router.balancer import (
     WorkerLoad,
 )
 from pdserve.router.cluster import Cluster, WorkerHandle
+from pdserve.router.kv_pool import source_span
 from pdserve.router.stream import TokenInbox
 from pdserve.worker.protocol import (
     PrefillRequest,
     PrefillResult,
+    PullSource,
     ReserveRequest,
     SamplingSpec,
     TokenRecord,
@@ -177,7 +179,8 @@ class Flow:
         if h.role == "prefill":
             return WorkerLoad(
                 h.worker_id, pending_prefill_tokens=int(s.get("pending_prefill_tokens", 0)),
-                prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)), alive=h.alive)
+                prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)), alive=h.alive,
+                pull_bytes_per_s=float(s.get("pull_bytes_per_s", 0.0)))
         total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
         used = int(s.get("num_used_blocks", 0))
         return WorkerLoad(
@@ -457,6 +460,24 @@ class Flow:
         needed = self.balancer.blocks_needed(route)
         return DecodeChoice(best.worker_id, needed, 0, 0.0)
 
+    def _pull_source(self, choice: PrefillChoice, route: RouteRequest) -> PullSource | None:
+        """Where the chosen worker pulls its prompt's prefix from (policy ``kv_pool``):
+        the run of blocks the balancer's main source holds confirmed, past what the chosen
+        worker holds; None when there is none or the source is not alive."""
+        if not choice.pulled_tokens or choice.pull_from is None:
+            return None
+        source = self.cluster.workers.get(choice.pull_from)
+        pool_holders = getattr(self.balancer, "pool_holders", None)
+        if source is None or not source.alive or pool_holders is None:
+            return None
+        first = choice.cached_tokens // self.cluster.block_size
+        end = source_span(source.worker_id, first, pool_holders(route))
+        if end <= first:
+            return None
+        # Past this the pull is slower than predicted by far: compute instead.
+        timeout = min(max(1.0, 5 * choice.pull_s), 0.5 * self.config.lease_s)
+        return PullSource(source.worker_id, source.actor, end, timeout)
+
     async def _prefill(self, attempt: Attempt, seq: Sequence,
                        params: SamplingParams) -> PrefillOutcome:
         """Choose a prefill worker and run the prefill (see ``AttemptCalls.prefill``)."""
@@ -468,12 +489,17 @@ class Flow:
         except NoWorkerAvailableError:
             return PrefillOutcome(Outcome.NO_WORKER)
         handle = self.cluster.workers[choice.worker_id]
-        self.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens)
+        pull = self._pull_source(choice, route)
+        if pull is None and choice.pulled_tokens:
+            self.balancer.metrics.pulled_tokens -= choice.pulled_tokens  # computed after all
+            choice = choice._replace(pulled_tokens=0)
+        self.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens
+                                      - choice.pulled_tokens)
         skip = res.num_cached_tokens // res.block_size
         # Writes must start well inside the decode side's lease (see PrefillRequest).
         deadline = attempt.reserved_at + 0.9 * self.config.lease_s
         req = PrefillRequest(attempt.id, list(seq.token_ids), self._spec(seq, params), res.target,
-                             res.block_ids, skip, deadline, attempt.priority)
+                             res.block_ids, skip, deadline, attempt.priority, pull)
         outcome = await self.calls.prefill(attempt, handle, req)
         result = outcome.result
         if result is not None and result.ok:

@@ -122,3 +122,13 @@ def pool_reach(
         reach += 1
     main = max(sorted(supply), key=supply.__getitem__) if supply else None
     return reach, main
+
+
+def source_span(source: str, first_block: int, holders: Sequence[Sequence[str]]) -> int:
+    """The end of the run of blocks ``source`` holds from ``first_block`` on (per-block
+    ``holders`` as for ``pool_reach``): a pull from one source reads blocks
+    ``[first_block, source_span(...))``; ``first_block`` itself if it holds none."""
+    end = first_block
+    while end < len(holders) and source in holders[end]:
+        end += 1
+    return end

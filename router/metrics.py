@@ -53,6 +53,10 @@ class WorkerSample:
     stats: dict[str, float]
 
 
+EVENT_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+"""KV event lag histogram bounds (seconds): the target is under 10 ms."""
+
+
 class RouterMetrics:
     """Every metric of one router. ``track()`` per request; ``render()`` for /metrics;
     ``samples()`` for GetStats."""
@@ -103,6 +107,10 @@ class RouterMetrics:
         self.actual_ttft = Histogram("pdserve:balancer_actual_ttft_seconds", "The chosen "
                                      "worker's measured prefill TTFT (what was predicted)",
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.event_lag = Histogram("pdserve:kv_event_lag_seconds", "A worker taking KV "
+                                   "events from its engine to this router applying them "
+                                   "to its prefix index (wall clocks: exact on one machine)",
+                                   buckets=EVENT_LAG_BUCKETS, registry=r)
         self.running = Gauge("pdserve:router_requests_running", "Requests in the router",
                              registry=r)
         self.running.set_function(lambda: float(running()))
@@ -226,6 +234,14 @@ class _PulledCollector(Collector):
             "prefill_tokens_computed": ("Prompt tokens the worker computed",
                                         "prefill_tokens_computed"),
             "preemptions": ("Requests preempted for lack of KV blocks", "num_preemptions"),
+            "kv_pool_pulled_tokens": ("Prompt tokens whose KV a prefill worker pulled from "
+                                      "another worker instead of computing it",
+                                      "pool_pulled_tokens"),
+            "kv_pool_pulls": ("Pulls a prefill worker started", "pool_pulls"),
+            "kv_pool_pull_failures": ("Pulls that fell back to computing the prefix",
+                                      "pool_pull_failures"),
+            "kv_pool_lent_tokens": ("Tokens of cached KV a worker sent to pulling prefill "
+                                    "workers", "pool_lent_tokens"),
         }
         families: dict[str, Metric] = {}
         for name, (doc, _) in gauges.items():

@@ -39,7 +39,7 @@ from pdserve.engine.model.checkpoint import load_model_config
 from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
-from pdserve.router.balancer import PrefillChoice, make_balancer
+from pdserve.router.balancer import BalancerConfig, PrefillChoice, make_balancer
 from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
 from pdserve.router.directory import ClusterInfo
 from pdserve.router.errors import public_reason
@@ -47,6 +47,7 @@ from pdserve.router.events import EventSubscriber, endpoint_of
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
 from pdserve.router.grpc_service import Undecodable
 from pdserve.router.grpc_structured import structured_from_proto
+from pdserve.router.kv_pool import PullCostModel
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_log import (
@@ -113,6 +114,12 @@ class RouterConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     drain_timeout_s: float = 60.0
     """On stop, how long requests in flight may take to finish before they are cut."""
+    pool_link_bytes_per_s: float = 1e9
+    """Balancer ``kv_pool``: the link rate assumed for a prefill worker's pulls until it
+    has measured its own (``pull_bytes_per_s`` in its stats)."""
+    pool_latency_s: float = 0.005
+    """Balancer ``kv_pool``: the fixed cost of one pull (the call to the holder, its wait
+    for the end of its current step, the first byte)."""
 
 
 class Router(pb_grpc.GenerationServicer):
@@ -141,7 +148,12 @@ class Router(pb_grpc.GenerationServicer):
         self.cluster = Cluster(config.pools)
         self.index = PrefixIndex(engine_cfg.cache.block_size)
         self.events: EventSubscriber | None = None
-        self.balancer = make_balancer(config.balancer, self.index)
+        dtype = engine_cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if engine_cfg.device.startswith("cuda") else "float32"
+        self._block_bytes = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                        engine_cfg.cache.block_size, dtype).block_bytes
+        self.balancer = make_balancer(config.balancer, self.index, **self._pool_options())
         self.inbox: TokenInbox | None = None
         self.flow: Flow | None = None
         self._eos = tuple(sorted(eos))
@@ -162,12 +174,18 @@ class Router(pb_grpc.GenerationServicer):
             failovers=lambda: self.flow.failovers if self.flow is not None else 0,
             running=lambda: len(self._active), model_name=self.model_name,
             waiting=lambda: self.flow.waiting if self.flow is not None else 0)
-        dtype = engine_cfg.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if engine_cfg.device.startswith("cuda") else "float32"
-        mc = self.model_config
-        self._block_bytes = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                                        engine_cfg.cache.block_size, dtype).block_bytes
+
+    def _pool_options(self) -> dict[str, Any]:
+        """Policy ``kv_pool``: the decode workers' caches are a source too (their own index,
+        fed by their events), and pulls are costed from this model's KV bytes per token."""
+        if self.config.balancer != "kv_pool":
+            return {}
+        cfg = self.config
+        bs = cfg.pools.engine.cache.block_size
+        pull = PullCostModel(kv_bytes_per_token=max(1, self._block_bytes // bs),
+                             link_bytes_per_s=cfg.pool_link_bytes_per_s,
+                             latency_s=cfg.pool_latency_s, min_pull_tokens=bs)
+        return {"decode_index": PrefixIndex(bs), "config": BalancerConfig(pull=pull)}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -185,7 +203,7 @@ class Router(pb_grpc.GenerationServicer):
         self.events = EventSubscriber(
             self.cluster.channel_key,
             {"prefill": self.index, "decode": self.balancer.decode_index},
-            self._snapshot, self.flow.on_load)
+            self._snapshot, self.flow.on_load, on_lag=self.metrics.event_lag.observe)
         self.events.start()
         for h in self.cluster.workers.values():
             self._subscribe(h)

@@ -1,7 +1,9 @@
 """What both worker roles are made of: one ``Engine`` on its own ``EngineDriver`` thread,
 one KV connector around the engine's KV cache (``kv_transport``: NIXL, or torch.distributed
 with "nccl"), and the Ray methods every worker answers
-(``ping``, ``watch``, ``info``, ``abort``, ``stats``, ``kv_snapshot``, ``shutdown``).
+(``ping``, ``watch``, ``info``, ``abort``, ``stats``, ``kv_snapshot``, ``lend``,
+``shutdown``). Either role may lend its cached blocks to a prefill worker that pulls them
+(``lend``, the cluster-wide prefix pool: ``pdserve.worker.lending``).
 
 Every worker pushes its KV events and load to the routers as they happen
 (``pdserve.worker.events``: a sealed ZMQ PUB socket, numbered messages, published on the
@@ -38,11 +40,12 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.affinity import pin_process, split_cpus
 from pdserve.worker.events import LOAD_FIELDS, EventPublisher
-from pdserve.worker.protocol import resolve_host
+from pdserve.worker.lending import Lender
+from pdserve.worker.protocol import LendRequest, resolve_host
 
 if TYPE_CHECKING:
     from pdserve.engine.engine import Engine
-    from pdserve.kvtransfer.base import KVConnector
+    from pdserve.kvtransfer.base import KVConnector, PollResult
     from pdserve.worker.tp_ranks import RankGroup
 
 logger = logging.getLogger(__name__)
@@ -106,6 +109,7 @@ class EngineWorker:
             getattr(self.engine.runner, "call_ranks", None),
             self.engine.model_config.num_kv_heads, kv_transport)
         self.agent_name = self.connector.describe().agent_name  # new per worker process
+        self.lender = Lender(worker_id, self.engine, self.connector)
         self.events = EventPublisher(worker_id, self.agent_name, channel_key, resolve_host(host))
         self.routers_seen: dict[str, float] = {}
         """Router inbox endpoint -> ``time.monotonic()`` of its last ping (lease renewal)."""
@@ -145,12 +149,13 @@ class EngineWorker:
             ranks.close()
             raise
 
-    def _tick(self) -> None:
+    def _check_ranks(self) -> None:
+        """Raise ``RankError`` when a rank of this worker stopped (checked every 0.1 s): a
+        rank that stopped stops this worker's loop, so the worker goes down as one unit."""
         now = time.monotonic()
         if self.ranks is not None and now - self._ranks_checked > 0.1:
             self._ranks_checked = now
-            self.ranks.check()  # a rank that stopped stops this worker's loop: one unit
-        self._on_tick()
+            self.ranks.check()
 
     def start_driver(self) -> None:
         self.driver = EngineDriver(self.engine, self._outputs_then_publish,
@@ -173,7 +178,10 @@ class EngineWorker:
         self._publish()
 
     def _tick_then_publish(self) -> None:
-        self._tick()
+        self._check_ranks()
+        result = self.connector.poll()
+        self.lender.take(result)  # blocks lent to pullers: given back here
+        self._on_tick(result)
         self._publish()
 
     def _load(self) -> dict[str, float]:
@@ -189,7 +197,9 @@ class EngineWorker:
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         raise NotImplementedError
 
-    def _on_tick(self) -> None:
+    def _on_tick(self, result: PollResult) -> None:
+        """Every turn of the loop, with what the connector reported since the last one
+        (less the transfers of blocks this worker lent)."""
         raise NotImplementedError
 
     def _abort(self, engine: Engine, request_id: str, writes_done: bool) -> bool:
@@ -245,6 +255,13 @@ class EngineWorker:
                 "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else None}
 
+    async def lend(self, req: LendRequest) -> str:
+        """Prefix pool: write this worker's cached blocks of a prompt into a puller's
+        reserved blocks (``pdserve.worker.lending``). Answers "" once the writes are posted
+        (the transfer's outcome reaches the puller through its own connector), else why
+        nothing was written."""
+        return await asyncio.wrap_future(self._driver.call(lambda e: self.lender.lend(req)))
+
     async def kv_snapshot(self) -> tuple[str, int, list[int], dict[str, float]]:
         """(incarnation, seq, every cached block hash, load) as of event message ``seq``
         (-1: before the first): what a router resyncs from after a gap."""
@@ -266,7 +283,7 @@ class EngineWorker:
         def take(engine: Engine) -> tuple[Any, dict[str, Any]]:
             kv_stats = getattr(self.connector, "stats", None)  # the nccl transport's groups
             kv = {f"kv_{k}": v for k, v in kv_stats().items()} if kv_stats else {}
-            return engine.stats(), kv
+            return engine.stats(), {**kv, **self.lender.stats()}
 
         s, kv = await asyncio.wrap_future(self._driver.call(take))
         return {"worker_id": self.worker_id, "role": self.role, "steps": self._driver.steps,

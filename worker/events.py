@@ -36,7 +36,7 @@ EVENT_CHANNEL = "kv-events"
 """The ``ChannelKey`` channel every worker's events are sealed for."""
 LOAD_FIELDS = ("num_running", "num_waiting", "num_awaiting_kv", "num_blocks",
                "num_used_blocks", "num_cached_blocks", "prefill_tokens_per_s", "pending_jobs",
-               "pending_prefill_tokens")
+               "pending_prefill_tokens", "pull_bytes_per_s")
 """The load figures a message carries (a subset of the worker's ``stats``)."""
 
 _STORED, _REMOVED, _CLEARED = 0, 1, 2

@@ -94,6 +94,38 @@ class TokenRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class PullSource:
+    """Where a prefill worker may get a prompt's leading blocks instead of computing them
+    (the cluster-wide prefix pool): ``holder`` (the Ray actor of worker ``worker_id``, a
+    prefill or decode worker) holds blocks ``[0, num_blocks)`` of the prompt in its prefix
+    cache, per the router's index. The prefill worker asks it for the ones it lacks
+    (``LendRequest``) and computes from there; if they have not all landed after
+    ``timeout_s`` (or the holder refuses, fails or dies) it computes them instead."""
+
+    worker_id: str
+    holder: Any
+    num_blocks: int
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LendRequest:
+    """Write the cached blocks ``[first_block, num_blocks)`` of the prompt ``token_ids``
+    (its first ``num_blocks`` full blocks) into ``dst_block_ids`` of ``target``, as transfer
+    ``pull_id`` (the puller expects exactly those blocks under that id). The holder pins the
+    blocks until its connector reports the transfer sent or failed; no write may start
+    after ``write_deadline`` (``time.time()``), when the puller stops waiting."""
+
+    pull_id: str
+    token_ids: list[int]
+    first_block: int
+    num_blocks: int
+    target: TransferTarget
+    dst_block_ids: list[int]
+    write_deadline: float
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillRequest:
     """Compute ``prompt_token_ids``' KV and first token; write blocks
     ``[skip_blocks, ...)`` of the prompt into ``dst_block_ids[skip_blocks:]`` of ``target``.
@@ -110,6 +142,8 @@ class PrefillRequest:
     skip_blocks: int
     write_deadline: float = float("inf")
     priority: int = 0  # lower runs first (``--scheduling-policy priority``)
+    pull: PullSource | None = None
+    """Another worker's cached blocks of the prompt to pull instead of computing them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +156,7 @@ class PrefillResult:
     first_token_id: int = -1
     first_logprobs: list[Any] | None = None
     num_cached_tokens: int = 0  # prompt tokens this worker served from its prefix cache
+    pulled_tokens: int = 0  # of which pulled from another worker for this request
     prefill_s: float = 0.0  # from arrival on the worker to the first token
     transfer_tail_s: float = 0.0  # from the first token to the last write's completion
     error: str = ""
