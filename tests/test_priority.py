@@ -255,3 +255,84 @@ def test_decode_reservation_preempts_lower_priority_only_under_priority_policy()
             assert engine.request_status("low0") == "running"
         assert engine.reserve("equal", list(range(300, 340)), SamplingParams(max_tokens=4),
                               priority=5) is None  # equal priority never preempts
+
+
+# ------------------------------------------------------------------ through the service
+
+
+def _stream_ttft(client: Any, prompt: list[int], priority: int) -> float:
+    """Seconds to the first streamed token of a short high-priority request."""
+    start = time.perf_counter()
+    for chunk in client.stream(prompt, max_tokens=2, temperature=0.0, ignore_eos=True,
+                               priority=priority, timeout=60):
+        if chunk.token_ids:
+            return time.perf_counter() - start
+    raise AssertionError("no token streamed")
+
+
+def test_service_high_priority_ttft_under_a_full_decode_pool_stays_within_2x_of_idle(
+        tmp_path: Any) -> None:
+    """The real service (router + Ray workers, priority policy) with a small decode pool:
+    low-priority streams fill its KV blocks (the rest wait in the router's admission
+    queue); a high-priority request is admitted at once, preempting a low-priority one on
+    the decode worker, and its TTFT stays within 2x of the idle pool's (medians of 5)."""
+    import threading
+
+    from pdserve_client import Client
+    from tests.service import ServiceThread
+
+    # 24 blocks of 16 tokens per worker; each low-priority request grows to 15 blocks.
+    service = ServiceThread("tiny", 1, 1, api_key=None, num_blocks=24,
+                            scheduling_policy="priority", admission_timeout_s=120.0)
+    stop = threading.Event()
+    try:
+        with Client(service.target) as client:
+            prompt = list(range(1, 41))  # 3 blocks
+            _stream_ttft(client, prompt, 0)  # warm-up (first request's one-off costs)
+            idle = statistics.median(_stream_ttft(client, prompt, 0) for _ in range(5))
+            lows_done: list[int] = []
+
+            def low(i: int) -> None:
+                stream = client.stream(list(range(100 + i, 130 + i)), max_tokens=200,
+                                       temperature=0.0, ignore_eos=True, priority=10,
+                                       timeout=120)
+                n = 0
+                for chunk in stream:
+                    n += len(chunk.token_ids)
+                    if stop.is_set():
+                        stream.cancel()
+                        break
+                lows_done.append(n)
+
+            threads = [threading.Thread(target=low, args=(i,), daemon=True)
+                       for i in range(12)]
+            for t in threads:
+                t.start()
+            router = service.router
+            assert router is not None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # the pool is full and requests wait
+                stats = service.worker_stats()["decode-0"]
+                free = stats["num_blocks"] - stats["num_used_blocks"]
+                if free <= 2 and stats["num_running"] >= 4:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"the decode pool never filled: {stats}")
+            before = service.worker_stats()["decode-0"]["num_preemptions"]
+            loaded = [_stream_ttft(client, prompt, 0) for _ in range(5)]
+            after = service.worker_stats()["decode-0"]["num_preemptions"]
+            waiting = router.flow.waiting
+            stop.set()
+            for t in threads:
+                t.join(60)
+        full = statistics.median(loaded)
+        print(f"high-priority TTFT: idle {idle * 1e3:.0f} ms, full pool {full * 1e3:.0f} ms "
+              f"({full / idle:.2f}x); preemptions {after - before}, router waiting {waiting}")
+        # Low-priority requests were preempted to make room (and others wait behind them).
+        assert after > before, (before, after, waiting)
+        assert full <= 2 * idle, (full, idle, loaded)
+        assert len(lows_done) == 12  # every low-priority stream ended, none hung
+    finally:
+        stop.set()
+        service.stop()
