@@ -277,6 +277,13 @@ def test_named_choice_and_streamed_required_match_the_whole_message(
               client.chat.completions.create(stream=True, **kwargs) if c.choices]
     got = _reassemble(chunks)
     assert got["finish_reason"] == whole.finish_reason == "tool_calls"
+    # A header delta (id, type, name, arguments ""), then the arguments as they come (the
+    # decode worker may send several tokens in one record: fragments are not per token).
+    deltas = [tc for c in chunks for tc in (c["delta"].get("tool_calls") or [])]
+    assert deltas[0]["id"] and deltas[0]["type"] == "function"
+    assert deltas[0]["function"] == {"name": got["tool_calls"][0]["function"]["name"],
+                                     "arguments": ""}
+    assert all(not d["id"] and d["function"]["arguments"] for d in deltas[1:]), deltas
     assert [c["function"] for c in got["tool_calls"]] == [
         {"name": c.function.name, "arguments": c.function.arguments}
         for c in whole.message.tool_calls]
