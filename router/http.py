@@ -6,9 +6,8 @@
 ``Router.prepare`` and ``Router.run``, the same validation and request path as gRPC; errors
 come back in OpenAI's error shape with the matching status (400 bad input, 401 bad key,
 404 unknown model, 429 overload, 503 no workers, 504 deadline), and so does anything
-unexpected (500, a short message; the traceback stays in the router's log). A body that is
-not JSON, nested too deep to parse, or carries text that is not valid Unicode is a 400
-naming what is wrong.
+unexpected (500, a short message; the traceback stays in the router's log). A body that is not JSON, nested
+too deep to parse, or carries text that is not valid Unicode is a 400 naming what is wrong.
 A chat request to a model without a chat template (and no ``--chat-template``) is a 400: no
 generic template is guessed.
 
