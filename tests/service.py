@@ -32,10 +32,11 @@ class ServiceThread:
     def __init__(self, model: str = "tiny", prefill: int = 1, decode: int = 1, *,
                  api_key: str | None = None, lease_s: float = 30.0,
                  max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
+                 scheduling_policy: str = "fcfs",
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
                  http: bool = False, served_model_names: tuple[str, ...] = (),
                  kv_transport: str = "nixl", ping_interval_s: float = 0.2,
-                 scheduling_policy: str = "fcfs", **router_options: Any) -> None:
+                 **router_options: Any) -> None:
         if not ray.is_initialized():
             # address="local": this process's own Ray, whatever else runs on the machine.
             ray.init(address="local", num_cpus=16, namespace="pdserve", include_dashboard=False,
