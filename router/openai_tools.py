@@ -11,19 +11,17 @@
   "arguments": {...}}</tool_call>`` blocks; the text outside them is the ``content``.
   Needs the server's ``--tool-call-parser``.
 
-Streaming (``ToolStream``): a named function streams its arguments as they are generated
-(the first delta carries the call's ``id``, ``type`` and ``function.name``); "required"
-and "auto" hold the output back and send, at the end, the content and then each call as
-OpenAI does: one delta with ``id``/``type``/``function.name`` and empty arguments, then
-the arguments in fragments. Reassembled, the deltas equal the non-streamed message.
-Pure Python.
+Streaming (``ToolStream``): as OpenAI streams them, each call opens with one delta carrying
+its ``index``, ``id``, ``type`` and ``function.name`` (``arguments`` ""), then its
+``function.arguments`` arrive in fragments as the model writes them; "auto" streams the
+content around the calls as it comes (``pdserve.router.tool_stream`` reads the output
+incrementally). A call's ``arguments`` is the model's own JSON text. The non-streamed
+message is read by the same scanners: reassembled, the deltas equal it. Pure Python.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +29,9 @@ from pdserve.engine.sampling_limits import show
 from pdserve.engine.structured.spec import StructuredSpec
 from pdserve.router.errors import param_of
 from pdserve.router.flow import RequestError
+from pdserve.router.tool_stream import ArrayScanner, HermesScanner, new_call, read_calls
 
 PARSERS = ("hermes",)
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_FRAGMENT = 16  # characters of arguments per streamed delta (held-back outputs)
 
 
 def _bad(message: str) -> RequestError:
@@ -156,45 +153,21 @@ def tool_constraint(req: ToolRequest) -> StructuredSpec | None:
     return StructuredSpec.json_schema(schema)
 
 
-def _call(name: str, arguments: Any) -> dict[str, Any]:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments,
-                                                                   ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": args}}
-
-
 def parse_hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, calls) of a Hermes / Qwen style output. A block that is not a JSON object
     with a string ``name`` stays in the content, as text."""
-    calls: list[dict[str, Any]] = []
-    kept: list[str] = []
-    pos = 0
-    for match in _HERMES.finditer(text):
-        try:
-            obj = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            continue
-        kept.append(text[pos:match.start()])
-        pos = match.end()
-        calls.append(_call(obj["name"], obj.get("arguments", obj.get("parameters", {}))))
-    kept.append(text[pos:])
-    content = "".join(kept).strip()
-    return (content or None), calls
+    return read_calls(text, HermesScanner())
 
 
 def tool_calls(req: ToolRequest, text: str,
                parser: str | None) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, tool_calls) of a finished output."""
     if req.named:
-        return None, [_call(req.choice, text)]
+        return None, [new_call(req.choice, text)]
     if req.choice == "required":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            return text, []  # cut short (max_tokens): no complete call to report
-        return None, [_call(i["name"], i["arguments"]) for i in items]
+        _, calls = read_calls(text, ArrayScanner())
+        # Cut short (max_tokens) before a call was named: the text is all there is.
+        return (None, calls) if calls else (text or None, [])
     if req.choice == "auto" and parser == "hermes":
         return parse_hermes(text)
     return text, []
@@ -214,8 +187,13 @@ class ToolStream:
         self.req = req
         self.parser = parser
         self.text: list[str] = []
-        self._named_id = _call(req.choice, "")["id"] if req.named else ""
+        self._named_id = new_call(req.choice, "")["id"] if req.named else ""
         self._started = False
+        self._scanner: HermesScanner | ArrayScanner | None = None
+        if req.choice == "required":
+            self._scanner = ArrayScanner()
+        elif req.choice == "auto" and parser == "hermes":
+            self._scanner = HermesScanner()
 
     @property
     def live(self) -> bool:
@@ -227,33 +205,30 @@ class ToolStream:
         self.text.append(text)
         if self.live:
             return [{"content": text}] if text else []
-        if not self.req.named or not text:
+        if self._scanner is not None:
+            return self._scanner.push(text) if text else []
+        if not text:
             return []
-        fn: dict[str, Any] = {"arguments": text}
-        call: dict[str, Any] = {"index": 0, "function": fn}
+        out = []
         if not self._started:
             self._started = True
-            call.update(id=self._named_id, type="function")
-            fn["name"] = self.req.choice
-        return [{"tool_calls": [call]}]
+            out.append({"tool_calls": [{"index": 0, "id": self._named_id, "type": "function",
+                                        "function": {"name": self.req.choice,
+                                                     "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+        return out
 
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(final deltas, the calls) once the output is complete."""
-        if self.live or self.req.named:
-            calls = [] if self.live else [_call(self.req.choice, "".join(self.text))]
+        if self._scanner is None:
+            text = "".join(self.text)
+            calls = [] if self.live else [{**new_call(self.req.choice, text),
+                                           "id": self._named_id}]
             return [], calls
-        content, calls = tool_calls(self.req, "".join(self.text), self.parser)
-        deltas: list[dict[str, Any]] = []
-        if content:
-            deltas.append({"content": content})
-        for i, call in enumerate(calls):
-            args = call["function"]["arguments"]
-            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                           "function": {"name": call["function"]["name"],
-                                                        "arguments": ""}}]})
-            for start in range(0, len(args), _FRAGMENT):
-                deltas.append({"tool_calls": [{"index": i, "function": {
-                    "arguments": args[start:start + _FRAGMENT]}}]})
+        deltas = self._scanner.finish()
+        calls = self._scanner.calls.calls
+        if isinstance(self._scanner, ArrayScanner) and not calls and any(self.text):
+            deltas.append({"content": "".join(self.text)})  # cut short before any call
         return deltas, calls
 
 

@@ -32,6 +32,7 @@ class ServiceThread:
     def __init__(self, model: str = "tiny", prefill: int = 1, decode: int = 1, *,
                  api_key: str | None = None, lease_s: float = 30.0,
                  max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
+                 scheduling_policy: str = "fcfs",
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
                  http: bool = False, served_model_names: tuple[str, ...] = (),
                  kv_transport: str = "nixl", ping_interval_s: float = 0.2,
@@ -46,7 +47,8 @@ class ServiceThread:
         engine = EngineConfig(
             model=model, dtype="float32", device="cpu",
             cache=CacheConfig(block_size=16, num_blocks=num_blocks),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                      policy=scheduling_policy),
         )
         self.config = RouterConfig(
             pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,
@@ -56,7 +58,7 @@ class ServiceThread:
             port=0, api_key=api_key, http_port=0 if http else None,
             served_model_names=served_model_names,
             flow=FlowConfig(lease_s=lease_s, admission_timeout_s=admission_timeout_s,
-                            max_waiting=max_waiting),
+                            max_waiting=max_waiting, scheduling_policy=scheduling_policy),
         )
         self.config = replace(self.config, **router_options)  # e.g. tls_cert, metrics_port
         self.router: Router | None = None

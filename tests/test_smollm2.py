@@ -6,7 +6,9 @@ transformers' on the same dequantized weights; then ``pdserve serve --model smol
 a process, as a user starts it, and the official ``openai`` client, the ``pdserve`` CLI and
 the gRPC SDK talk to it: the answer to the capital of France, the served name, 404s for
 unknown models, the access and stats log lines, the vLLM-named metrics (parsed with
-prometheus_client) and the Grafana dashboard's queries against what it exports.
+prometheus_client) and the Grafana dashboard's queries against what it exports. Structured
+output on the real model: 50 JSON-schema requests, guided choices and regexes, on the
+colocated engine and through the service, all obey their constraint.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdserve.bench.structured_cases import CHOICES, REGEX, json_cases
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.model.builtin import builtin_checkpoint
+from pdserve.engine.structured.spec import StructuredSpec
 from pdserve_client import Client, NotFound
 from tests.gguf_files import _GLOBAL, _LAYER
 from tests.procs import Lines, free_ports, stop_pids_using
@@ -98,6 +104,12 @@ def _reference_model(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def llm(smollm2: Path) -> LLM:
+    """The colocated engine on the real model (shared by this module's engine tests)."""
+    return LLM(model=str(smollm2), dtype="float32", device="cpu", num_blocks=256)
+
+
 @pytest.fixture()
 def one_thread() -> Iterator[None]:
     """Single-threaded matmuls for this test: on a busy 2-core machine two OpenMP threads
@@ -109,12 +121,11 @@ def one_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
-def test_greedy_tokens_and_logprobs_equal_transformers_on_the_same_weights(smollm2,
-                                                                           one_thread) -> None:
+def test_greedy_tokens_and_logprobs_equal_transformers_on_the_same_weights(
+        smollm2, llm, one_thread) -> None:
     prompts = [[{"role": "user", "content": text}] for text in (
         "What is the capital of France?", "Write a haiku about the sea.",
         "List three primary colours.")]
-    llm = LLM(model=str(smollm2), dtype="float32", device="cpu", num_blocks=256)
     tok = llm.tokenizer
     assert tok is not None
     ids = [tok.apply_chat_template(p) for p in prompts]
@@ -292,3 +303,76 @@ def test_logs_name_each_request_the_startup_steps_and_the_load(served, client) -
         assert logs.matching(step), step
     assert logs.wait_for("pdserve.stats: throughput:", timeout=15), logs.text()
     assert "Traceback" not in logs.text(500)
+
+
+# ------------------------------------------------------------------------ structured output
+
+STRUCTURED_MAX_TOKENS = 120  # the schemas bound every output well inside it
+
+
+def _valid(schema: dict, text: str, finish: str | None) -> None:
+    assert finish == "stop", (finish, text)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_engine_structured_output_on_the_real_model(llm, one_thread) -> None:
+    """50 JSON-schema requests (greedy and sampled), guided choices and regexes in one
+    batch: every output obeys its constraint."""
+    cases = json_cases()
+    tok = llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for _, p in cases]
+    params = [SamplingParams(max_tokens=STRUCTURED_MAX_TOKENS, temperature=0.0 if i % 2
+                             else 0.8, seed=i, structured=StructuredSpec.json_schema(s))
+              for i, (s, _) in enumerate(cases)]
+    for i in range(6):
+        prompts.append(tok.apply_chat_template([{"role": "user", "content":
+                                                 f"Is review {i} positive or negative?"}]))
+        params.append(SamplingParams(max_tokens=8, temperature=1.0, seed=i,
+                                     structured=StructuredSpec.choice(CHOICES)))
+        prompts.append(tok.apply_chat_template([{"role": "user", "content":
+                                                 f"Give product code number {i}."}]))
+        params.append(SamplingParams(max_tokens=16, temperature=1.0, seed=i,
+                                     structured=StructuredSpec("regex", REGEX)))
+    outs = llm.generate(prompts, params)
+    for (schema, _), out in zip(cases, outs[:len(cases)], strict=True):
+        _valid(schema, out.text, out.finish_reason)
+    rest = [o.text for o in outs[len(cases):]]
+    assert all(t in CHOICES for t in rest[0::2]), rest
+    assert all(re.fullmatch(REGEX, t) for t in rest[1::2]), rest
+
+
+def test_service_structured_output_on_the_real_model(client) -> None:
+    """The same through the disaggregated service (1 prefill + 1 decode worker: the prefill
+    worker's first token obeys the grammar, the decode worker continues it), sent at once
+    so that they batch: chat ``response_format`` and vLLM's fields on completions."""
+    cases = json_cases()
+
+    def one(i: int) -> tuple[str, str | None]:
+        if i >= len(cases):  # guided choices and regexes
+            k = i - len(cases)
+            extra = {"guided_choice": CHOICES} if k % 2 else {"guided_regex": REGEX}
+            out = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": f"Rate item {k}."}],
+                max_tokens=16, temperature=1.0, seed=k, extra_body=extra)
+            return out.choices[0].message.content, out.choices[0].finish_reason
+        schema, prompt = cases[i]
+        if i % 2 == 0:
+            out = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": prompt}],
+                max_tokens=STRUCTURED_MAX_TOKENS, temperature=0.8, seed=i,
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": f"s{i}", "schema": schema, "strict": True}})
+            return out.choices[0].message.content, out.choices[0].finish_reason
+        extra = {"guided_json": schema} if i % 4 == 1 else {"structured_outputs":
+                                                            {"json": schema}}
+        out = client.completions.create(model="smollm2", prompt=prompt, temperature=0.0,
+                                        max_tokens=STRUCTURED_MAX_TOKENS, extra_body=extra)
+        return out.choices[0].text, out.choices[0].finish_reason
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(len(cases) + 12)))
+    for (schema, _), (text, finish) in zip(cases, results[:len(cases)], strict=True):
+        _valid(schema, text, finish)
+    rest = [text for text, _ in results[len(cases):]]
+    assert all(t in CHOICES for t in rest[1::2]), rest
+    assert all(re.fullmatch(REGEX, t) for t in rest[0::2]), rest

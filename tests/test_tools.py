@@ -150,10 +150,58 @@ def test_streamed_deltas_reassemble_to_the_whole_message(choice: Any,
     assert [c["function"] for c in got["tool_calls"]] == [c["function"] for c in
                                                          want["tool_calls"]]
     assert all(c["id"] and c["type"] == "function" for c in got["tool_calls"])
-    # The first delta of each call carries id, type and name; later ones only arguments.
+    # The first delta of each call carries id, type and name (arguments ""); later ones
+    # only arguments, in more than one fragment when the model wrote them over several
+    # tokens (here: pieces), sent as they come, not at the end.
     first = [tc for c in chunks for tc in c["delta"].get("tool_calls", [])]
     assert "name" in first[0]["function"] and "id" in first[0]
+    assert first[0]["function"]["arguments"] == "" and first[0]["type"] == "function"
+    fragments = [tc["function"]["arguments"] for tc in first[1:]
+                 if tc["index"] == 0 and "name" not in tc["function"]]
+    assert len(fragments) >= 2 and all(fragments), fragments
     assert expected_reason(choice) == got["finish_reason"]
+    assert all("id" not in tc for tc in first[1:] if tc["index"] == 0)
+
+
+def _stream(req: Any, text: str, step: int) -> list[dict[str, Any]]:
+    """``text`` streamed ``step`` characters per delta."""
+    stream = ToolStream(req, "hermes")
+    chunks: list[dict[str, Any]] = []
+    for start in range(0, len(text), step):
+        last = start + step >= len(text)
+        chunks += tool_chunks(stream, _make_choice, Delta(
+            [1], text[start:start + step], finish_reason="stop" if last else None))
+    return chunks
+
+
+@pytest.mark.parametrize("text", [
+    ' Checking. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\\"ris}", '
+    '"unit": "celsius"}}\n</tool_call> and <tool_call>{"arguments": {"zone": "UTC"}, '
+    '"name": "get_time"}</tool_call> done. ',
+    'Text <tool_call>not json</tool_call> more <tool_call>{"name": "get_time", '
+    '"parameters": "{\\"zone\\": \\"CET\\"}"}</tool_call>',
+    "< not a tag <tool_ and plain text",
+    '<tool_call>{"name": "get_time"}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Ro',  # cut short
+])
+def test_hermes_streamed_char_by_char_equals_the_whole_message(text: str) -> None:
+    req = parse_tools({"tools": TOOLS})
+    assert req is not None
+    content, calls = parse_hermes(text)
+    for step in (1, 3, 7, len(text)):
+        got = _reassemble(_stream(req, text, step))
+        assert got["content"] == content, (step, got)
+        assert [c["function"] for c in got["tool_calls"]] == [c["function"] for c in calls]
+
+
+def test_hermes_reads_arguments_in_any_key_order_and_keeps_bad_blocks_as_text() -> None:
+    content, calls = parse_hermes(
+        'A <tool_call>{"arguments": {"zone": "UTC"}, "name": "get_time"}</tool_call> '
+        '<tool_call>{"nom": 1}</tool_call> B <tool_call>{"name": "get_time", "parameters": '
+        '"{\\"zone\\": \\"CET\\"}"}</tool_call><tool_call>{"name": "f"}</tool_call>')
+    assert content == 'A  <tool_call>{"nom": 1}</tool_call> B'
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == [("get_time", {"zone": "UTC"}), ("get_time", {"zone": "CET"}), ("f", {})]
 
 
 def expected_reason(choice: Any) -> str:
@@ -229,6 +277,13 @@ def test_named_choice_and_streamed_required_match_the_whole_message(
               client.chat.completions.create(stream=True, **kwargs) if c.choices]
     got = _reassemble(chunks)
     assert got["finish_reason"] == whole.finish_reason == "tool_calls"
+    # A header delta (id, type, name, arguments ""), then the arguments as they come (the
+    # decode worker may send several tokens in one record: fragments are not per token).
+    deltas = [tc for c in chunks for tc in (c["delta"].get("tool_calls") or [])]
+    assert deltas[0]["id"] and deltas[0]["type"] == "function"
+    assert deltas[0]["function"] == {"name": got["tool_calls"][0]["function"]["name"],
+                                     "arguments": ""}
+    assert all(not d["id"] and d["function"]["arguments"] for d in deltas[1:]), deltas
     assert [c["function"] for c in got["tool_calls"]] == [
         {"name": c.function.name, "arguments": c.function.arguments}
         for c in whole.message.tool_calls]

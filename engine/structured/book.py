@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class GrammarBook:
         self._matchers: dict[str, Any] = {}
         self._bitmask: Any = None
         self.masked_rows = 0  # rows masked, ever (for tests and stats)
+        self.busy_s = 0.0  # time spent filling/applying masks and advancing matchers, ever
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._futures or request_id in self._matchers
@@ -91,7 +93,10 @@ class GrammarBook:
             return Verdict.GOING
         if matcher.is_terminated():
             return Verdict.TERMINATED
-        if not matcher.accept_token(int(token)):
+        start = time.perf_counter()
+        ok = matcher.accept_token(int(token))
+        self.busy_s += time.perf_counter() - start
+        if not ok:
             raise ValueError(f"token {token} does not fit the request's structured output "
                              "constraint")
         return Verdict.TERMINATED if matcher.is_terminated() else Verdict.GOING
@@ -104,6 +109,7 @@ class GrammarBook:
         import torch
         import xgrammar as xgr
 
+        start = time.perf_counter()
         n = logits.shape[0]
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.vocab_size)
@@ -121,6 +127,7 @@ class GrammarBook:
         else:
             xgr.apply_token_bitmask_inplace(logits, target, vocab_size=width, indices=rows)
         self.masked_rows += len(rows)
+        self.busy_s += time.perf_counter() - start
 
     def forget(self, request_id: str) -> None:
         self._futures.pop(request_id, None)
