@@ -3,7 +3,9 @@
 A serves the pools it created (1 prefill + 2 decode workers); B attaches to them in this
 process (as `pdserve router` does), after A served traffic, so B's first pushed event
 messages are a gap it repairs from a snapshot; C is a real `pdserve router` process that
-is killed with SIGKILL mid-stream.
+is killed with SIGKILL mid-stream. The model is "small": its decode steps (tens of ms on one
+core) keep C's long request running well past the lease, so that the decode worker, not the
+request's own end, is what frees its blocks (the "tiny" model finishes 3,000 tokens in ~2 s).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pdserve.worker.protocol import ReserveRequest, SamplingSpec
 from pdserve_client import Client, Unavailable
 from tests.service import ServiceThread
 
+MODEL = "small"
 LEASE_S = 4.0
 NUM_BLOCKS = 256
 PROMPTS = ["The quick brown fox", "Several routers serve one cluster of workers",
@@ -36,11 +39,11 @@ PROMPTS = ["The quick brown fox", "Several routers serve one cluster of workers"
 
 @pytest.fixture(scope="module")
 def routers():
-    a = ServiceThread("tiny", 1, 2, lease_s=LEASE_S, num_blocks=NUM_BLOCKS)
+    a = ServiceThread(MODEL, 1, 2, lease_s=LEASE_S, num_blocks=NUM_BLOCKS)
     with Client(a.target) as c:  # traffic before B joins: B's first messages are a gap
         for p in PROMPTS:
             c.generate(p, max_tokens=4, temperature=0.0)
-    b = ServiceThread("tiny", 1, 2, lease_s=LEASE_S, num_blocks=NUM_BLOCKS,
+    b = ServiceThread(MODEL, 1, 2, lease_s=LEASE_S, num_blocks=NUM_BLOCKS,
                       pools=replace(a.config.pools, attach=True))
     yield a, b
     b.stop()
@@ -48,8 +51,8 @@ def routers():
 
 
 @pytest.fixture(scope="module")
-def tiny_llm() -> LLM:
-    return LLM(model="tiny", dtype="float32", device="cpu")
+def ref_llm() -> LLM:
+    return LLM(model=MODEL, dtype="float32", device="cpu")
 
 
 def reference(llm: LLM, prompt: str, n: int) -> list[int]:
@@ -57,11 +60,11 @@ def reference(llm: LLM, prompt: str, n: int) -> list[int]:
                                                  ignore_eos=True))[0].token_ids
 
 
-def test_two_routers_serve_exact_tokens_with_their_own_pushed_views(routers, tiny_llm) -> None:
+def test_two_routers_serve_exact_tokens_with_their_own_pushed_views(routers, ref_llm) -> None:
     a, b = routers
     with Client(a.target) as ca, Client(b.target) as cb:
         for p in PROMPTS:
-            ref = reference(tiny_llm, p, 12)
+            ref = reference(ref_llm, p, 12)
             assert list(ca.generate(p, max_tokens=12, temperature=0.0,
                                     ignore_eos=True).token_ids) == ref
             assert list(cb.generate(p, max_tokens=12, temperature=0.0,
@@ -85,7 +88,7 @@ def test_two_routers_serve_exact_tokens_with_their_own_pushed_views(routers, tin
         assert lags and lags[len(lags) // 2] < 0.05, lags[-10:]
 
 
-def test_the_decode_worker_refuses_a_double_booking(routers, tiny_llm) -> None:
+def test_the_decode_worker_refuses_a_double_booking(routers, ref_llm) -> None:
     """The decode worker is the authority: a reservation it cannot hold is refused (B's view
     said there was room), and B retries on the other decode worker at once."""
     a, b = routers
@@ -101,7 +104,7 @@ def test_the_decode_worker_refuses_a_double_booking(routers, tiny_llm) -> None:
     router = b.router
 
     async def admit_on_a_stale_view() -> tuple[list[int], str]:
-        prepared = await router.prepare("tiny", prompt, SamplingArgs(
+        prepared = await router.prepare(MODEL, prompt, SamplingArgs(
             max_tokens=12, temperature=0.0, ignore_eos=True))
         view = router.flow.decode_view
         # What B would believe before d0's push arrives: d0 all free, d1 half full.
@@ -123,7 +126,7 @@ def test_the_decode_worker_refuses_a_double_booking(routers, tiny_llm) -> None:
         ray.get(d0.abort.remote("hog", True))
     assert router.flow.refused_reservations == refused + 1
     assert worker == "decode-1"
-    assert tokens == reference(tiny_llm, prompt, 12)
+    assert tokens == reference(ref_llm, prompt, 12)
     stats = a.wait_idle()
     assert all(s["num_used_blocks"] == 0 for s in stats.values())
 
@@ -134,7 +137,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_killing_a_router(routers, tiny_llm) -> None:
+def test_killing_a_router(routers, ref_llm) -> None:
     """A `pdserve router` process killed mid-stream: its stream fails UNAVAILABLE, the other
     routers keep serving, and what it held on the workers is freed within the lease."""
     a, b = routers
@@ -173,7 +176,7 @@ def test_killing_a_router(routers, tiny_llm) -> None:
     with Client(a.target) as ca, Client(b.target) as cb:  # the others keep serving
         for c in (ca, cb):
             assert list(c.generate(PROMPTS[1], max_tokens=8, temperature=0.0,
-                                   ignore_eos=True).token_ids) == reference(tiny_llm,
+                                   ignore_eos=True).token_ids) == reference(ref_llm,
                                                                             PROMPTS[1], 8)
     stats = a.wait_idle(timeout=LEASE_S + 10)  # the dead router's request: ended by its lease
     assert all(s["num_used_blocks"] == 0 for s in stats.values()), stats
