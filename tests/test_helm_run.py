@@ -12,14 +12,16 @@ rendered) answers 200 and a Generate comes back over the Service's gRPC port, wi
 and API key the values ask for; then SIGTERM drains the router, as the preStop hook does.
 
 What one machine needs changed, and only that: the model is swapped for the built-in
-``tiny`` and the device for the CPU; pools are shrunk to one pod and one worker each (values
-``replicas`` / ``gpusPerPod`` / ``workersPerPod``); the router's ports are free ports
-(values); each Ray node gets free ports and a small object store, and the head no dashboard
-(extra ``ray start`` flags after KubeRay's); each pod's ``/tmp`` and ``$HOME`` are temp
-dirs; no idle Ray workers are started ahead; worker nodes start one after the other, and a
-container that exits is restarted a few times, as the kubelet would; UCX's transport and
-device selection (``UCX_TLS``, ``UCX_NET_DEVICES``: InfiniBand, CUDA IPC) is left out. A
-chart whose rendered command cannot start fails here.
+``tiny`` and the device for the CPU, and the CPU kernels (which a CPU image would carry
+built) come from this machine's kernel cache instead of being compiled in each pod (about
+50 s on two cores); pools are shrunk to one pod and one worker each (values ``replicas`` /
+``gpusPerPod`` / ``workersPerPod``); the router's ports are free ports (values); each Ray
+node gets free ports and a small object store, and the head no dashboard (extra ``ray
+start`` flags after KubeRay's); each pod's ``/tmp`` and ``$HOME`` are temp dirs; no idle
+Ray workers are started ahead; worker nodes start one after the other, and a container that
+exits is restarted a few times, as the kubelet would; UCX's transport and device selection
+(``UCX_TLS``, ``UCX_NET_DEVICES``: InfiniBand, CUDA IPC) is left out. A chart whose
+rendered command cannot start fails here.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from pdserve.engine.cpu_kernels import KernelBuildError, build, cache_dir
 from pdserve.engine.model.builtin import builtin_checkpoint, default_root
 from pdserve_client import Client
 from tests.procs import Lines, free_ports, stop_pids_using
@@ -177,7 +180,8 @@ def _env(pod: Pod, extra: dict[str, str]) -> dict[str, str]:
     """The container's env as the kubelet gives it (secretKeyRef resolved), plus KubeRay's."""
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "LANG": "C.UTF-8",
            "HOME": str(pod.home), "RAY_TMPDIR": str(pod.tmp),
-           "PDSERVE_CACHE_DIR": str(default_root()), "PYTHONUNBUFFERED": "1",
+           "PDSERVE_CACHE_DIR": str(default_root()), "PDSERVE_KERNEL_CACHE": str(cache_dir()),
+           "PYTHONUNBUFFERED": "1",
            "RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY_ENV}
     for var in pod.container.get("env", []):
         if var["name"] in HARDWARE_ENV:
@@ -345,6 +349,10 @@ class ChartRun:
 @pytest.fixture(scope="module")
 def chart() -> Iterator[helm.Chart]:
     builtin_checkpoint("tiny")  # the swapped-in model, built once before any pod needs it
+    try:
+        build()  # and the CPU kernels (without a compiler, the pods take the torch path)
+    except KernelBuildError:
+        pass
     with helm.Chart.load(CHART) as loaded:
         yield loaded
 
