@@ -221,11 +221,16 @@ class DecoderLayer(nn.Module):
         q, k = rotate(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
         backend.write_kv(kv_layer, k, v, meta)
         attn = backend.attend(q, kv_layer, meta, self.scale)
-        attn_out = F.linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias)
+        attn_out = self.reduce(F.linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias))
 
         x, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm, self.eps)
         mlp_out = F.linear(silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
-        return mlp_out, residual
+        return self.reduce(mlp_out), residual
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over tensor-parallel ranks of a row-parallel projection's output (after
+        o_proj and after down_proj); one rank holds the whole product."""
+        return partial
 
 
 def has_o_bias(config: ModelConfig) -> bool:

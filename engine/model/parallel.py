@@ -36,10 +36,7 @@ from pdserve.engine.model.llama import (
     _empty_weight,
     add_rms_norm,
     has_o_bias,
-    rms_norm,
     rope_tables,
-    rotate,
-    silu_mul,
 )
 from pdserve.engine.tp_group import TPGroup
 from pdserve.engine.tp_layout import Span, TPLayout
@@ -75,34 +72,8 @@ class ParallelDecoderLayer(DecoderLayer):
         super().__init__(config, index)
         self.group = group
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_layer: torch.Tensor,
-        meta: AttentionMetadata,
-        backend: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = hidden.shape[0]
-        x, residual = add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
-        qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            qk_weight = torch.cat((self.q_norm.expand(self.num_heads, -1),
-                                   self.k_norm.expand(self.num_kv_heads, -1)))
-            qk = rms_norm(qk, qk_weight, self.eps)
-        q, k = rotate(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
-        backend.write_kv(kv_layer, k, v, meta)
-        attn = backend.attend(q, kv_layer, meta, self.scale)
-        attn_out = F.linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias)
-        attn_out = self.group.all_reduce(attn_out)
-
-        x, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm, self.eps)
-        mlp_out = F.linear(silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
-        return self.group.all_reduce(mlp_out), residual
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(partial)
 
 
 class ParallelCausalLM(CausalLM):
