@@ -8,6 +8,8 @@ interpreter whatever the test order. An explicit ``TRITON_INTERPRET`` is left as
 The repository stands alone: a clone with nothing beside it passes. An audit hook records
 every file this process opens in the folder that holds the repository but outside the
 repository itself (a sibling folder of data); any such read fails the session.
+
+Every Ray the suite starts waits longer than Ray's default for its GCS (see the end).
 """
 
 from __future__ import annotations
@@ -58,3 +60,7 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+# Every Ray this suite starts (in process or in a child) gives its GCS 120 s instead of 30 s
+# to bind a port: on a loaded two-core runner that start has been seen to take longer.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
