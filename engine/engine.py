@@ -147,6 +147,13 @@ class Engine:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = dtype
+        if self.device.type == "cpu" and dtype in ("bfloat16", "float16"):
+            from pdserve.engine import cpu_kernels
+
+            if cpu_kernels.half_matmuls_emulated():
+                logger.warning("%s on a CPU without AVX-512: torch's %s matmuls are emulated "
+                               "here, hundreds of times slower than float32 (use --dtype "
+                               "float32)", dtype, dtype)
         self.model_path = resolve_model(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
         if self.tp is not None:
