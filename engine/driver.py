@@ -101,10 +101,12 @@ class EngineDriver:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                busy = self.engine.has_unfinished()
-                self._run_calls(block=not busy)
+                # The tick first: calls see what it brought in (a request whose KV landed is
+                # running by then, so a reservation may preempt it instead of finding its
+                # blocks still held for KV in flight).
                 if self._on_tick is not None:
                     self._on_tick()
+                self._run_calls(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     outputs = self.engine.step()
                     self.steps += 1
