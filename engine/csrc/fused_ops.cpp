@@ -70,6 +70,10 @@ void add_rms_norm_impl(const at::Tensor& x, const at::Tensor* residual, const at
       }
       sq = _mm512_reduce_add_ps(acc);
 #endif
+      // The scalar loop sums in double: a float sum in row order drifts from torch's
+      // vectorised one by enough to move a bf16 / fp16 rounding of h * inv (seen without
+      // AVX-512 as two units in the last place of the output).
+      double tail = 0.0;
       for (; d < dim; ++d) {
         float v = static_cast<float>(xr[d]);
         if (rp) {
@@ -77,8 +81,9 @@ void add_rms_norm_impl(const at::Tensor& x, const at::Tensor* residual, const at
           sp[r * ss + d] = static_cast<T>(v);
         }
         h[d] = v;
-        sq += v * v;
+        tail += static_cast<double>(v) * v;
       }
+      sq += static_cast<float>(tail);
       const float inv = 1.f / std::sqrt(sq / static_cast<float>(dim) + feps);
       T* orow = op + r * so;
       d = 0;
