@@ -174,6 +174,9 @@ void item_generic(const Batch& b, const Sequence& s, const TileRows& rows, int64
         const T* k = tok[j] + h * c.s_head;
         for (int r = 0; r < rows.nrows; ++r) {
           float acc = 0.f;
+          // Vectorised by the compiler (AVX2 where -march=native has it): the path that
+          // machines without AVX-512 take.
+#pragma omp simd reduction(+ : acc)
           for (int d = 0; d < D; ++d) acc += qf[r * D + d] * static_cast<float>(k[d]);
           const bool ok = kc + j <= rows.qpos[r];
           sc[j][r] = ok ? acc * b.scale : kNegInf;
@@ -191,6 +194,7 @@ void item_generic(const Batch& b, const Sequence& s, const TileRows& rows, int64
           sum += p;
           if (p == 0.f) continue;
           const T* v = tok[j] + h * c.s_head + c.s_kv;
+#pragma omp simd
           for (int d = 0; d < D; ++d) orow[d] += p * static_cast<float>(v[d]);
         }
         hs.l[r] = hs.l[r] * corr + sum;
