@@ -42,29 +42,20 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     force = force or asyncio.Event()
     router = Router(config)
-    max_message = max(4 << 20, router.validator.max_prompt_bytes + (1 << 20))
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message)])
-    add_generation_service(router, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    address = f"{config.host}:{config.port}"
-    if config.tls_cert and config.tls_key:
-        creds = grpc.ssl_server_credentials([(config.tls_key, config.tls_cert)])
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound and config.port:
-        raise OSError(f"cannot listen on {address} (in use?)")
+    server: grpc.aio.Server | None = None
     http: HttpFront | None = None
     health_task: asyncio.Task[None] | None = None
     started = False
     try:
+        # Ray before the gRPC server: a local Ray start forks its processes (GCS, raylet),
+        # and a fork while gRPC's threads run has hung the child before it ran the GCS.
         if not await _unless(router.start(on_connected), stop):
             return
+        server, bound = _grpc_server(router, config, health_servicer, names)
         await server.start()
         started = True
         if config.http_port is not None:
@@ -85,12 +76,31 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
             health_task.cancel()
         for name in ("", names[0]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if started:
+        if started and server is not None:
             drain = asyncio.ensure_future(_drain(server, http, config.drain_timeout_s))
             if not await _unless(drain, force):
                 router.cluster.kill_all()
                 await server.stop(grace=None)
         await router.stop()
+
+
+def _grpc_server(router: Router, config: RouterConfig, health_servicer: health.aio.HealthServicer,
+                 names: tuple[str, ...]) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with its services, bound to ``config``'s address; its port."""
+    max_message = max(4 << 20, router.validator.max_prompt_bytes + (1 << 20))
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message)])
+    add_generation_service(router, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(names, server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert and config.tls_key:
+        creds = grpc.ssl_server_credentials([(config.tls_key, config.tls_cert)])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound and config.port:
+        raise OSError(f"cannot listen on {address} (in use?)")
+    return server, bound
 
 
 async def _unless(work: object, event: asyncio.Event) -> bool:
