@@ -184,8 +184,9 @@ class Cluster:
             cfg = self.config
             logical_cpus = max(os.cpu_count() or 1,
                                int(cfg.total_ranks() * cfg.cpus_per_worker) + 1)
-            # Ray gives its GCS 30 s to bind a port; on a loaded machine (a CI runner, a node
-            # busy starting other processes) that start has been seen to take longer.
+            # Ray gives its GCS 30 s to bind a port; a loaded machine (a CI runner, a node busy
+            # starting other processes) may need longer. (The start-up timeouts once seen in
+            # CI were a hung fork, which serve() now avoids by starting Ray before gRPC.)
             os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
             # address="local": a new Ray of our own even when a `ray start` head runs on
             # this machine (ray.init() would attach to it and refuse num_cpus).

@@ -62,5 +62,5 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 # Every Ray this suite starts (in process or in a child) gives its GCS 120 s instead of 30 s
-# to bind a port: on a loaded two-core runner that start has been seen to take longer.
+# to bind a port: a loaded two-core runner may need longer.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
