@@ -31,6 +31,7 @@ from pdserve.engine.kv_events import KVEvent
 from pdserve.engine.logits_processing import TokenContext
 from pdserve.engine.model.builtin import resolve_model
 from pdserve.engine.model.checkpoint import load_model_config
+from pdserve.engine.model.cpu_linear import pack_model
 from pdserve.engine.model.loader import load_model
 from pdserve.engine.outputs import RequestMetrics, RequestOutput, StopChecker
 from pdserve.engine.runner import ModelRunner
@@ -163,6 +164,8 @@ class Engine:
                                              self.device, self.tp)
         else:
             self.model = load_model(self.model_path, dtype, self.device)
+        if self.device.type == "cpu":
+            pack_model(self.model)
         self.tokenizer = Tokenizer(self.model_path) if config.detokenize else None
         mc = self.model_config
         self.kv_spec = KVCacheSpec(

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from pdserve.engine.attention.base import AttentionMetadata
 from pdserve.engine.attention.torch_backend import TorchAttentionBackend
 from pdserve.engine.config import RopeConfig
+from pdserve.engine.model.cpu_linear import PACKED, pack_model, packing_supported
 from pdserve.engine.model.llama import rope_inv_freq
 from pdserve.engine.model.loader import CheckpointError, load_model, load_model_config
 from tests.checkpoints import (
@@ -183,6 +184,30 @@ def test_bf16_loads_and_runs(checkpoints: dict[str, Path]) -> None:
     ref = hf_reference(folder, "llama")(ids[None]).logits[0]
     agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree > 0.8
+
+
+@pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
+                    reason="this CPU has no native oneDNN bfloat16 kernels")
+@pytest.mark.parametrize("case", ["llama-llama3-rope", "llama-tied", "llama-attention-bias"])
+@torch.no_grad()
+def test_bf16_packed_weights_give_the_same_logits(checkpoints: dict[str, Path], case: str) -> None:
+    """Weights packed once for oneDNN: the same bits as the plain weights' ``F.linear``, at a
+    prefill and a decode-sized row count, tied and untied output projections alike."""
+    model = load_model(checkpoints[case], "bf16", "cpu")
+    n = 40
+    ids = prompt(n, model.config.vocab_size)
+    backend = TorchAttentionBackend()
+    plain = model.compute_logits(model(ids, torch.arange(n), new_cache(model), prefill_meta(n),
+                                       backend))
+    rows = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
+    plain_rows = model.compute_logits(rows)
+    assert pack_model(model)
+    assert all(getattr(layer, name).is_mkldnn for layer in model.layers for name in PACKED)
+    assert model.head_weight().is_mkldnn and not model.embed_tokens.is_mkldnn
+    packed = model.compute_logits(model(ids, torch.arange(n), new_cache(model),
+                                        prefill_meta(n), backend))
+    assert torch.equal(packed, plain)
+    assert torch.equal(model.compute_logits(rows), plain_rows)
 
 
 def test_sharded_checkpoint_loads_like_single_file(

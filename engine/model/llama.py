@@ -31,6 +31,7 @@ from torch import nn
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.config import ModelConfig, RopeConfig
+from pdserve.engine.model.cpu_linear import linear
 
 # Checkpoint entries that carry no weights (recomputed buffers of older exports).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -206,7 +207,7 @@ class DecoderLayer(nn.Module):
         whose sum is the stream leaving it."""
         n = hidden.shape[0]
         x, residual = add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        qkv = linear(x, self.qkv_proj, self.qkv_bias)
         # q and k heads side by side: one norm and one rotation for both.
         qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
@@ -221,10 +222,10 @@ class DecoderLayer(nn.Module):
         q, k = rotate(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
         backend.write_kv(kv_layer, k, v, meta)
         attn = backend.attend(q, kv_layer, meta, self.scale)
-        attn_out = self.reduce(F.linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias))
+        attn_out = self.reduce(linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias))
 
         x, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm, self.eps)
-        mlp_out = F.linear(silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        mlp_out = linear(silu_mul(linear(x, self.gate_up_proj)), self.down_proj)
         return self.reduce(mlp_out), residual
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
@@ -256,6 +257,7 @@ class CausalLM(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
         )
+        self.packed_head: torch.Tensor | None = None
         self.register_buffer(
             "rope_cache",
             torch.empty(config.max_position_embeddings, config.head_dim, device="meta"),
@@ -293,8 +295,14 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, hidden]`` final hidden states -> ``[n, vocab]`` float32 logits."""
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        return linear(hidden, self.head_weight()).float()
+
+    def head_weight(self) -> torch.Tensor:
+        """The output projection's weight: a packed copy of the tied embedding where
+        ``pdserve.engine.model.cpu_linear.pack_model`` made one."""
+        if self.packed_head is not None:
+            return self.packed_head
+        return self.embed_tokens if self.lm_head is None else self.lm_head
 
     # -- checkpoint mapping -------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.model.cpu_linear import linear
 from pdserve.engine.model.llama import (
     INPUT_MAJOR,
     CausalLM,
@@ -112,8 +113,7 @@ class ParallelCausalLM(CausalLM):
         return add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        local = F.linear(hidden, weight).float()
+        local = linear(hidden, self.head_weight()).float()
         return torch.cat(self.group.all_gather(local), dim=-1)[:, : self.full_config.vocab_size]
 
     # -- sharded loading ----------------------------------------------------------------
