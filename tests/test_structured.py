@@ -104,6 +104,23 @@ def test_engine_fifty_json_schema_requests_all_validate(llm: LLM) -> None:
     assert book.masked_rows >= sum(len(o.token_ids) for o in outs) - 50
 
 
+def test_engine_json_keys_come_in_the_schema_order(llm: LLM) -> None:
+    """Properties are generated in the order the schema lists them (as OpenAI's strict mode
+    does), not sorted: the schema travels in its own key order."""
+    props = {"zeta": {"type": "integer"}, "mid": {"type": "boolean"},
+             "alpha": {"type": "string", "maxLength": 8}}
+    schema = {"type": "object", "properties": props, "required": list(props),
+              "additionalProperties": False}
+    spec = StructuredSpec.json_schema(schema)
+    assert list(json.loads(spec.value)["properties"]) == ["zeta", "mid", "alpha"]
+    outs = llm.generate(["order"] * 3, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8,
+                                                       seed=i, structured=spec)
+                                        for i in range(3)])
+    for out in outs:
+        _check_json(schema, out.text, out.finish_reason)
+        assert list(json.loads(out.text)) == ["zeta", "mid", "alpha"], out.text
+
+
 def test_engine_choice_regex_grammar_and_json_object(llm: LLM) -> None:
     n = 8
     choice = [SamplingParams(max_tokens=20, temperature=1.0, seed=i,

@@ -59,10 +59,9 @@ class StructuredSpec:
 
     @classmethod
     def json_schema(cls, schema: dict | bool | str) -> StructuredSpec:
-        """From a schema object (serialized canonically, so equal schemas share a cache
-        entry) or its JSON text."""
-        text = schema if isinstance(schema, str) else json.dumps(
-            schema, sort_keys=True, separators=(",", ":"))
+        """From a schema object (serialized compactly in its own key order: the order of
+        ``properties`` is the order the output's keys take) or its JSON text."""
+        text = schema if isinstance(schema, str) else json.dumps(schema, separators=(",", ":"))
         return cls("json", text)
 
     @classmethod
