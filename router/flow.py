@@ -75,6 +75,10 @@ from pdserve.worker.protocol import (
 
 logger = logging.getLogger(__name__)
 
+_RESERVE_WAIT_S = 1.0
+"""The longest a decode worker keeps a reservation for KV in flight; past it, the router's
+usual back-off and the other decode workers take over."""
+
 
 class RequestError(Exception):
     """A request that cannot be served; ``code`` names the gRPC status, ``param`` the
@@ -449,9 +453,15 @@ class Flow:
                         choice = self._roomiest_decode(route, loads)
                     if choice is not None:
                         handle = self.cluster.workers[choice.worker_id]
+                        # Under priority, the worker may keep the request while the blocks
+                        # it needs wait for KV in flight (see ReserveRequest.wait_s).
+                        wait_s = 0.0
+                        if self.admission.by_priority:
+                            wait_s = max(0.0, min(_RESERVE_WAIT_S, capacity_deadline - now,
+                                                  (deadline or math.inf) - now))
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
                                              self._spec(seq, params), self.inbox.endpoint,
-                                             self.config.lease_s, priority)
+                                             self.config.lease_s, priority, wait_s)
                         try:
                             res = await self.calls.reserve(handle, req)
                         except RequestFailed as exc:
