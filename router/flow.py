@@ -454,9 +454,11 @@ class Flow:
                     if choice is not None:
                         handle = self.cluster.workers[choice.worker_id]
                         # Under priority, the worker may keep the request while the blocks
-                        # it needs wait for KV in flight (see ReserveRequest.wait_s).
+                        # it needs wait for KV in flight (see ReserveRequest.wait_s); only
+                        # the last one left to try, so that a refusal still moves the
+                        # request on to the others at once.
                         wait_s = 0.0
-                        if self.admission.by_priority:
+                        if self.admission.by_priority and len(loads) == 1:
                             wait_s = max(0.0, min(_RESERVE_WAIT_S, capacity_deadline - now,
                                                   (deadline or math.inf) - now))
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
