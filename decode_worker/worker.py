@@ -8,6 +8,14 @@ block landed; if its transfer fails or its lease expires, the blocks are freed o
 write can reach them (``reuse_after``) and the router is told. An abort whose caller knows no
 write can land any more (``writes_done``) frees them at once.
 
+Under the priority policy a reservation may have to wait for nothing but KV in flight: its
+blocks are held by reservations of lower priority that cannot be preempted until their KV
+lands. Such a request is kept (for at most its ``wait_s``) and granted on the turn of the
+loop where enough of them landed, before any step and before any other call: the router
+gets its answer then, not after a refusal and a back-off. While one is kept, requests of no
+better priority are refused, so that blocks freed meanwhile go to it; a kept request is
+granted only when that frees enough blocks (``Engine.reserve`` preempts nobody otherwise).
+
 Token batches go to each router's inbox over ZMQ PUSH, sealed with the cluster's key
 (``pdserve.kvtransfer.auth``, channel ``tokens/<endpoint>``). A request that fails on its own
 (its sampling, a first token it cannot take) is reported as a non-retryable error record;
@@ -27,12 +35,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.driver import EngineStoppedError
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey, Sealer
 from pdserve.worker.base import EngineWorker
@@ -55,6 +66,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Kept:
+    """A reservation waiting for KV in flight (driver thread only)."""
+
+    req: ReserveRequest
+    until: float  # time.monotonic(): refused then if not granted
+    answer: Future[ReserveResult | None]
+
+
 class DecodeWorker(EngineWorker):
     """Ray actor body. Not for concurrent use outside Ray's actor model."""
 
@@ -74,15 +94,21 @@ class DecodeWorker(EngineWorker):
         self._deferred_free: list[tuple[float, str]] = []
         self._outbox: dict[str, list[TokenRecord]] = {}
         self._next_orphan_check = 0.0
+        self._kept: list[_Kept] = []  # best priority first, then arrival
         self.orphans_ended = 0
+        self.kept_reservations = 0
         self.start_driver()
 
     # ------------------------------------------------------------------ Ray methods
 
     async def reserve(self, req: ReserveRequest) -> ReserveResult | None:
-        """Reserve blocks for ``req``'s prompt, or None if they are not free now.
-        ValueError for a request the engine refuses."""
-        return await asyncio.wrap_future(self._driver.call(lambda e: self._reserve(e, req)))
+        """Reserve blocks for ``req``'s prompt, or None if they are not free now (or, kept
+        for KV in flight, not within ``req.wait_s``). ValueError for a request the engine
+        refuses."""
+        got = await asyncio.wrap_future(self._driver.call(lambda e: self._reserve(e, req)))
+        if isinstance(got, Future):
+            return await asyncio.wrap_future(got)
+        return got
 
     async def shutdown(self) -> None:
         await super().shutdown()
@@ -91,10 +117,44 @@ class DecodeWorker(EngineWorker):
 
     # ------------------------------------------------------------------ driver thread
 
-    def _reserve(self, engine: Engine, req: ReserveRequest) -> ReserveResult | None:
+    def _reserve(self, engine: Engine, req: ReserveRequest
+                 ) -> ReserveResult | None | Future[ReserveResult | None]:
+        """The reservation, None, or (kept for KV in flight) the future of the answer."""
         rid = req.request_id
         if rid in self.tombstones:
             raise ValueError(f"request {rid!r} was cancelled")
+        if any(k.req.priority <= req.priority for k in self._kept):
+            return None  # the blocks that free up go to the kept one first
+        got = self._try_reserve(engine, req)
+        if got is not None or req.wait_s <= 0 or not engine.blocks_in_flight(req.priority):
+            return got
+        answer: Future[ReserveResult | None] = Future()
+        answer.set_running_or_notify_cancel()  # answered here only (grant, expiry, abort)
+        kept = _Kept(req, time.monotonic() + min(req.wait_s, req.lease_s), answer)
+        at = next((i for i, k in enumerate(self._kept) if k.req.priority > req.priority),
+                  len(self._kept))
+        self._kept.insert(at, kept)
+        self.kept_reservations += 1
+        return answer
+
+    def _serve_kept(self, engine: Engine, now: float) -> None:
+        """Grant kept reservations that fit now, best first; refuse those whose wait is
+        over or that no KV in flight can make room for any more."""
+        while self._kept:
+            kept = self._kept[0]
+            try:
+                got = self._try_reserve(engine, kept.req)
+            except Exception as exc:  # the request's own failure, answered to the caller
+                self._kept.pop(0)
+                kept.answer.set_exception(exc)
+                continue
+            if got is None and now < kept.until and engine.blocks_in_flight(kept.req.priority):
+                return  # the ones behind it wait too
+            self._kept.pop(0)
+            kept.answer.set_result(got)
+
+    def _try_reserve(self, engine: Engine, req: ReserveRequest) -> ReserveResult | None:
+        rid = req.request_id
         reservation = engine.reserve(rid, req.prompt_token_ids, sampling_params(req.sampling),
                                      req.priority)
         if reservation is None:
@@ -109,6 +169,12 @@ class DecodeWorker(EngineWorker):
                              reservation.num_cached_tokens, bs)
 
     def _abort(self, engine: Engine, rid: str, writes_done: bool) -> bool:
+        for i, kept in enumerate(self._kept):
+            if kept.req.request_id == rid:
+                del self._kept[i]
+                kept.answer.set_result(None)
+                self.tombstones.add(rid)
+                return False
         self._reply_to.pop(rid, None)
         self._open_choices.pop(rid, None)
         if engine.request_status(rid) is None:
@@ -157,6 +223,8 @@ class DecodeWorker(EngineWorker):
             for rid in due:
                 engine.abort(rid)
                 self._aborted.discard(rid)
+        if self._kept:
+            self._serve_kept(engine, now)
         self._end_orphans(now)
         self._flush()
 
@@ -183,7 +251,14 @@ class DecodeWorker(EngineWorker):
                            self.worker_id, len(orphans), len(gone), self.lease_s)
 
     def _extra_stats(self) -> dict[str, int]:
-        return {"orphans_ended": self.orphans_ended}
+        return {"orphans_ended": self.orphans_ended,
+                "kept_reservations": self.kept_reservations}
+
+    def _on_stop(self, error: BaseException | None) -> None:
+        kept, self._kept = self._kept, []
+        for k in kept:
+            k.answer.set_exception(EngineStoppedError(f"engine loop stopped: {error!r}"))
+        super()._on_stop(error)
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

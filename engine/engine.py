@@ -429,6 +429,10 @@ class Engine:
         seq = self._new_sequence(request_id, prompt_token_ids, params, False, None, priority)
         n = seq.num_tokens
         prefix = self.kv.match_prefix(seq)
+        short = self.kv.shortfall(seq, n - prefix.num_tokens, prefix)
+        if short and self.scheduler.reclaimable(seq, self.kv.num_exclusive) < short:
+            del self._requests[request_id]  # preempting would not make room: preempt none
+            return None
 
         def fits() -> bool:
             nonlocal prefix
@@ -451,6 +455,15 @@ class Engine:
         seq.num_cached_tokens = prefix.num_tokens
         self.kv.record_lookup(n, prefix.num_tokens)
         return Reservation(request_id, list(seq.block_ids), prefix.num_tokens)
+
+    def blocks_in_flight(self, priority: int) -> int:
+        """Decode role: blocks held by reservations awaiting their KV whose priority is
+        strictly lower than ``priority`` (higher values) under the "priority" policy: once
+        their KV lands, a reservation of ``priority`` may preempt them. 0 under FCFS."""
+        if not self.scheduler.by_priority:
+            return 0
+        return sum(self.kv.num_exclusive(r.seq) for r in self._requests.values()
+                   if r.seq.status is SequenceStatus.AWAITING_KV and r.seq.priority > priority)
 
     def reserve_prefix(self, pull_id: str, token_ids: Seq[int]) -> Reservation | None:
         """Prefill role, prefix pool: reserve blocks for the leading full blocks

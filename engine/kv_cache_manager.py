@@ -72,6 +72,10 @@ class KVCacheManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix: PrefixMatch) -> bool:
         return self._blocks_needed(seq, num_new_tokens, prefix) <= self._available(prefix)
 
+    def shortfall(self, seq: Sequence, num_new_tokens: int, prefix: PrefixMatch) -> int:
+        """How many blocks the pool is short of for ``allocate`` (0: it would succeed)."""
+        return max(0, self._blocks_needed(seq, num_new_tokens, prefix) - self._available(prefix))
+
     def _blocks_needed(self, seq: Sequence, num_new_tokens: int, prefix: PrefixMatch) -> int:
         held = len(self._blocks.get(seq.request_id, ())) + len(prefix.blocks)
         computed = seq.num_computed_tokens + prefix.num_tokens
@@ -150,3 +154,7 @@ class KVCacheManager:
 
     def num_held(self, seq: Sequence) -> int:
         return len(self._blocks.get(seq.request_id, ()))
+
+    def num_exclusive(self, seq: Sequence) -> int:
+        """Blocks that freeing ``seq`` would return to the pool (held by it alone)."""
+        return sum(1 for b in self._blocks.get(seq.request_id, ()) if b.ref_cnt == 1)

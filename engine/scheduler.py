@@ -91,6 +91,15 @@ class Scheduler:
             return victim
         return None
 
+    def reclaimable(self, seq: Sequence, blocks_of: Callable[[Sequence], int]) -> int:
+        """Blocks that ``make_room`` could free for ``seq``: ``blocks_of`` each running
+        sequence of strictly lower effective priority (0 under FCFS)."""
+        if not self.by_priority:
+            return 0
+        now = self.clock()
+        mine = self.effective_priority(seq, now)
+        return sum(blocks_of(s) for s in self.running if self.effective_priority(s, now) > mine)
+
     def make_room(self, seq: Sequence,
                   fits: Callable[[], bool]) -> tuple[bool, list[Sequence]]:
         """Try ``fits()`` (an allocation for ``seq``); while it fails, preempt a running

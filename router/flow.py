@@ -6,7 +6,10 @@ sent. That is what makes failover exact: if the decode worker dies mid-stream, t
 resumes on another one from the prompt plus the tokens already sent, so the client sees no
 gap and no duplicate. A prefill worker dying, or a KV transfer failing, retries the attempt
 on another worker; nothing decodes from KV that did not fully land (the decode worker
-admits a request only when its connector reports every block received).
+admits a request only when its connector reports every block received). The first token
+comes back with the prefill worker's answer, once every block landed, and goes to the client
+at once, not after the decode worker's step in progress and its commit; the decode worker's
+stream, which starts with the same token, is read from its second.
 
 Failover is for failures of workers, never of the request: a request that fails on its own
 on a worker (it refused it, or its sampling failed there) fails with a short message and is
@@ -71,6 +74,10 @@ from pdserve.worker.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+_RESERVE_WAIT_S = 1.0
+"""The longest a decode worker keeps a reservation for KV in flight; past it, the router's
+usual back-off and the other decode workers take over."""
 
 
 class RequestError(Exception):
@@ -265,8 +272,17 @@ class Flow:
                         prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
                     timing["transfer_s"] = result.transfer_tail_s
                     cached_tokens = result.num_cached_tokens
+                early = self._first_record(attempt.id, result, params)
+                skip_first = early is not None
                 while True:
-                    record = await queue.get()
+                    if early is not None:
+                        record, early = early, None
+                    else:
+                        record = await queue.get()
+                        if skip_first and record.error is None and record.index == 0:
+                            # The decode worker's stream starts with the first token that
+                            # the client already has (from the prefill result).
+                            record, skip_first = self._without_first(record), False
                     if record.error is not None:
                         if not record.retryable:
                             raise RequestError("internal", "the request failed on its decode "
@@ -330,6 +346,26 @@ class Flow:
         self.failovers += 1
         logger.info("%s failed (%s); trying again", attempt.id, reason[:200] or "worker died")
         return failures, deaths
+
+    @staticmethod
+    def _first_record(attempt_id: str, result: PrefillResult,
+                      params: SamplingParams) -> TokenRecord | None:
+        """The first token as the prefill worker sampled it, for the client at once: the
+        prefill result comes back when every block landed, before the decode worker's step
+        in progress ends and it commits the KV and pushes the same token (which ``generate``
+        then skips). Only for a single choice (with ``n`` > 1 the decode worker forks the
+        others' first tokens). If the decode side fails later, the token is part of what
+        was sent, so the retry resumes after it as after any other."""
+        if params.n != 1 or result.first_token_id < 0:
+            return None
+        lps = [result.first_logprobs] if result.first_logprobs is not None else None
+        return TokenRecord(attempt_id, [result.first_token_id], logprobs=lps)
+
+    @staticmethod
+    def _without_first(record: TokenRecord) -> TokenRecord:
+        """``record`` less its first token (and that token's logprobs)."""
+        lps = record.logprobs[1:] if record.logprobs else record.logprobs
+        return replace(record, token_ids=record.token_ids[1:], logprobs=lps)
 
     def _apply(self, seq: Sequence, stop: StopChecker, record: TokenRecord) -> Delta:
         tokens: list[int] = []
@@ -417,9 +453,17 @@ class Flow:
                         choice = self._roomiest_decode(route, loads)
                     if choice is not None:
                         handle = self.cluster.workers[choice.worker_id]
+                        # Under priority, the worker may keep the request while the blocks
+                        # it needs wait for KV in flight (see ReserveRequest.wait_s); only
+                        # the last one left to try, so that a refusal still moves the
+                        # request on to the others at once.
+                        wait_s = 0.0
+                        if self.admission.by_priority and len(loads) == 1:
+                            wait_s = max(0.0, min(_RESERVE_WAIT_S, capacity_deadline - now,
+                                                  (deadline or math.inf) - now))
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
                                              self._spec(seq, params), self.inbox.endpoint,
-                                             self.config.lease_s, priority)
+                                             self.config.lease_s, priority, wait_s)
                         try:
                             res = await self.calls.reserve(handle, req)
                         except RequestFailed as exc:

@@ -88,6 +88,48 @@ def test_streamed_chunks_concatenate_to_the_completion(svc, tiny_llm) -> None:
     assert all(c.finish_reason is None for c in chunks[:-1])
 
 
+def _slow_commits(worker: object) -> None:
+    """Fault injection: the decode worker admits a request 1 s after its KV landed."""
+    engine = worker.engine  # type: ignore[attr-defined]
+    commit = engine.commit_kv
+
+    def slow_commit(*args, **kwargs):
+        time.sleep(1.0)
+        return commit(*args, **kwargs)
+
+    engine.commit_kv = slow_commit
+
+
+def _undo_slow_commits(worker: object) -> None:
+    del worker.engine.commit_kv  # type: ignore[attr-defined]
+
+
+def test_the_first_token_streams_before_the_decode_worker_admits_the_request(
+        svc, tiny_llm) -> None:
+    """The prefill worker's answer (every block landed) carries the first token: the router
+    streams it at once instead of after the decode worker's commit, and the decode worker's
+    stream, which starts with the same token, goes on after it without a duplicate."""
+    (ref,) = reference(tiny_llm, [PROMPTS[1]], 6, ignore_eos=True)
+    decode = svc.router.cluster.pool("decode")[0].actor
+    ray.get(decode.__ray_call__.remote(_slow_commits))
+    try:
+        with Client(svc.target, api_key=KEY) as client:
+            start = time.monotonic()
+            chunks, times = [], []
+            for chunk in client.stream(PROMPTS[1], max_tokens=6, temperature=0.0,
+                                       ignore_eos=True, logprobs=1):
+                chunks.append(chunk)
+                times.append(time.monotonic() - start)
+    finally:
+        ray.get(decode.__ray_call__.remote(_undo_slow_commits))
+    assert chunks[0].token_ids and times[0] < 0.8, times
+    assert times[-1] >= 1.0
+    assert [t for c in chunks for t in c.token_ids] == ref.token_ids
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == ref.token_ids
+    assert svc.wait_idle() and all(
+        s["num_used_blocks"] == 0 for s in svc.worker_stats().values())
+
+
 def test_stop_string_ends_the_stream_and_is_excluded(svc, tiny_llm) -> None:
     (ref,) = reference(tiny_llm, [PROMPTS[1]], 40, ignore_eos=True)
     stop = ref.text[5:8]

@@ -62,6 +62,10 @@ class ReserveRequest:
     reply_to: str  # the router's ZMQ PULL endpoint for this request's tokens
     lease_s: float
     priority: int = 0  # lower runs first (``--scheduling-policy priority``)
+    wait_s: float = 0.0
+    """How long the decode worker may keep the request when its blocks are held by
+    reservations of lower priority whose KV is still in flight (they cannot be preempted
+    yet): it answers once their KV landed and it preempted them, instead of refusing."""
 
 
 @dataclass(frozen=True, slots=True)
