@@ -538,6 +538,7 @@ class Cluster:
         if dead.worker_id in self._replacing or self._closing:
             return
         self._replacing.add(dead.worker_id)
+        first = dead
         try:
             try:
                 ray.kill(dead.actor, no_restart=True)
@@ -552,7 +553,7 @@ class Cluster:
                 except Superseded:
                     logger.info("%s was replaced by another router first", dead.worker_id)
                     ray.kill(handle.actor, no_restart=True)
-                    self.workers[dead.worker_id] = dead  # `_follow` takes the winner
+                    self.workers[dead.worker_id] = first  # `_follow` takes the winner
                     self._dead.discard(dead.worker_id)
                     return
                 except Exception as exc:
