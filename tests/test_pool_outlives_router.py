@@ -7,8 +7,8 @@ takes over the duty of replacing dead workers (the supervisor's lease in the dir
 replaces a decode worker killed after A. B, now the only router, stops on SIGINT and removes
 the pool: no pdserve actor is left in that Ray.
 
-The Ray head runs in its own session (``--block``) and is stopped by killing that process
-group, not with ``ray stop``, which would stop every Ray of this user on the machine.
+The Ray head has its own temp dir, free ports and auth token; it is stopped by the PIDs that
+use its temp dir, never with ``ray stop``, which would stop every Ray on the machine.
 """
 
 from __future__ import annotations
