@@ -8,6 +8,10 @@ unless ``--model`` names another (a checkpoint folder, a GGUF file, or the rando
 stops at once; either works during start-up too. Mistakes a user can fix (a missing model,
 a bad flag value, a port in use, ``--device cuda`` without CUDA) end it before Ray starts,
 with one ``pdserve: error:`` line and exit status 2.
+``pdserve router --ray-address ADDR`` adds a router to a running cluster. On an existing Ray
+(``--ray-address``) the pool is detached: it outlives any one router, and the last router
+to stop removes it unless started with ``--keep-pool``; ``pdserve stop --ray-address ADDR``
+removes it (``pdserve.router.cluster``).
 ``pdserve bench serve`` measures a running server (``pdserve.bench.serve``).
 ``pdserve generate "text"`` streams a completion from a running service through the SDK
 (``--offline``: from an engine in this process). ``pdserve model NAME`` builds a built-in
@@ -126,6 +130,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from pdserve.router.app import serve
+    from pdserve.router.directory import PoolExistsError
 
     try:
         config = _router_config(args)
@@ -164,7 +169,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except OSError as exc:  # e.g. the port was taken between the check and the bind
+    except (OSError, PoolExistsError) as exc:  # e.g. the port was taken since the check
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
     print("pdserve: stopped", file=sys.stderr)
@@ -226,6 +231,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
         prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
         pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
+        keep_pool=args.keep_pool,
     )
     tls_cert = _read(args.tls_cert)
     tls_key = _read(args.tls_key)
@@ -317,7 +323,7 @@ def _attach_config(args: argparse.Namespace) -> RouterConfig:
                 raise
             logging.getLogger("pdserve").info("no pdserve cluster in this Ray yet; waiting")
             time.sleep(2.0)
-    pools = replace(info.pools, ray_address=address, attach=True)
+    pools = replace(info.pools, ray_address=address, attach=True, keep_pool=args.keep_pool)
     return RouterConfig(
         pools=pools, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("PDSERVE_API_KEY") or None,
@@ -331,6 +337,28 @@ def _attach_config(args: argparse.Namespace) -> RouterConfig:
         log_requests=not args.disable_log_requests,
         stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
     )
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    """``pdserve stop``: remove the pool (workers and directory) of a Ray cluster."""
+    import ray
+
+    from pdserve.router.cluster import NAMESPACE
+    from pdserve.router.directory import remove_pool
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        print("pdserve: error: --ray-address (or $RAY_ADDRESS) names the Ray cluster",
+              file=sys.stderr)
+        return 2
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        stopped = remove_pool()
+    finally:
+        ray.shutdown()
+    print(f"pdserve: stopped {stopped} pdserve actor(s)" if stopped
+          else "pdserve: no pdserve pool in this Ray", file=sys.stderr)
+    return 0
 
 
 def _check_device(device: str, *, embedded: bool) -> str:
@@ -513,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
                      help="give each worker its own cores of this host ('auto': when "
                           "pdserve starts its own local Ray)")
+    srv.add_argument("--keep-pool", action="store_true",
+                     help="on an existing Ray (--ray-address), leave the pool running "
+                          "when this router stops last (default: the last router removes "
+                          "it; the others always leave it to the routers still alive)")
     srv.set_defaults(func=_cmd_serve)
 
     rtr = sub.add_parser("router", parents=[common],
@@ -542,7 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--drain-timeout", type=float, default=60.0)
     rtr.add_argument("--disable-log-requests", action="store_true")
     rtr.add_argument("--disable-log-stats", action="store_true")
+    rtr.add_argument("--keep-pool", action="store_true",
+                     help="on an existing Ray (--ray-address), leave the pool running "
+                          "when this router stops last (default: the last router removes "
+                          "it; the others always leave it to the routers still alive)")
     rtr.set_defaults(func=_cmd_router)
+
+    stp = sub.add_parser("stop", parents=[common],
+                         help="remove the pdserve pool (workers and directory) of a Ray "
+                              "cluster, e.g. one left by --keep-pool")
+    stp.add_argument("--ray-address", default=None,
+                     help="the cluster's Ray (host:port of its GCS; default $RAY_ADDRESS)")
+    stp.set_defaults(func=_cmd_stop)
 
     gen = sub.add_parser("generate", help="stream a completion from a running service",
                          parents=[common])

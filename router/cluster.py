@@ -10,11 +10,25 @@ handles, liveness and the latest stats.
 
 Several routers may serve one cluster. The one that creates the pools publishes a directory
 (``pdserve.router.directory``); a router started with ``PoolConfig.attach`` creates no
-worker: it reads the pools and the channel key from the directory, follows the workers it
-lists (replacements included: only the owner replaces the dead), and leaves them running
-when it stops. Every router renews its lease on each worker with its pings
+pool: it reads the pools and the channel key from the directory and follows the workers it
+lists, replacements included. Every router renews its lease on each worker with its pings
 (``ping(router=inbox endpoint)``): a router that dies stops renewing, and the decode workers
 end its requests once the lease is over.
+
+Who replaces the dead, and what outlives whom, depends on the Ray the pool runs on:
+
+- On a Ray the first router started itself (no ``--ray-address``), nothing outlives that
+  router: the workers and the directory are its driver's actors, and it alone replaces dead
+  workers. Stopping it stops the pool (and that Ray).
+- On an existing Ray (``ray_address``: ``ray start --head``, KubeRay), the pool is
+  *detached*: the workers and the directory are detached actors, so the death of any router,
+  the first included, leaves the pool serving the others. Every router runs the monitor and
+  fails over its own requests, but only the supervisor (elected through the directory with
+  a heartbeat lease, ``supervisor_lease_s``) replaces the dead; when it dies, another
+  router takes the lease within that time and replaces what died meanwhile. A router that
+  stops cleanly leaves the pool to the routers still alive; the last one removes it (its
+  workers and the directory), unless ``keep_pool`` is set (then ``pdserve stop`` removes
+  it).
 
 The cluster's ``ChannelKey`` (created here, or read from ``$PDSERVE_CHANNEL_SECRET``) goes
 to every worker as an actor argument: it seals their side channels (KV handshakes, token
@@ -29,7 +43,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -66,6 +80,12 @@ class PoolConfig:
     ping_interval_s: float = 0.5
     attach: bool = False
     """Serve the pools another router created (found by the directory), creating none."""
+    keep_pool: bool = False
+    """A detached pool stays when this router stops last (``pdserve stop`` removes it)."""
+    supervisor_lease_s: float = 3.0
+    """Detached pool: a router that has not heartbeated the directory for this long loses
+    the duty of replacing dead workers to another router (and counts as gone when the last
+    router decides whether to remove the pool)."""
     ping_timeout_s: float = 10.0
     start_timeout_s: float = 300.0
     prefill_tp: int | tuple[int, ...] = 1
@@ -140,6 +160,10 @@ class WorkerHandle:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class Superseded(Exception):
+    """Another router's replacement of the same dead worker reached the directory first."""
+
+
 DeathCallback = Callable[[WorkerHandle], Awaitable[None]]
 ReadyCallback = Callable[[WorkerHandle], None]
 
@@ -151,6 +175,13 @@ class Cluster:
         self.config = config
         self.workers: dict[str, WorkerHandle] = {}
         self._started_ray = False
+        self.detached = False
+        """The workers and the directory outlive this router (a pool on an existing Ray)."""
+        self.supervising = not config.attach
+        """This router replaces dead workers (the pool's creator until the directory says
+        otherwise)."""
+        self._dead: set[str] = set()  # slots whose worker died and is not replaced yet
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._on_death: DeathCallback | None = None
         self._replacing: set[str] = set()
@@ -212,6 +243,12 @@ class Cluster:
             await self._attach()
             return
         cfg = self.config
+        self.detached = not self._started_ray and bool(
+            cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        if self.detached:
+            from pdserve.router.directory import check_no_detached_pool
+
+            await asyncio.to_thread(check_no_detached_pool)
         if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
             self._cpu_sets = plan_worker_cpus(sorted(os.sched_getaffinity(0)), cfg)
             logger.info("worker cores: %s", self._cpu_sets or "shared (fewer cores than workers)")
@@ -227,10 +264,18 @@ class Cluster:
 
         self.directory, info = await asyncio.to_thread(fetch)
         self.channel_key = info.channel_key
+        self.detached = info.detached
         entries = await self.directory.workers.remote()
         await asyncio.gather(*(self._wait_ready(self._handle_of(e)) for e in entries))
-        logger.info("attached to %d workers of a running cluster", len(entries))
-        self._follower = asyncio.get_running_loop().create_task(self._follow())
+        logger.info("attached to %d workers of a running cluster%s", len(entries),
+                    " (detached: any router may replace dead workers)" if self.detached else "")
+        self._follow_directory()
+
+    def _follow_directory(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._follower = loop.create_task(self._follow())
+        if self.detached or not self.config.attach:
+            self._heartbeat_task = loop.create_task(self._heartbeat())
 
     def _handle_of(self, entry: Any) -> WorkerHandle:
         actor = ray.get_actor(entry.actor_name, namespace=NAMESPACE)
@@ -239,14 +284,15 @@ class Cluster:
         return handle
 
     async def _follow(self) -> None:
-        """Attached: pick up the replacements the owner creates."""
+        """Pick up the replacements another router (the supervisor) creates."""
         while not self._closing:
             await asyncio.sleep(self.config.ping_interval_s)
             try:
                 entries = await self.directory.workers.remote()
             except ray.exceptions.RayError as exc:
-                logger.error("the cluster's directory is gone (its first router stopped?): "
-                             "%r", exc)
+                if self._closing or not (self.config.attach or self.detached):
+                    return  # another `pdserve serve` replaced it; this pool is ours
+                logger.error("the cluster's directory is gone (the pool was stopped?): %r", exc)
                 for handle in list(self.workers.values()):
                     await self.report_dead(handle, "the cluster's directory is gone")
                 return
@@ -255,21 +301,46 @@ class Cluster:
                 if known is not None and known.generation >= entry.generation:
                     continue
                 if known is not None and known.alive:
-                    await self.report_dead(known, "replaced by the cluster's first router")
+                    await self.report_dead(known, "replaced by the cluster's supervisor")
                 try:
                     await self._wait_ready(self._handle_of(entry))
-                except Exception as exc:  # not ready yet or gone: next round
-                    logger.warning("worker %s (generation %d) not reachable yet: %r",
+                except Exception as exc:  # gone: the supervisor replaces it
+                    logger.warning("worker %s (generation %d) not reachable: %r",
                                    entry.worker_id, entry.generation, exc)
+                    self._dead.add(entry.worker_id)
+
+    async def _heartbeat(self) -> None:
+        """Tell the directory this router is alive; stand for supervisor (any router of a
+        detached pool, else the creator alone); as supervisor, replace the workers whose
+        death was seen while another router held the duty."""
+        candidate = self.detached or not self.config.attach
+        ttl = self.config.supervisor_lease_s
+        while not self._closing:
+            try:
+                holder = await asyncio.wait_for(
+                    self.directory.heartbeat.remote(self.instance, ttl, candidate), ttl)
+            except (TimeoutError, ray.exceptions.RayError) as exc:
+                logger.warning("heartbeat to the cluster's directory failed: %r", exc)
+                holder = ""
+            if (holder == self.instance) != self.supervising:
+                logger.info("this router %s replaces dead workers",
+                            "now" if holder == self.instance else "no longer")
+            self.supervising = holder == self.instance
+            if self.supervising:
+                for worker_id in sorted(self._dead - self._replacing):
+                    asyncio.get_running_loop().create_task(
+                        self._replace(self.workers[worker_id]))
+            await asyncio.sleep(self.config.ping_interval_s)
 
     def publish(self, info: Any) -> None:
         """Owner: publish the directory other routers attach with (``ClusterInfo``)."""
         from pdserve.router.directory import WorkerEntry, publish
 
-        self.directory = publish(info)
+        self.directory = publish(replace(info, detached=self.detached))
         for h in self.workers.values():
             self.directory.set_worker.remote(WorkerEntry(h.worker_id, h.role,
                                                          self._actor_name(h), h.generation))
+        self._follow_directory()
 
     def _actor_name(self, handle: WorkerHandle) -> str:
         return f"pdserve-{self.instance}-{handle.worker_id}-g{handle.generation}"
@@ -287,6 +358,7 @@ class Cluster:
             resources=dict(resources) or None,
             max_restarts=0,
             max_concurrency=1000,
+            **({"lifetime": "detached"} if self.detached else {}),
         )
         extra: dict[str, Any] = {"kv_transport": cfg.kv_transport}
         if cfg.tp(role, index) > 1:  # ranks 1..N-1: Ray actors the worker places beside it
@@ -303,17 +375,23 @@ class Cluster:
         self.workers[worker_id] = handle
         return handle
 
-    async def _wait_ready(self, handle: WorkerHandle) -> None:
+    async def _wait_ready(self, handle: WorkerHandle, publish: bool = False) -> None:
+        """Wait until ``handle``'s worker is ready and serve it; ``publish``: it is this
+        router's replacement, which the directory must take first (``Superseded`` when
+        another supervisor's replacement of the same death got there first)."""
         handle.info = await asyncio.wait_for(handle.actor.info.remote(),
                                              self.config.start_timeout_s)
-        handle.alive = True
-        logger.info("worker %s (generation %d) ready: %s", handle.worker_id,
-                    handle.generation, handle.info)
-        if self.directory is not None and not self.config.attach:
+        if publish and self.directory is not None:
             from pdserve.router.directory import WorkerEntry
 
-            self.directory.set_worker.remote(WorkerEntry(
-                handle.worker_id, handle.role, self._actor_name(handle), handle.generation))
+            if not await self.directory.set_worker.remote(WorkerEntry(
+                    handle.worker_id, handle.role, self._actor_name(handle),
+                    handle.generation)):
+                raise Superseded(handle.worker_id)
+        handle.alive = True
+        self._dead.discard(handle.worker_id)
+        logger.info("worker %s (generation %d) ready: %s", handle.worker_id,
+                    handle.generation, handle.info)
         for callback in self.on_ready:
             callback(handle)
         if not self._closing:
@@ -343,12 +421,13 @@ class Cluster:
         if not handle.alive or self._closing:
             return
         handle.alive = False
+        self._dead.add(handle.worker_id)
         self.restarts += 1
         logger.error("worker %s died (%r); failing over%s", handle.worker_id, why,
-                     "" if self.config.attach else " and replacing it")
+                     " and replacing it" if self.supervising else "")
         if self._on_death is not None:
             await self._on_death(handle)
-        if not self.config.attach:
+        if self.supervising:
             asyncio.get_running_loop().create_task(self._replace(handle))
 
     async def shutdown(self) -> None:
@@ -360,6 +439,11 @@ class Cluster:
             task.cancel()
         if self._follower is not None:
             self._follower.cancel()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self.detached and self.directory is not None:
+            await self._leave()
+            return
         if self.config.attach:  # the workers belong to the cluster's first router
             return
 
@@ -419,12 +503,31 @@ class Cluster:
             return False
         return True
 
+    async def _leave(self) -> None:
+        """Detached pool: leave it to the routers still alive, else remove it (unless
+        ``keep_pool``)."""
+        from pdserve.router.directory import remove_pool
+
+        try:
+            others = await asyncio.wait_for(self.directory.leave.remote(self.instance), 10.0)
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            logger.warning("could not tell the cluster's directory this router stops: %r", exc)
+            return
+        if others:
+            logger.info("the pool stays with %d other router(s)", len(others))
+        elif self.config.keep_pool:
+            logger.info("last router: the pool stays (--keep-pool); `pdserve stop` removes it")
+        else:
+            logger.info("last router: removing the pool")
+            await asyncio.to_thread(remove_pool)
+
     def kill_all(self) -> None:
-        """Kill every worker now, without draining (a second Ctrl-C)."""
+        """Kill every worker now, without draining (a second Ctrl-C). A detached pool is
+        left to ``shutdown`` (removed only by the last router)."""
         self._closing = True
         for handle in self.workers.values():
             handle.alive = False
-            if self.config.attach:
+            if self.config.attach or self.detached:
                 continue
             try:
                 ray.kill(handle.actor, no_restart=True)
@@ -435,13 +538,23 @@ class Cluster:
         if dead.worker_id in self._replacing or self._closing:
             return
         self._replacing.add(dead.worker_id)
+        first = dead
         try:
-            ray.kill(dead.actor, no_restart=True)
+            try:
+                ray.kill(dead.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
             index = int(dead.worker_id.rsplit("-", 1)[1])
             while not self._closing:
                 handle = self._create(dead.role, index, dead.generation + 1)
                 try:
-                    await self._wait_ready(handle)
+                    await self._wait_ready(handle, publish=True)
+                    return
+                except Superseded:
+                    logger.info("%s was replaced by another router first", dead.worker_id)
+                    ray.kill(handle.actor, no_restart=True)
+                    self.workers[dead.worker_id] = first  # `_follow` takes the winner
+                    self._dead.discard(dead.worker_id)
                     return
                 except Exception as exc:
                     logger.error("replacing %s failed: %r; retrying", dead.worker_id, exc)

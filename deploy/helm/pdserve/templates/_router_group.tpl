@@ -3,8 +3,9 @@
      offers nothing to schedule on (num-cpus 0, no pdserve resource), then runs
      `pdserve router` as a Ray driver of that node: it finds the pools the head's router
      created by name (the `pdserve-directory` actor), subscribes to every worker's pushed KV
-     events, and routes on its own prefix index and load view. The head's router owns the
-     workers (creates and replaces them); these routers only use them. */}}
+     events, and routes on its own prefix index and load view. The head's router creates the
+     workers (detached actors); any router may replace a dead one (the one elected through
+     the directory), and the pool outlives any one router. */}}
 {{- define "pdserve.routerGroup" -}}
 {{- $root := . }}
 {{- $r := .Values.router }}
