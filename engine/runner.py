@@ -16,6 +16,7 @@ from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.cuda_graphs import DecodeGraphRunner, capture_decode_graphs, graphs_supported
 from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.engine.sequence import Sequence
+from pdserve.engine.thread_pinning import PoolPinning
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +72,7 @@ class ModelRunner:
             device=device,
         )
         self.kv_cache = storage[:num_blocks] if use_graphs else storage
+        self.pinning = PoolPinning(device)
         self.graphs: DecodeGraphRunner | None = None
         if use_graphs:
             self.graphs = capture_decode_graphs(
@@ -151,6 +153,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunResult:
+        with self.pinning.bound():
+            return self._execute(batch)
+
+    def _execute(self, batch: ScheduledBatch) -> RunResult:
         if self.graphs is not None and not batch.prefills and self.graphs.can_run(batch.decodes):
             # Logits of the padding rows too: every matmul of the step sees the padded row
             # count, as in the graph (the LM head's weight read costs the same either way).

@@ -23,6 +23,7 @@ from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.runner import ModelRunner, RunResult
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.thread_pinning import PoolPinning
 from pdserve.engine.tp_group import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class ParallelRunner(ModelRunner):
                  device: torch.device, backend: AttentionBackend, group: TPGroup) -> None:
         super().__init__(model, spec, num_blocks, device, backend, cuda_graphs=False)
         self.group = group
+        self.pinning = PoolPinning(device, group.rank, group.world)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
              rows: list[int], prompt_rows: list[tuple[int, int]]
@@ -81,14 +83,16 @@ class ParallelRunner(ModelRunner):
         """Every rank: the forward pass, then the logits of ``prompt_rows`` and of ``rows``
         in that order (each ``compute_logits`` is a collective: the same calls on every
         rank). Returns (logits of ``rows`` or None, the prompt rows' logits)."""
-        step = self.backend.plan_step(meta)
-        hidden = self.model(input_ids, positions, self.kv_cache, step, self.backend)
-        prompt = [self.model.compute_logits(hidden[o : o + n]).float() for o, n in prompt_rows]
-        if not rows:
-            return None, prompt
-        if len(rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        return self.model.compute_logits(hidden), prompt
+        with self.pinning.bound():
+            step = self.backend.plan_step(meta)
+            hidden = self.model(input_ids, positions, self.kv_cache, step, self.backend)
+            prompt = [self.model.compute_logits(hidden[o : o + n]).float()
+                      for o, n in prompt_rows]
+            if not rows:
+                return None, prompt
+            if len(rows) != hidden.shape[0]:
+                hidden = hidden[torch.tensor(rows, device=hidden.device)]
+            return self.model.compute_logits(hidden), prompt
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,3 +47,44 @@ def test_pin_process_binds_every_thread_and_sizes_torch() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"[({core},)] [{core}] 1"
+
+
+def test_spread_takes_distinct_cores_before_siblings() -> None:
+    from pdserve.engine.thread_pinning import spread
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    picked = spread(cpus, len(cpus))
+    assert sorted(picked) == cpus  # all of them, each once
+    assert spread(cpus, 1) == picked[:1]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+@pytest.mark.parametrize("enabled", ["1", "0"])
+def test_an_engine_step_binds_torchs_pool_one_thread_per_core(enabled: str) -> None:
+    """After a step, torch's pool threads of the stepping thread sit on distinct cores and
+    the stepping thread has the process's cores back; ``PDSERVE_PIN_THREADS=0`` binds none."""
+    script = textwrap.dedent("""
+        import json, os, torch
+        torch.set_num_threads(2)
+        from pdserve.engine import LLM, SamplingParams
+        allowed = sorted(os.sched_getaffinity(0))
+        llm = LLM("tiny", dtype="float32", device="cpu", num_blocks=64)
+        llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, temperature=0.0))
+        masks = [sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]
+        print(json.dumps({"cores": llm.engine.runner.pinning.cores,
+                          "single": sorted({m[0] for m in masks if len(m) == 1}),
+                          "restored": sorted(os.sched_getaffinity(0)) == allowed}))
+    """)
+    env = {**os.environ, "PDSERVE_PIN_THREADS": enabled}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["restored"]
+    if enabled == "0":
+        assert got == {"cores": [], "single": [], "restored": True}
+    else:
+        assert len(set(got["cores"])) == 2
+        # The pool's other thread keeps its own core (the stepping thread has all back).
+        assert got["single"] == [got["cores"][1]]
