@@ -233,8 +233,7 @@ class Simulation:
         for req, last_chunk in w.finish_step():
             computed = req.prompt - req.cached
             self._cached += req.cached
-            w.computed_tokens += computed
-            w.latency_sum += self.now - req.waited_since
+            w.rate.record(computed, self.now - req.waited_since)
             # Blocks stream out after every chunk: what is left at the end is the last
             # chunk, plus whatever the link could not keep up with.
             behind = costs.transfer_s(computed) - (self.now - req.first_step)
