@@ -115,8 +115,7 @@ class Simulation:
         self._first = np.full(n, math.nan)
         self._last = np.full(n, math.nan)
         settings = self.spec.router
-        tick = settings.events_interval_s
-        refresh_every = max(1, round(settings.ping_interval_s / tick))
+        tick = settings.ping_interval_s
         self._ticking = False  # router rounds only while requests are in flight
         heap = self._heap
         fifo = self._fifo
@@ -170,9 +169,7 @@ class Simulation:
                 self.router.waiting -= 1
                 self._admit(item[3])
             elif kind == _TICK:
-                self.router.feed_events()
-                if item[3] % refresh_every == 0:
-                    self.router.refresh()
+                self.router.refresh()
                 if self._in_flight:
                     self._ticks += 1
                     self._push(self.now + tick, _TICK, self._ticks)
@@ -240,6 +237,8 @@ class Simulation:
             tail = max(costs.transfer_s(last_chunk), behind)
             self._push(self.now + tail, _KV_LANDED, req)
         self._start_step(w)
+        # As the worker does after each step: push its KV events and load to the router.
+        self.router.push_prefill(w)
 
     # ------------------------------------------------------------------ decode
 
@@ -275,6 +274,8 @@ class Simulation:
                 self._complete(req)
         if finished:
             self.router.release(d)
+        if finished or joins:
+            self.router.push_decode(d)
         if d.batch > 0:
             self._schedule(d, d.finishing[0][0])
         if was_busy != (d.batch > 0):
