@@ -1,6 +1,7 @@
 """Check the planner's simulator against the real service, on this machine.
 
     python -m pdserve.bench.plan_check [--configs 1P1D,2P1D,1P2D] [--json PATH]
+                                       [--write-costs my-cpu.json]
 
 One local Ray head (``ray start``, token authentication) serves every configuration in
 turn: for each, ``pdserve serve --ray-address`` starts the router and its P prefill and D
@@ -11,9 +12,14 @@ requests with a costs file calibrated just before, on this machine
 (``pdserve.bench.costs``), and the predicted TTFT and TPOT medians are compared with the
 measured ones, as is the order of the configurations by each.
 
-``--calibrate`` also derives the service overheads from the first configuration's run:
-the per-request and per-decode-step time the service adds to the engine's (its measured
-medians minus the simulation's without overheads) and writes them into the costs file.
+The service overheads (``pdserve.planner.costs.Overheads``) are measured on the first
+configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone): each
+worker role's loop CPU seconds per step beyond the engine's step (the router's
+``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total`` over those
+requests), the median admission time (``Timing.queue_s``: the router's admission and its
+decode reservation), and, per request, what remains of their median TTFT once the
+simulation with the other terms accounts for the rest (the prefill call's answer, the
+decode worker taking the request in, the first token's trip to the client).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,7 @@ import numpy as np
 from pdserve.bench.serve import GrpcBackend, run_load
 from pdserve.bench.serve_metrics import RequestResult
 from pdserve.bench.serve_workload import WorkItem, read_trace, replay, trace_prompts
-from pdserve.planner.costs import HardwareCosts, Overheads
+from pdserve.planner.costs import HardwareCosts, Overheads, parse_costs, resolve_costs_path
 from pdserve.planner.sim import ClusterSpec, simulate
 from pdserve.planner.workload import Workload, from_prompts
 
@@ -178,20 +184,97 @@ async def _wait_ready(target: str, proc: subprocess.Popen[bytes], timeout_s: flo
     raise TimeoutError(f"pdserve serve on {target} not ready after {timeout_s:.0f} s")
 
 
-async def _replay(target: str, items: list[WorkItem]) -> list[RequestResult]:
-    backend = GrpcBackend(target)
+class _TimedBackend(GrpcBackend):
+    """The SDK's stream, keeping each request's router ``Timing`` (on its last chunk)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.timings: dict[int, Any] = {}
+
+    async def send(self, item: WorkItem, result: RequestResult) -> None:
+        start = time.perf_counter()
+        tokens = 0
+        async for chunk in self._client.stream(item.prompt, max_tokens=item.output_len,
+                                               temperature=0.0, ignore_eos=True):
+            if chunk.token_ids:
+                result.chunk_times.append(time.perf_counter() - start)
+                tokens += len(chunk.token_ids)
+            if chunk.timing is not None:
+                self.timings[id(result)] = chunk.timing
+        result.output_len = tokens
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    """One batch of requests served: each request's result and router ``Timing`` (None if
+    it carried none), and with ``probe`` the workers' loop counters over the batch, summed
+    by role: ``{"prefill": {"steps": ..., "hook_cpu_s": ...}, "decode": {...}}``."""
+
+    results: list[RequestResult]
+    timings: list[Any]
+    loops: dict[str, dict[str, float]]
+
+
+LOOP_COUNTERS = {"steps": "pdserve:engine_steps_total",
+                 "hook_cpu_s": "pdserve:engine_hook_cpu_seconds_total"}
+STATS_SETTLE_S = 0.6
+"""The router's view of worker stats lags by up to one ping interval (0.5 s), more when a
+busy worker answers late: counters are read until two reads this far apart agree."""
+STATS_WAIT_S = 15.0
+
+
+async def _loop_counters(target: str) -> dict[str, dict[str, float]]:
+    """The workers' step-loop counters (router ``GetStats``), summed by role."""
+    from pdserve_client import AsyncClient
+
+    async with AsyncClient(target, retries=0) as client:
+        metrics = (await client.stats(timeout=10)).metrics
+    out: dict[str, dict[str, float]] = {}
+    for key, name in LOOP_COUNTERS.items():
+        for sample, value in metrics.items():
+            if sample.startswith(name + "{"):
+                role = "prefill" if 'role="prefill"' in sample else "decode"
+                out.setdefault(role, dict.fromkeys(LOOP_COUNTERS, 0.0))[key] += value
+    return out
+
+
+async def _settled_counters(target: str) -> dict[str, dict[str, float]]:
+    """``_loop_counters`` once the router's copy has caught up with the workers (two reads
+    ``STATS_SETTLE_S`` apart agree), or the last read after ``STATS_WAIT_S``."""
+    deadline = time.monotonic() + STATS_WAIT_S
+    last = await _loop_counters(target)
+    while True:
+        await asyncio.sleep(STATS_SETTLE_S)
+        now = await _loop_counters(target)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+async def _replay(target: str, items: list[WorkItem], probe: bool = False) -> BatchRun:
+    before: dict[str, dict[str, float]] = {}
+    if probe:
+        before = await _settled_counters(target)
+    backend = _TimedBackend(target)
     await backend.start()
     try:
         results, _ = await run_load(backend, items, progress=False)
     finally:
         await backend.close()
-    return results
+    loops: dict[str, dict[str, float]] = {}
+    if probe:
+        after = await _settled_counters(target)
+        loops = {role: {k: v - before.get(role, {}).get(k, 0.0) for k, v in vals.items()}
+                 for role, vals in after.items()}
+    return BatchRun(results, [backend.timings.get(id(r)) for r in results], loops)
 
 
 def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], address: str,
-                env: dict[str, str], *, warmup: int = 4) -> list[list[RequestResult]]:
+                env: dict[str, str], *, warmup: int = 4,
+                probe: Sequence[int] = ()) -> list[BatchRun]:
     """Serve with ``pdserve serve`` on the Ray head, replay each batch of requests in turn
-    (after ``warmup`` requests sent at once), stop the service."""
+    (after ``warmup`` requests sent at once), stop the service. The batches whose indices
+    are in ``probe`` also read the workers' loop counters before and after."""
     port = _free_port()
     target = f"127.0.0.1:{port}"
     cmd = [str(BIN / "pdserve"), "serve", "--ray-address", address, "--port", str(port),
@@ -203,7 +286,8 @@ def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], ad
         if warmup:  # first calls of a fresh worker (allocations, lazy imports) are slow
             first = batches[0][:warmup]
             asyncio.run(_replay(target, [replace(it, arrival_s=0.0) for it in first]))
-        return [asyncio.run(_replay(target, items)) for items in batches]
+        return [asyncio.run(_replay(target, items, i in probe))
+                for i, items in enumerate(batches)]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -235,15 +319,29 @@ def predicted(workload: Workload, costs: HardwareCosts, prefill: int, decode: in
     return medians(res.ttft_s, res.tpot_s)
 
 
-def fit_overheads(costs: HardwareCosts, workload: Workload, real: dict[str, float],
+def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
                   prefill: int, decode: int) -> HardwareCosts:
-    """``costs`` with the service overheads that close the gap between the simulated and
-    the measured medians of a lightly loaded run (requests mostly alone: one decode step
-    per output token, no queueing): per request on TTFT, per decode step on TPOT."""
-    sim = predicted(workload, replace(costs, overheads=Overheads()), prefill, decode)
-    return replace(costs, overheads=Overheads(
-        request_s=max(0.0, real["ttft_s"] - sim["ttft_s"]),
-        decode_step_s=max(0.0, real["tpot_s"] - sim["tpot_s"])))
+    """``costs`` with the service overheads measured on a lightly loaded run (requests mostly
+    alone): each worker role's loop CPU seconds per step beyond the engine's (its counters
+    over the run), the median admission time (router ``Timing.queue_s``), and on TTFT what
+    remains of the measured median once the simulation with those terms accounts for the
+    rest (``Overheads`` says what each term stands for)."""
+    per_step = {}
+    for role in ("prefill", "decode"):
+        loop = run.loops.get(role)
+        if not loop or loop["steps"] <= 0:
+            raise RuntimeError(f"no {role} steps counted over the calibration run: {run.loops}")
+        per_step[role] = loop["hook_cpu_s"] / loop["steps"]
+    queue = [t.queue_s for t in run.timings if t is not None]
+    if not queue:
+        raise RuntimeError("the calibration requests carried no router timing")
+    measured_terms = Overheads(admission_s=float(np.median(queue)),
+                               prefill_step_s=per_step["prefill"],
+                               decode_step_s=per_step["decode"])
+    sim = predicted(workload, replace(costs, overheads=measured_terms), prefill, decode)
+    real = measured(run.results)
+    return replace(costs, overheads=replace(
+        measured_terms, request_s=max(0.0, real["ttft_s"] - sim["ttft_s"])))
 
 
 def same_order(real: dict[str, float], sim: dict[str, float], margin: float) -> bool:
@@ -300,28 +398,28 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     items = spec.items()
     cal_items = calibration_items()
     real: dict[str, dict[str, float]] = {}
-    cal_real: dict[str, float] = {}
+    cal_run: BatchRun | None = None
     with ray_head() as (address, env):
         for n, label in enumerate(configs):
             batches = [cal_items, items] if n == 0 else [items]
-            results = run_service(*parse_config(label), batches, address, env)
+            runs = run_service(*parse_config(label), batches, address, env,
+                               probe=(0,) if n == 0 else ())
             if n == 0:
-                cal_real = measured(results[0])
-            real[label] = measured(results[-1])
+                cal_run = runs[0]
+            real[label] = measured(runs[-1].results)
             if log:
                 log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s")
     cal_wl = from_prompts([it.arrival_s for it in cal_items],
                           [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
                           [it.output_len for it in cal_items], spec.block_size)
-    costs = fit_overheads(costs, cal_wl, cal_real, *parse_config(configs[0]))
+    assert cal_run is not None
+    costs = fit_overheads(costs, cal_wl, cal_run, *parse_config(configs[0]))
     workload = spec.workload()
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
     return CheckResult(real, sim, costs.overheads, time.monotonic() - t0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pdserve.planner.costs import load_costs
-
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.plan_check",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="1P1D,2P1D,1P2D")
@@ -330,12 +428,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=CheckWorkload().requests)
     p.add_argument("--time-scale", type=float, default=CheckWorkload().time_scale)
     p.add_argument("--json", default=None)
+    p.add_argument("--write-costs", default=None, metavar="PATH",
+                   help="write a costs file: the engine's steps measured here (unless --costs) "
+                        "and the service overheads measured on the calibration requests")
     args = p.parse_args(argv)
     spec = CheckWorkload(requests=args.requests, time_scale=args.time_scale)
-    costs = load_costs(args.costs) if args.costs else calibrate_here()
+    if args.costs:
+        data = json.loads(resolve_costs_path(args.costs).read_text(encoding="utf-8"))
+    else:
+        data = calibration_data()
+    costs = parse_costs(data)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = check(costs, configs, spec, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"overheads fitted on the calibration requests: {result.overheads}")
+    print(f"overheads measured on the calibration requests: {result.overheads}")
+    if args.write_costs:
+        data["overheads"] = asdict(result.overheads)
+        Path(args.write_costs).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(result.table())
     for key in ("ttft_s", "tpot_s"):
         real = {c: v[key] for c, v in result.real.items()}
@@ -359,12 +467,11 @@ def rank(values: dict[str, float]) -> list[str]:
     return sorted(values, key=lambda k: values[k])
 
 
-def calibrate_here() -> HardwareCosts:
-    """The engine's step costs measured now, in this process (``pdserve.bench.costs``, CPU
-    time of the stepping thread), on a machine of ``os.cpu_count()`` cores shared by the
-    workers."""
+def calibration_data() -> dict[str, Any]:
+    """A costs file's data (no overheads yet): the engine's step costs measured now, in this
+    process (``pdserve.bench.costs``, CPU time of the stepping thread), on a machine of
+    ``os.cpu_count()`` cores shared by the workers."""
     from pdserve.bench.costs import calibrate
-    from pdserve.planner.costs import parse_costs
 
     # CPU time: what a step costs on a core of its own, whatever else runs meanwhile (on
     # an idle machine the same as the wall clock); the workers' sharing of the cores is
@@ -373,7 +480,12 @@ def calibrate_here() -> HardwareCosts:
     data["transfer"] = dict(LOCAL_LINK)
     data["host"] = {"cores": os.cpu_count() or 1, "threads_per_worker": 1,
                     "background_threads": BACKGROUND_THREADS}
-    return parse_costs(data)
+    return data
+
+
+def calibrate_here() -> HardwareCosts:
+    """``calibration_data()``, fitted."""
+    return parse_costs(calibration_data())
 
 
 LOCAL_LINK = {"link_bytes_per_s": 4.12e9, "latency_s": 0.000195,

@@ -96,7 +96,7 @@ class Simulation:
         self._in_flight = 0
         self._busy = 0
         self._stretch = 1.0
-        self._pre = costs.overheads.request_s / 2
+        self._pre = costs.overheads.admission_s
         self._cached = 0
         self._ticks = 0
         self._ticking = False
@@ -311,7 +311,7 @@ class Simulation:
     # ------------------------------------------------------------------ results
 
     def _result(self, wall_s: float) -> SimResult:
-        post = self.costs.overheads.request_s - self._pre
+        post = self.costs.overheads.request_s
         arrival = self.workload.arrival_s
         first, last = self._first, self._last
         ok = ~np.isnan(first)
