@@ -13,13 +13,15 @@ requests with a costs file calibrated just before, on this machine
 measured ones, as is the order of the configurations by each.
 
 The service overheads (``pdserve.planner.costs.Overheads``) are measured on the first
-configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone): each
-worker role's loop CPU seconds per step beyond the engine's step (the router's
-``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total`` over those
-requests), the median admission time (``Timing.queue_s``: the router's admission and its
-decode reservation), and, per request, what remains of their median TTFT once the
-simulation with the other terms accounts for the rest (the prefill call's answer, the
-decode worker taking the request in, the first token's trip to the client).
+configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone): the
+router process's CPU seconds (``/proc``) per request (on 16 more requests of one output
+token each) and per further token, each worker role's loop CPU seconds
+per step beyond the engine's step (the router's ``pdserve:engine_hook_cpu_seconds_total`` /
+``pdserve:engine_steps_total`` over those requests), the median admission time
+(``Timing.queue_s``: the router's admission and its decode reservation), and, per request,
+what remains of their median TTFT once the simulation with the other terms accounts for the
+rest (the prefill call's trip, the decode worker taking the request in, the first token's
+trip to the client).
 """
 
 from __future__ import annotations
@@ -207,16 +209,23 @@ class _TimedBackend(GrpcBackend):
 @dataclass(frozen=True, slots=True)
 class BatchRun:
     """One batch of requests served: each request's result and router ``Timing`` (None if
-    it carried none), and with ``probe`` the workers' loop counters over the batch, summed
-    by role: ``{"prefill": {"steps": ..., "hook_cpu_s": ...}, "decode": {...}}``."""
+    it carried none), and when probed the router process's CPU time and the workers' loop
+    counters over the batch, summed by role: ``{"prefill": {"steps": ..., "hook_cpu_s":
+    ...}, "decode": {...}}``."""
 
     results: list[RequestResult]
     timings: list[Any]
     loops: dict[str, dict[str, float]]
+    router_cpu_s: float = 0.0
+    """When probed: CPU seconds the router's process used over the batch."""
+    client_cpu_s: float = 0.0
+    """When probed: CPU seconds this process (the load generator) used over the batch."""
 
 
 LOOP_COUNTERS = {"steps": "pdserve:engine_steps_total",
-                 "hook_cpu_s": "pdserve:engine_hook_cpu_seconds_total"}
+                 "step_cpu_s": "pdserve:engine_step_cpu_seconds_total",
+                 "hook_cpu_s": "pdserve:engine_hook_cpu_seconds_total",
+                 "process_cpu_s": "pdserve:worker_process_cpu_seconds_total"}
 STATS_SETTLE_S = 0.6
 """The router's view of worker stats lags by up to one ping interval (0.5 s), more when a
 busy worker answers late: counters are read until two reads this far apart agree."""
@@ -251,10 +260,21 @@ async def _settled_counters(target: str) -> dict[str, dict[str, float]]:
         last = now
 
 
-async def _replay(target: str, items: list[WorkItem], probe: bool = False) -> BatchRun:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _replay(target: str, items: list[WorkItem], router_pid: int | None = None
+                  ) -> BatchRun:
+    """Replay ``items``; with ``router_pid``, also probe the router's CPU time and the
+    workers' loop counters over them."""
     before: dict[str, dict[str, float]] = {}
-    if probe:
+    cpu0 = client0 = 0.0
+    if router_pid is not None:
         before = await _settled_counters(target)
+        cpu0, client0 = process_cpu_s(router_pid), time.process_time()
     backend = _TimedBackend(target)
     await backend.start()
     try:
@@ -262,11 +282,15 @@ async def _replay(target: str, items: list[WorkItem], probe: bool = False) -> Ba
     finally:
         await backend.close()
     loops: dict[str, dict[str, float]] = {}
-    if probe:
+    router_cpu = client_cpu = 0.0
+    if router_pid is not None:
+        router_cpu = process_cpu_s(router_pid) - cpu0
+        client_cpu = time.process_time() - client0
         after = await _settled_counters(target)
         loops = {role: {k: v - before.get(role, {}).get(k, 0.0) for k, v in vals.items()}
                  for role, vals in after.items()}
-    return BatchRun(results, [backend.timings.get(id(r)) for r in results], loops)
+    return BatchRun(results, [backend.timings.get(id(r)) for r in results], loops, router_cpu,
+                    client_cpu)
 
 
 def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], address: str,
@@ -286,7 +310,7 @@ def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], ad
         if warmup:  # first calls of a fresh worker (allocations, lazy imports) are slow
             first = batches[0][:warmup]
             asyncio.run(_replay(target, [replace(it, arrival_s=0.0) for it in first]))
-        return [asyncio.run(_replay(target, items, i in probe))
+        return [asyncio.run(_replay(target, items, proc.pid if i in probe else None))
                 for i, items in enumerate(batches)]
     finally:
         proc.send_signal(signal.SIGINT)
@@ -320,12 +344,14 @@ def predicted(workload: Workload, costs: HardwareCosts, prefill: int, decode: in
 
 
 def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
-                  prefill: int, decode: int) -> HardwareCosts:
+                  one_token: BatchRun, prefill: int, decode: int) -> HardwareCosts:
     """``costs`` with the service overheads measured on a lightly loaded run (requests mostly
-    alone): each worker role's loop CPU seconds per step beyond the engine's (its counters
-    over the run), the median admission time (router ``Timing.queue_s``), and on TTFT what
-    remains of the measured median once the simulation with those terms accounts for the
-    rest (``Overheads`` says what each term stands for)."""
+    alone) and on ``one_token`` (requests of one output token): the router process's CPU
+    seconds per request (from ``one_token``) and per further token, each worker role's loop CPU
+    seconds per step beyond the engine's (its counters over the run), the median admission
+    time (router ``Timing.queue_s``), and on TTFT what remains of the measured median once
+    the simulation with those terms accounts for the rest (``Overheads`` says what each term
+    stands for)."""
     per_step = {}
     for role in ("prefill", "decode"):
         loop = run.loops.get(role)
@@ -335,13 +361,30 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
     queue = [t.queue_s for t in run.timings if t is not None]
     if not queue:
         raise RuntimeError("the calibration requests carried no router timing")
+    router_s = one_token.router_cpu_s / len(one_token.results)
+    tokens = sum(r.output_len for r in run.results)
+    token_s = max(0.0, run.router_cpu_s - router_s * len(run.results)) / max(
+        1, tokens - len(run.results))
     measured_terms = Overheads(admission_s=float(np.median(queue)),
+                               router_cpu_s=router_s, router_token_s=token_s,
                                prefill_step_s=per_step["prefill"],
                                decode_step_s=per_step["decode"])
     sim = predicted(workload, replace(costs, overheads=measured_terms), prefill, decode)
     real = measured(run.results)
     return replace(costs, overheads=replace(
         measured_terms, request_s=max(0.0, real["ttft_s"] - sim["ttft_s"])))
+
+
+def with_load_generator(costs: HardwareCosts, cpu_per_request_s: float,
+                        workload: Workload) -> HardwareCosts:
+    """``costs`` whose host counts the load generator sharing the machine's cores: its CPU
+    seconds per request (measured on the calibration requests) at ``workload``'s mean
+    request rate, as background threads."""
+    if costs.host is None:
+        return costs
+    span = float(workload.arrival_s[-1] - workload.arrival_s[0])
+    rate = len(workload) / span if span > 0 else 0.0
+    return replace(costs, host=replace(costs.host, background_threads=cpu_per_request_s * rate))
 
 
 def same_order(real: dict[str, float], sim: dict[str, float], margin: float) -> bool:
@@ -390,6 +433,17 @@ def calibration_items() -> list[WorkItem]:
             for i, it in enumerate(CALIBRATION.items())]
 
 
+ONE_TOKEN = CheckWorkload(offset=420, requests=16)
+"""Requests of one output token each, sent one every ``ONE_TOKEN_GAP_S``: the router's CPU
+per request without streaming (other rows of the trace again)."""
+ONE_TOKEN_GAP_S = 0.1
+
+
+def one_token_items() -> list[WorkItem]:
+    return [replace(it, arrival_s=i * ONE_TOKEN_GAP_S, output_len=1)
+            for i, it in enumerate(ONE_TOKEN.items())]
+
+
 def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
           log: Any = None) -> CheckResult:
     """Run every configuration for real on one Ray head (the first also serves the
@@ -398,23 +452,29 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     items = spec.items()
     cal_items = calibration_items()
     real: dict[str, dict[str, float]] = {}
-    cal_run: BatchRun | None = None
+    cal_run = one_run = None
     with ray_head() as (address, env):
         for n, label in enumerate(configs):
-            batches = [cal_items, items] if n == 0 else [items]
+            batches = [cal_items, one_token_items(), items] if n == 0 else [items]
             runs = run_service(*parse_config(label), batches, address, env,
-                               probe=(0,) if n == 0 else ())
+                               probe=(0, 1) if n == 0 else ())
             if n == 0:
-                cal_run = runs[0]
+                cal_run, one_run = runs[0], runs[1]
             real[label] = measured(runs[-1].results)
             if log:
                 log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s")
     cal_wl = from_prompts([it.arrival_s for it in cal_items],
                           [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
                           [it.output_len for it in cal_items], spec.block_size)
-    assert cal_run is not None
-    costs = fit_overheads(costs, cal_wl, cal_run, *parse_config(configs[0]))
+    assert cal_run is not None and one_run is not None
+    client_s = cal_run.client_cpu_s / len(cal_run.results)
+    costs = fit_overheads(with_load_generator(costs, client_s, cal_wl), cal_wl, cal_run,
+                          one_run, *parse_config(configs[0]))
     workload = spec.workload()
+    costs = with_load_generator(costs, client_s, workload)
+    if log:
+        log(f"measured: {costs.overheads}; load generator {client_s * 1e3:.1f} ms CPU a "
+            f"request ({costs.host.background_threads if costs.host else 0.0:.2f} cores)")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
     return CheckResult(real, sim, costs.overheads, time.monotonic() - t0)
 
@@ -491,8 +551,9 @@ def calibrate_here() -> HardwareCosts:
 LOCAL_LINK = {"link_bytes_per_s": 4.12e9, "latency_s": 0.000195,
               "source": "README: pdserve.bench.kvtransfer, NIXL block lists and one block"}
 """Two workers on one machine (UCX over shared memory), as measured by bench.kvtransfer."""
-BACKGROUND_THREADS = 0.3
-"""Cores the router, the load generator and Ray's daemons keep busy while requests flow."""
+BACKGROUND_THREADS = 0.0
+"""Written into the costs file's host: the check sets it from the load generator it measures
+(``with_load_generator``); the router's own work is ``Overheads.router_cpu_s``."""
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ over: ``pdserve:time_to_first_token_seconds``, ``pdserve:inter_token_latency_sec
 ``pdserve:num_requests_waiting``, ``pdserve:kv_blocks_used`` / ``_total``,
 ``pdserve:prefix_cache_queries_total`` / ``pdserve:prefix_cache_hits_total`` (tokens),
 ``pdserve:engine_steps_total`` and the CPU seconds of those steps and of the loop around them
-(``pdserve:engine_step_cpu_seconds_total``, ``pdserve:engine_hook_cpu_seconds_total``: what
-the planner's cost model calibrates on); ``pdserve:kv_transfer_*``; ``pdserve:balancer_*``.
+(``pdserve:engine_step_cpu_seconds_total``, ``pdserve:engine_hook_cpu_seconds_total``) and
+of the whole worker process (``pdserve:worker_process_cpu_seconds_total``): what the
+planner's cost model calibrates on; ``pdserve:kv_transfer_*``; ``pdserve:balancer_*``.
 Beside them, the same figures under vLLM's own names and labels (``vllm:*`` with
 ``model_name``; ``router.metrics_vllm``), so that vLLM dashboards and schedulers read pdserve
 unchanged.
@@ -243,6 +244,8 @@ class _PulledCollector(Collector):
             "engine_hook_cpu_seconds": ("CPU seconds the worker's step loop spent around its "
                                         "steps (KV writes, polling, token and event pushes)",
                                         "hook_cpu_seconds"),
+            "worker_process_cpu_seconds": ("CPU seconds of the worker's process, every thread",
+                                           "process_cpu_seconds"),
             "kv_pool_pulled_tokens": ("Prompt tokens whose KV a prefill worker pulled from "
                                       "another worker instead of computing it",
                                       "pool_pulled_tokens"),

@@ -124,6 +124,29 @@ def test_one_request_times_match_hand_arithmetic() -> None:
     assert res.e2e_s[0] == pytest.approx(res.ttft_s[0] + sum(steps))
 
 
+def test_a_burst_queues_at_the_router_one_request_at_a_time() -> None:
+    # The router's process works router_cpu_s on each request: four arriving together are
+    # taken up 50 ms apart, each sent to prefill admission_s after it was taken up.
+    costs = replace(TOY, overheads=Overheads(admission_s=0.003, router_cpu_s=0.05))
+    res = simulate(workload([0.0] * 4, [100] * 4, [1] * 4), costs,
+                   ClusterSpec(1, 1, idle_poll_s=0.0))
+    alone = 0.003 + (0.001 + 100 * 1e-5) + (0.0005 + 100 * 1000 / 1e6)
+    assert sorted(res.ttft_s) == pytest.approx([alone + 0.05 * i for i in range(4)])
+
+
+def test_a_busy_router_takes_a_core_from_the_workers() -> None:
+    host = Host(cores=1.0)
+    costs = replace(TOY, host=host, overheads=Overheads(router_cpu_s=0.5))
+    alone = replace(TOY, host=host)
+    # The request's steps all run while the router still works on it.
+    wl = workload([0.0], [100], [6])
+    slow = simulate(wl, costs, ClusterSpec(1, 1, idle_poll_s=0.0))
+    fast = simulate(wl, alone, ClusterSpec(1, 1, idle_poll_s=0.0))
+    steps = [0.002 + 1e-4 + 1e-6 * c for c in range(101, 106)]
+    assert fast.tpot_s[0] == pytest.approx(sum(steps) / 5)
+    assert slow.tpot_s[0] == pytest.approx(2 * sum(steps) / 5)  # two busy on one core
+
+
 def test_decode_worker_closed_form_matches_stepping_one_step_at_a_time() -> None:
     jobs = {0: (50, 30), 1: (300, 7), 2: (10, 19)}  # idx: (prompt, output tokens)
     # Step by step: the join gave each its first token; each step adds one to every context.

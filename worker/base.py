@@ -291,6 +291,7 @@ class EngineWorker:
                 "step_cpu_seconds": self._driver.step_cpu_seconds,
                 "hook_seconds": self._driver.hook_seconds,
                 "hook_cpu_seconds": self._driver.hook_cpu_seconds,
+                "process_cpu_seconds": time.process_time(),
                 "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,
                 **kv, **self._extra_stats(), **asdict(s)}
 
