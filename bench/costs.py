@@ -17,8 +17,8 @@ runs meanwhile (sharing cores is the planner's ``host`` model). ``--from-gpu`` i
 ``pdserve.bench.gpu`` result (its decode rows with CUDA graphs and its one-step prefills).
 ``--kvtransfer`` reads a ``pdserve.bench.kvtransfer`` result for the link: the median rate
 of its block-list writes (NIXL) and the one-block latency. Service overheads (what the
-router and RPCs add) come from a running service: ``pdserve.bench.plan_check`` fits them on
-lightly loaded requests.
+router, the RPCs and the workers' loops around their steps add) come from a running service:
+``pdserve.bench.plan_check`` measures them on lightly loaded requests.
 """
 
 from __future__ import annotations

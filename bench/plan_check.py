@@ -1,6 +1,7 @@
 """Check the planner's simulator against the real service, on this machine.
 
     python -m pdserve.bench.plan_check [--configs 1P1D,2P1D,1P2D] [--json PATH]
+                                       [--write-costs my-cpu.json]
 
 One local Ray head (``ray start``, token authentication) serves every configuration in
 turn: for each, ``pdserve serve --ray-address`` starts the router and its P prefill and D
@@ -11,9 +12,16 @@ requests with a costs file calibrated just before, on this machine
 (``pdserve.bench.costs``), and the predicted TTFT and TPOT medians are compared with the
 measured ones, as is the order of the configurations by each.
 
-``--calibrate`` also derives the service overheads from the first configuration's run:
-the per-request and per-decode-step time the service adds to the engine's (its measured
-medians minus the simulation's without overheads) and writes them into the costs file.
+The service overheads (``pdserve.planner.costs.Overheads``) are measured on the first
+configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone): the
+router process's CPU seconds (``/proc``) per request (on 16 more requests of one output
+token each) and per further token, each worker role's loop CPU seconds
+per step beyond the engine's step (the router's ``pdserve:engine_hook_cpu_seconds_total`` /
+``pdserve:engine_steps_total`` over those requests), the median admission time
+(``Timing.queue_s``: the router's admission and its decode reservation), and, per request,
+what remains of their median TTFT once the simulation with the other terms accounts for the
+rest (the prefill call's trip, the decode worker taking the request in, the first token's
+trip to the client).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +49,7 @@ import numpy as np
 from pdserve.bench.serve import GrpcBackend, run_load
 from pdserve.bench.serve_metrics import RequestResult
 from pdserve.bench.serve_workload import WorkItem, read_trace, replay, trace_prompts
-from pdserve.planner.costs import HardwareCosts, Overheads
+from pdserve.planner.costs import HardwareCosts, Overheads, parse_costs, resolve_costs_path
 from pdserve.planner.sim import ClusterSpec, simulate
 from pdserve.planner.workload import Workload, from_prompts
 
@@ -178,20 +186,119 @@ async def _wait_ready(target: str, proc: subprocess.Popen[bytes], timeout_s: flo
     raise TimeoutError(f"pdserve serve on {target} not ready after {timeout_s:.0f} s")
 
 
-async def _replay(target: str, items: list[WorkItem]) -> list[RequestResult]:
-    backend = GrpcBackend(target)
+class _TimedBackend(GrpcBackend):
+    """The SDK's stream, keeping each request's router ``Timing`` (on its last chunk)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.timings: dict[int, Any] = {}
+
+    async def send(self, item: WorkItem, result: RequestResult) -> None:
+        start = time.perf_counter()
+        tokens = 0
+        async for chunk in self._client.stream(item.prompt, max_tokens=item.output_len,
+                                               temperature=0.0, ignore_eos=True):
+            if chunk.token_ids:
+                result.chunk_times.append(time.perf_counter() - start)
+                tokens += len(chunk.token_ids)
+            if chunk.timing is not None:
+                self.timings[id(result)] = chunk.timing
+        result.output_len = tokens
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    """One batch of requests served: each request's result and router ``Timing`` (None if
+    it carried none), and when probed the router process's CPU time and the workers' loop
+    counters over the batch, summed by role: ``{"prefill": {"steps": ..., "hook_cpu_s":
+    ...}, "decode": {...}}``."""
+
+    results: list[RequestResult]
+    timings: list[Any]
+    loops: dict[str, dict[str, float]]
+    router_cpu_s: float = 0.0
+    """When probed: CPU seconds the router's process used over the batch."""
+    client_cpu_s: float = 0.0
+    """When probed: CPU seconds this process (the load generator) used over the batch."""
+
+
+LOOP_COUNTERS = {"steps": "pdserve:engine_steps_total",
+                 "step_cpu_s": "pdserve:engine_step_cpu_seconds_total",
+                 "hook_cpu_s": "pdserve:engine_hook_cpu_seconds_total",
+                 "process_cpu_s": "pdserve:worker_process_cpu_seconds_total"}
+STATS_SETTLE_S = 0.6
+"""The router's view of worker stats lags by up to one ping interval (0.5 s), more when a
+busy worker answers late: counters are read until two reads this far apart agree."""
+STATS_WAIT_S = 15.0
+
+
+async def _loop_counters(target: str) -> dict[str, dict[str, float]]:
+    """The workers' step-loop counters (router ``GetStats``), summed by role."""
+    from pdserve_client import AsyncClient
+
+    async with AsyncClient(target, retries=0) as client:
+        metrics = (await client.stats(timeout=10)).metrics
+    out: dict[str, dict[str, float]] = {}
+    for key, name in LOOP_COUNTERS.items():
+        for sample, value in metrics.items():
+            if sample.startswith(name + "{"):
+                role = "prefill" if 'role="prefill"' in sample else "decode"
+                out.setdefault(role, dict.fromkeys(LOOP_COUNTERS, 0.0))[key] += value
+    return out
+
+
+async def _settled_counters(target: str) -> dict[str, dict[str, float]]:
+    """``_loop_counters`` once the router's copy has caught up with the workers (two reads
+    ``STATS_SETTLE_S`` apart agree), or the last read after ``STATS_WAIT_S``."""
+    deadline = time.monotonic() + STATS_WAIT_S
+    last = await _loop_counters(target)
+    while True:
+        await asyncio.sleep(STATS_SETTLE_S)
+        now = await _loop_counters(target)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _replay(target: str, items: list[WorkItem], router_pid: int | None = None
+                  ) -> BatchRun:
+    """Replay ``items``; with ``router_pid``, also probe the router's CPU time and the
+    workers' loop counters over them."""
+    before: dict[str, dict[str, float]] = {}
+    cpu0 = client0 = 0.0
+    if router_pid is not None:
+        before = await _settled_counters(target)
+        cpu0, client0 = process_cpu_s(router_pid), time.process_time()
+    backend = _TimedBackend(target)
     await backend.start()
     try:
         results, _ = await run_load(backend, items, progress=False)
     finally:
         await backend.close()
-    return results
+    loops: dict[str, dict[str, float]] = {}
+    router_cpu = client_cpu = 0.0
+    if router_pid is not None:
+        router_cpu = process_cpu_s(router_pid) - cpu0
+        client_cpu = time.process_time() - client0
+        after = await _settled_counters(target)
+        loops = {role: {k: v - before.get(role, {}).get(k, 0.0) for k, v in vals.items()}
+                 for role, vals in after.items()}
+    return BatchRun(results, [backend.timings.get(id(r)) for r in results], loops, router_cpu,
+                    client_cpu)
 
 
 def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], address: str,
-                env: dict[str, str], *, warmup: int = 4) -> list[list[RequestResult]]:
+                env: dict[str, str], *, warmup: int = 4,
+                probe: Sequence[int] = ()) -> list[BatchRun]:
     """Serve with ``pdserve serve`` on the Ray head, replay each batch of requests in turn
-    (after ``warmup`` requests sent at once), stop the service."""
+    (after ``warmup`` requests sent at once), stop the service. The batches whose indices
+    are in ``probe`` also read the workers' loop counters before and after."""
     port = _free_port()
     target = f"127.0.0.1:{port}"
     cmd = [str(BIN / "pdserve"), "serve", "--ray-address", address, "--port", str(port),
@@ -203,7 +310,8 @@ def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], ad
         if warmup:  # first calls of a fresh worker (allocations, lazy imports) are slow
             first = batches[0][:warmup]
             asyncio.run(_replay(target, [replace(it, arrival_s=0.0) for it in first]))
-        return [asyncio.run(_replay(target, items)) for items in batches]
+        return [asyncio.run(_replay(target, items, proc.pid if i in probe else None))
+                for i, items in enumerate(batches)]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -235,15 +343,48 @@ def predicted(workload: Workload, costs: HardwareCosts, prefill: int, decode: in
     return medians(res.ttft_s, res.tpot_s)
 
 
-def fit_overheads(costs: HardwareCosts, workload: Workload, real: dict[str, float],
-                  prefill: int, decode: int) -> HardwareCosts:
-    """``costs`` with the service overheads that close the gap between the simulated and
-    the measured medians of a lightly loaded run (requests mostly alone: one decode step
-    per output token, no queueing): per request on TTFT, per decode step on TPOT."""
-    sim = predicted(workload, replace(costs, overheads=Overheads()), prefill, decode)
-    return replace(costs, overheads=Overheads(
-        request_s=max(0.0, real["ttft_s"] - sim["ttft_s"]),
-        decode_step_s=max(0.0, real["tpot_s"] - sim["tpot_s"])))
+def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
+                  one_token: BatchRun, prefill: int, decode: int) -> HardwareCosts:
+    """``costs`` with the service overheads measured on a lightly loaded run (requests mostly
+    alone) and on ``one_token`` (requests of one output token): the router process's CPU
+    seconds per request (from ``one_token``) and per further token, each worker role's loop CPU
+    seconds per step beyond the engine's (its counters over the run), the median admission
+    time (router ``Timing.queue_s``), and on TTFT what remains of the measured median once
+    the simulation with those terms accounts for the rest (``Overheads`` says what each term
+    stands for)."""
+    per_step = {}
+    for role in ("prefill", "decode"):
+        loop = run.loops.get(role)
+        if not loop or loop["steps"] <= 0:
+            raise RuntimeError(f"no {role} steps counted over the calibration run: {run.loops}")
+        per_step[role] = loop["hook_cpu_s"] / loop["steps"]
+    queue = [t.queue_s for t in run.timings if t is not None]
+    if not queue:
+        raise RuntimeError("the calibration requests carried no router timing")
+    router_s = one_token.router_cpu_s / len(one_token.results)
+    tokens = sum(r.output_len for r in run.results)
+    token_s = max(0.0, run.router_cpu_s - router_s * len(run.results)) / max(
+        1, tokens - len(run.results))
+    measured_terms = Overheads(admission_s=float(np.median(queue)),
+                               router_cpu_s=router_s, router_token_s=token_s,
+                               prefill_step_s=per_step["prefill"],
+                               decode_step_s=per_step["decode"])
+    sim = predicted(workload, replace(costs, overheads=measured_terms), prefill, decode)
+    real = measured(run.results)
+    return replace(costs, overheads=replace(
+        measured_terms, request_s=max(0.0, real["ttft_s"] - sim["ttft_s"])))
+
+
+def with_load_generator(costs: HardwareCosts, cpu_per_request_s: float,
+                        workload: Workload) -> HardwareCosts:
+    """``costs`` whose host counts the load generator sharing the machine's cores: its CPU
+    seconds per request (measured on the calibration requests) at ``workload``'s mean
+    request rate, as background threads."""
+    if costs.host is None:
+        return costs
+    span = float(workload.arrival_s[-1] - workload.arrival_s[0])
+    rate = len(workload) / span if span > 0 else 0.0
+    return replace(costs, host=replace(costs.host, background_threads=cpu_per_request_s * rate))
 
 
 def same_order(real: dict[str, float], sim: dict[str, float], margin: float) -> bool:
@@ -292,6 +433,17 @@ def calibration_items() -> list[WorkItem]:
             for i, it in enumerate(CALIBRATION.items())]
 
 
+ONE_TOKEN = CheckWorkload(offset=420, requests=16)
+"""Requests of one output token each, sent one every ``ONE_TOKEN_GAP_S``: the router's CPU
+per request without streaming (other rows of the trace again)."""
+ONE_TOKEN_GAP_S = 0.1
+
+
+def one_token_items() -> list[WorkItem]:
+    return [replace(it, arrival_s=i * ONE_TOKEN_GAP_S, output_len=1)
+            for i, it in enumerate(ONE_TOKEN.items())]
+
+
 def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
           log: Any = None) -> CheckResult:
     """Run every configuration for real on one Ray head (the first also serves the
@@ -300,28 +452,34 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     items = spec.items()
     cal_items = calibration_items()
     real: dict[str, dict[str, float]] = {}
-    cal_real: dict[str, float] = {}
+    cal_run = one_run = None
     with ray_head() as (address, env):
         for n, label in enumerate(configs):
-            batches = [cal_items, items] if n == 0 else [items]
-            results = run_service(*parse_config(label), batches, address, env)
+            batches = [cal_items, one_token_items(), items] if n == 0 else [items]
+            runs = run_service(*parse_config(label), batches, address, env,
+                               probe=(0, 1) if n == 0 else ())
             if n == 0:
-                cal_real = measured(results[0])
-            real[label] = measured(results[-1])
+                cal_run, one_run = runs[0], runs[1]
+            real[label] = measured(runs[-1].results)
             if log:
                 log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s")
     cal_wl = from_prompts([it.arrival_s for it in cal_items],
                           [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
                           [it.output_len for it in cal_items], spec.block_size)
-    costs = fit_overheads(costs, cal_wl, cal_real, *parse_config(configs[0]))
+    assert cal_run is not None and one_run is not None
+    client_s = cal_run.client_cpu_s / len(cal_run.results)
+    costs = fit_overheads(with_load_generator(costs, client_s, cal_wl), cal_wl, cal_run,
+                          one_run, *parse_config(configs[0]))
     workload = spec.workload()
+    costs = with_load_generator(costs, client_s, workload)
+    if log:
+        log(f"measured: {costs.overheads}; load generator {client_s * 1e3:.1f} ms CPU a "
+            f"request ({costs.host.background_threads if costs.host else 0.0:.2f} cores)")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
     return CheckResult(real, sim, costs.overheads, time.monotonic() - t0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pdserve.planner.costs import load_costs
-
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.plan_check",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="1P1D,2P1D,1P2D")
@@ -330,12 +488,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=CheckWorkload().requests)
     p.add_argument("--time-scale", type=float, default=CheckWorkload().time_scale)
     p.add_argument("--json", default=None)
+    p.add_argument("--write-costs", default=None, metavar="PATH",
+                   help="write a costs file: the engine's steps measured here (unless --costs) "
+                        "and the service overheads measured on the calibration requests")
     args = p.parse_args(argv)
     spec = CheckWorkload(requests=args.requests, time_scale=args.time_scale)
-    costs = load_costs(args.costs) if args.costs else calibrate_here()
+    if args.costs:
+        data = json.loads(resolve_costs_path(args.costs).read_text(encoding="utf-8"))
+    else:
+        data = calibration_data()
+    costs = parse_costs(data)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = check(costs, configs, spec, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"overheads fitted on the calibration requests: {result.overheads}")
+    print(f"overheads measured on the calibration requests: {result.overheads}")
+    if args.write_costs:
+        data["overheads"] = asdict(result.overheads)
+        Path(args.write_costs).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(result.table())
     for key in ("ttft_s", "tpot_s"):
         real = {c: v[key] for c, v in result.real.items()}
@@ -359,12 +527,11 @@ def rank(values: dict[str, float]) -> list[str]:
     return sorted(values, key=lambda k: values[k])
 
 
-def calibrate_here() -> HardwareCosts:
-    """The engine's step costs measured now, in this process (``pdserve.bench.costs``, CPU
-    time of the stepping thread), on a machine of ``os.cpu_count()`` cores shared by the
-    workers."""
+def calibration_data() -> dict[str, Any]:
+    """A costs file's data (no overheads yet): the engine's step costs measured now, in this
+    process (``pdserve.bench.costs``, CPU time of the stepping thread), on a machine of
+    ``os.cpu_count()`` cores shared by the workers."""
     from pdserve.bench.costs import calibrate
-    from pdserve.planner.costs import parse_costs
 
     # CPU time: what a step costs on a core of its own, whatever else runs meanwhile (on
     # an idle machine the same as the wall clock); the workers' sharing of the cores is
@@ -373,14 +540,20 @@ def calibrate_here() -> HardwareCosts:
     data["transfer"] = dict(LOCAL_LINK)
     data["host"] = {"cores": os.cpu_count() or 1, "threads_per_worker": 1,
                     "background_threads": BACKGROUND_THREADS}
-    return parse_costs(data)
+    return data
+
+
+def calibrate_here() -> HardwareCosts:
+    """``calibration_data()``, fitted."""
+    return parse_costs(calibration_data())
 
 
 LOCAL_LINK = {"link_bytes_per_s": 4.12e9, "latency_s": 0.000195,
               "source": "README: pdserve.bench.kvtransfer, NIXL block lists and one block"}
 """Two workers on one machine (UCX over shared memory), as measured by bench.kvtransfer."""
-BACKGROUND_THREADS = 0.3
-"""Cores the router, the load generator and Ray's daemons keep busy while requests flow."""
+BACKGROUND_THREADS = 0.0
+"""Written into the costs file's host: the check sets it from the load generator it measures
+(``with_load_generator``); the router's own work is ``Overheads.router_cpu_s``."""
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -59,6 +60,17 @@ class EngineDriver:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
         self.steps = 0
+        self.step_seconds = 0.0
+        """Wall-clock seconds spent in ``engine.step()``, summed over the steps."""
+        self.step_cpu_seconds = 0.0
+        """The same steps in CPU time of the driver's thread (``time.thread_time``): below
+        ``step_seconds`` when other work kept the thread off its core."""
+        self.hook_seconds = 0.0
+        """Wall-clock seconds of the busy turns spent outside the step: the hooks (KV
+        writes, polling, event pushes) and the calls, summed over the turns that stepped."""
+        self.hook_cpu_seconds = 0.0
+        """The same in CPU time of the driver's thread: what a step costs the worker beyond
+        the engine's, on a core of its own."""
 
     def start(self) -> None:
         self._thread.start()
@@ -100,18 +112,33 @@ class EngineDriver:
 
     def _run(self) -> None:
         try:
+            clock, cpu = time.perf_counter, time.thread_time
             while not self._stop.is_set():
+                t0, c0 = clock(), cpu()
                 # The tick first: calls see what it brought in (a request whose KV landed is
                 # running by then, so a reservation may preempt it instead of finding its
                 # blocks still held for KV in flight).
                 if self._on_tick is not None:
                     self._on_tick()
-                self._run_calls(block=not self.engine.has_unfinished())
+                busy = self.engine.has_unfinished()
+                if busy:  # an idle turn's blocking wait for calls is not a cost
+                    self._run_calls(block=False)
+                    t1 = clock()
+                else:
+                    self._run_calls(block=True)
+                    t0 = t1 = clock()
+                    c0 = cpu()
                 if self.engine.has_unfinished():
+                    c1 = cpu()
                     outputs = self.engine.step()
+                    t2, c2 = clock(), cpu()
                     self.steps += 1
                     if outputs and self._on_outputs is not None:
                         self._on_outputs(outputs)
+                    self.step_seconds += t2 - t1
+                    self.step_cpu_seconds += c2 - c1
+                    self.hook_seconds += (t1 - t0) + (clock() - t2)
+                    self.hook_cpu_seconds += (c1 - c0) + (cpu() - c2)
         except BaseException as exc:
             logger.exception("engine loop failed")
             self.error = exc

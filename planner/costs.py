@@ -12,7 +12,8 @@ planner fits its step model to them when the file is loaded:
 
 Each fit is a non-negative least squares on relative errors (a step of 1 ms matters as much
 as one of 100 ms). ``overheads`` are what the service adds around the engine (router, RPCs,
-token streaming), measured on a running service; ``host`` describes workers sharing one
+token streaming, the workers' loops around their steps), measured on a running service
+(see ``Overheads`` for each term); ``host`` describes workers sharing one
 machine's cores (a CPU test box), absent for one accelerator per worker.
 
 Pure Python and numpy; no torch. Bad files raise ``ValueError`` naming the field.
@@ -89,15 +90,35 @@ class EngineLimits:
 
 @dataclass(frozen=True, slots=True)
 class Overheads:
-    """Seconds the service adds around the engine steps."""
+    """Seconds the service adds around the engine steps, measured on a running service
+    (``pdserve.bench.plan_check`` calibrates them on lightly loaded requests)."""
 
+    admission_s: float = 0.0
+    """Per request, before its prefill is sent: the router's admission and its decode
+    reservation (one actor call). Measured: the median of the router's ``Timing.queue_s``."""
+    router_cpu_s: float = 0.0
+    """Per request, CPU seconds of the router's process to take it up and answer its first
+    token (validation, hashing, balancing, its actor calls): the simulation serves requests
+    one at a time for this long at admission, so that a burst queues at the router as it
+    does for real, and the router takes a core meanwhile. Measured: the router process's
+    CPU time over requests of one output token / their number."""
+    router_token_s: float = 0.0
+    """CPU seconds of the router's process per further streamed token: on a shared host, the
+    simulation counts it as background threads at the workload's mean token rate. Measured:
+    the router's CPU over the calibration requests less ``router_cpu_s`` each, per token
+    beyond each first."""
     request_s: float = 0.0
-    """Per request, on its TTFT: routing, the reserve and prefill RPCs, the first token's
-    trip from the decode worker to the client."""
+    """Per request, on its TTFT after the KV landed: the prefill call's trip, the decode
+    worker taking the request in and the first token's trip through the router to the
+    client. Measured as what remains of the lightly loaded requests' median TTFT once the
+    simulation (with every other term) has accounted for the rest."""
     prefill_step_s: float = 0.0
-    """Per prefill step, beyond the engine's step (the worker's loop, KV writes)."""
+    """Per prefill step, beyond the engine's step: the worker's loop around it (KV writes,
+    transfer polling, KV event pushes). Measured: the prefill workers' loop CPU seconds per
+    step (``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total``)."""
     decode_step_s: float = 0.0
-    """Per decode step, beyond the engine's step (polling, token batches to the router)."""
+    """Per decode step, beyond the engine's step (token batches to the router, polling);
+    measured as ``prefill_step_s`` is, on the decode workers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +129,16 @@ class Host:
     cores: float
     threads_per_worker: float = 1.0
     background_threads: float = 0.0
-    """Cores kept busy by the router and the clients while requests are in flight."""
+    """Cores kept busy while requests are in flight by what the simulation does not run
+    itself: the clients (a load generator on the same machine), Ray's daemons. (The router's
+    work is ``Overheads.router_cpu_s``, a core while it works.)"""
 
-    def stretch(self, busy_workers: int, active: bool) -> float:
+    def stretch(self, busy_workers: int, active: bool, busy_threads: int = 0) -> float:
+        """How much slower than alone a step runs with ``busy_workers`` workers stepping and
+        ``busy_threads`` other single-threaded processes of the service (the router) at
+        work."""
         background = self.background_threads if active else 0.0
-        demand = busy_workers * self.threads_per_worker + background
+        demand = busy_workers * self.threads_per_worker + busy_threads + background
         return max(1.0, demand / self.cores)
 
 
@@ -206,7 +232,8 @@ def parse_costs(data: Mapping[str, Any], source: str = "") -> HardwareCosts:
     transfer = data.get("transfer", {})
     ov = data.get("overheads", {})
     overheads = Overheads(**{k: _num(ov, k, "overheads", default=0.0)
-                             for k in ("request_s", "prefill_step_s", "decode_step_s")})
+                             for k in ("admission_s", "router_cpu_s", "router_token_s", "request_s",
+                                       "prefill_step_s", "decode_step_s")})
     host = None
     if data.get("host"):
         h = data["host"]

@@ -1,10 +1,11 @@
 """The router inside the simulation: the live ``pdserve.router.balancer`` and
 ``pdserve.router.prefix_index`` code, fed as the real router feeds them.
 
-As ``pdserve.router.flow`` and ``server`` do: every ``ping_interval_s`` the load views are
-refreshed from the workers' stats (prefill: pending tokens 0 and the worker's reported rate;
-decode: used blocks and running plus awaiting sequences), every ``events_interval_s`` the
-prefill workers' KV events are applied to the index; a request is first reserved on a decode
+As ``pdserve.router.flow`` and ``server`` do: after each engine step that changed them, a
+worker pushes its KV events (applied to the index at once) and its load (installed in the
+router's view of it: prefill, pending prompt tokens and the worker's reported rate; decode,
+used blocks and running plus awaiting sequences); every ``ping_interval_s`` the views are
+refreshed from every worker's latest load as well; a request is first reserved on a decode
 worker (``choose_decode``; retried with a 5..100 ms backoff while none has room, failed
 after ``admission_timeout_s``), then sent to a prefill worker (``choose_prefill``), each
 choice recorded in the views (``add_decode``, ``add_prefill``).
@@ -35,7 +36,6 @@ class RouterSettings:
 
     policy: str = "prefix_aware"
     ping_interval_s: float = 0.5
-    events_interval_s: float = 0.1
     admission_timeout_s: float = 30.0
     max_waiting: int = 256
     pending_ttl_s: float = 10.0
@@ -66,22 +66,22 @@ class SimRouter:
         self.refresh()
 
     def refresh(self) -> None:
-        """A monitor round: install every worker's current stats."""
-        self.prefill_view.update([
-            WorkerLoad(w.wid, pending_prefill_tokens=0, prefill_tokens_per_s=w.reported_rate)
-            for w in self.prefill.values()])
-        self.decode_view.update([
-            WorkerLoad(w.wid, free_blocks=w.total_blocks - w.used_blocks,
-                       total_blocks=w.total_blocks, running_seqs=w.batch + w.awaiting,
-                       max_running_seqs=w.max_seqs)
-            for w in self.decode.values()])
+        """A monitor round: install every worker's current load."""
+        self.prefill_view.update([_prefill_load(w) for w in self.prefill.values()])
+        self.decode_view.update([_decode_load(w) for w in self.decode.values()])
 
-    def feed_events(self) -> None:
-        """Apply each prefill worker's KV events since the last round (one batch each)."""
-        for w in self.prefill.values():
+    def push_prefill(self, w: PrefillSim) -> None:
+        """``w`` ended an engine step: its KV events since the last push go to the index,
+        its load to the view."""
+        if w.events:
             self.index.apply_events(w.wid, w.batches, w.events, incarnation=w.wid)
             w.batches += 1
             w.events = []
+        self.prefill_view.set_one(_prefill_load(w))
+
+    def push_decode(self, w: DecodeSim) -> None:
+        """``w``'s batch changed at a step boundary: its load goes to the view."""
+        self.decode_view.set_one(_decode_load(w))
 
     def release(self, w: DecodeSim) -> None:
         """``w`` freed blocks or batch slots (the live views learn it at the next sample)."""
@@ -109,6 +109,17 @@ class SimRouter:
         choice = self.balancer.choose_prefill(route, self.prefill_view.current())
         self.prefill_view.add_prefill(choice.worker_id, req.prompt - choice.cached_tokens)
         return self.prefill[choice.worker_id]
+
+
+def _prefill_load(w: PrefillSim) -> WorkerLoad:
+    return WorkerLoad(w.wid, pending_prefill_tokens=w.pending_tokens,
+                      prefill_tokens_per_s=w.reported_rate)
+
+
+def _decode_load(w: DecodeSim) -> WorkerLoad:
+    return WorkerLoad(w.wid, free_blocks=w.total_blocks - w.used_blocks,
+                      total_blocks=w.total_blocks, running_seqs=w.batch + w.awaiting,
+                      max_running_seqs=w.max_seqs)
 
 
 class FastRouter(SimRouter):
@@ -145,9 +156,11 @@ class FastRouter(SimRouter):
             self._dversion[wid] = self._dversion.get(wid, 0) + 1
             self._push_decode(w)
 
-    def feed_events(self) -> None:
-        for w in self.prefill.values():
-            w.events = []
+    def push_prefill(self, w: PrefillSim) -> None:
+        w.events = []
+
+    def push_decode(self, w: DecodeSim) -> None:
+        """Headroom is tracked by ``release`` and the reservations themselves."""
 
     def route(self, req: SimRequest) -> RouteRequest:
         return None  # type: ignore[return-value]  # nothing here reads it

@@ -1,8 +1,9 @@
 """A discrete-event simulation of the whole service: router, prefill pool, decode pool.
 
 Events sit in one heap (time, sequence number, kind, ...); arrivals are merged in from the
-sorted workload, never all pushed, and so are requests reaching their prefill worker (a
-constant delay after admission keeps them in order in a queue). There are no per-token
+sorted workload, never all pushed, and so are requests reaching their prefill worker (the
+router admits one request at a time, ``Overheads.router_cpu_s`` each, then sends the prefill
+``admission_s`` later: they stay in order in a queue). There are no per-token
 events: a prefill worker has one event per engine step, a decode worker one per change of
 its batch (``DecodeSim`` jumps between them in closed form). The router is the live
 balancer and prefix index (``SimRouter``), or for huge prefix-free runs ``FastRouter``.
@@ -20,7 +21,7 @@ import heapq
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from pdserve.planner.router_model import FastRouter, RouterSettings, SimRouter
 from pdserve.planner.workers import DecodeSim, PrefillSim, SimRequest
 from pdserve.planner.workload import Workload
 
-_RETRY, _STEP_END, _KV_LANDED, _BOUNDARY, _TICK = range(5)
+_RETRY, _STEP_END, _KV_LANDED, _BOUNDARY, _TICK, _ROUTER_IDLE = range(6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,19 @@ class Simulation:
         self._in_flight = 0
         self._busy = 0
         self._stretch = 1.0
-        self._pre = costs.overheads.request_s / 2
+        self._host = costs.host
+        token_s = costs.overheads.router_token_s
+        span = float(workload.arrival_s[-1] - workload.arrival_s[0])
+        if self._host is not None and token_s > 0 and span > 0:
+            # The router streams the workload's tokens at its mean rate: a background load.
+            tokens = float(np.maximum(workload.output_tokens - 1, 0).sum())
+            self._host = replace(self._host, background_threads=self._host.background_threads
+                                 + token_s * tokens / span)
+        self._pre = costs.overheads.admission_s
+        self._router_cpu = costs.overheads.router_cpu_s
+        self._router_free = 0.0
+        self._router_busy = 0
+        self._router_version = 0
         self._cached = 0
         self._ticks = 0
         self._ticking = False
@@ -115,8 +128,7 @@ class Simulation:
         self._first = np.full(n, math.nan)
         self._last = np.full(n, math.nan)
         settings = self.spec.router
-        tick = settings.events_interval_s
-        refresh_every = max(1, round(settings.ping_interval_s / tick))
+        tick = settings.ping_interval_s
         self._ticking = False  # router rounds only while requests are in flight
         heap = self._heap
         fifo = self._fifo
@@ -169,10 +181,12 @@ class Simulation:
             elif kind == _RETRY:
                 self.router.waiting -= 1
                 self._admit(item[3])
+            elif kind == _ROUTER_IDLE:
+                if item[3] == self._router_version:
+                    self._router_busy = 0
+                    self._set_busy(0)
             elif kind == _TICK:
-                self.router.feed_events()
-                if item[3] % refresh_every == 0:
-                    self.router.refresh()
+                self.router.refresh()
                 if self._in_flight:
                     self._ticks += 1
                     self._push(self.now + tick, _TICK, self._ticks)
@@ -199,8 +213,18 @@ class Simulation:
             return
         req.decode = worker
         prefill = router.choose_prefill(req, route)
-        # A constant delay keeps these in time order: a queue, not the heap.
-        self._fifo.append((self.now + self._pre, prefill, req))
+        # Times that never decrease keep these in order: a queue, not the heap.
+        # The router's process serves one request at a time (``router_cpu_s`` each); the
+        # prefill is sent ``admission_s`` after the router took the request up.
+        start = max(self.now, self._router_free)
+        self._router_free = start + self._router_cpu
+        self._fifo.append((start + self._pre, prefill, req))
+        if self._router_cpu > 0:  # its process takes a core while it works
+            self._router_version += 1
+            self._push(self._router_free, _ROUTER_IDLE, self._router_version)
+            if not self._router_busy:
+                self._router_busy = 1
+                self._set_busy(0)
 
     def _fail(self, req: SimRequest) -> None:
         req.first_token = req.last_token = math.nan
@@ -233,14 +257,15 @@ class Simulation:
         for req, last_chunk in w.finish_step():
             computed = req.prompt - req.cached
             self._cached += req.cached
-            w.computed_tokens += computed
-            w.latency_sum += self.now - req.waited_since
+            w.rate.record(computed, self.now - req.waited_since)
             # Blocks stream out after every chunk: what is left at the end is the last
             # chunk, plus whatever the link could not keep up with.
             behind = costs.transfer_s(computed) - (self.now - req.first_step)
             tail = max(costs.transfer_s(last_chunk), behind)
             self._push(self.now + tail, _KV_LANDED, req)
         self._start_step(w)
+        # As the worker does after each step: push its KV events and load to the router.
+        self.router.push_prefill(w)
 
     # ------------------------------------------------------------------ decode
 
@@ -276,6 +301,8 @@ class Simulation:
                 self._complete(req)
         if finished:
             self.router.release(d)
+        if finished or joins:
+            self.router.push_decode(d)
         if d.batch > 0:
             self._schedule(d, d.finishing[0][0])
         if was_busy != (d.batch > 0):
@@ -292,10 +319,10 @@ class Simulation:
 
     def _set_busy(self, delta: int) -> None:
         self._busy += delta
-        host = self.costs.host
+        host = self._host
         if host is None:
             return
-        stretch = host.stretch(self._busy, self._in_flight > 0)
+        stretch = host.stretch(self._busy, self._in_flight > 0, self._router_busy)
         if stretch == self._stretch:
             return
         self._stretch = stretch
@@ -311,7 +338,7 @@ class Simulation:
     # ------------------------------------------------------------------ results
 
     def _result(self, wall_s: float) -> SimResult:
-        post = self.costs.overheads.request_s - self._pre
+        post = self.costs.overheads.request_s
         arrival = self.workload.arrival_s
         first, last = self._first, self._last
         ok = ~np.isnan(first)

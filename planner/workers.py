@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 
 from pdserve.engine.kv_events import BlockRemoved, BlockStored, KVEvent
 from pdserve.planner.costs import HardwareCosts, attention_pairs
+from pdserve.worker.prefill_rate import PrefillRate
 
 
 class SimRequest:
@@ -72,14 +73,19 @@ class PrefillSim:
         self.events: list[KVEvent] = []
         """Events since the router last read them."""
         self.batches = 0
-        self.computed_tokens = 0
-        self.latency_sum = 0.0
-        """What the real worker reports as its rate: computed tokens / this (first token
-        minus arrival at the worker, summed), so queueing lowers it."""
+        self.rate = PrefillRate()
+        """What the real worker reports as its rate: computed tokens over (first token minus
+        arrival at the worker), across its last prefills, so queueing lowers it."""
 
     @property
     def reported_rate(self) -> float:
-        return self.computed_tokens / self.latency_sum if self.latency_sum > 0 else 0.0
+        return self.rate.tokens_per_s
+
+    @property
+    def pending_tokens(self) -> int:
+        """Prompt tokens of the requests not yet through (as the real worker reports them:
+        whole prompts, cached tokens included)."""
+        return sum(r.prompt for r in self.waiting) + sum(r.prompt for r in self.running)
 
     def add(self, req: SimRequest) -> None:
         self.waiting.append(req)

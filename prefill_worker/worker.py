@@ -38,6 +38,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.prefill_worker.pull import Puller
 from pdserve.worker.base import EngineWorker
+from pdserve.worker.prefill_rate import PrefillRate
 from pdserve.worker.protocol import (
     LendRequest,
     PrefillRequest,
@@ -91,8 +92,7 @@ class PrefillWorker(EngineWorker):
         self._jobs: dict[str, _Job] = {}
         self.puller = Puller(worker_id, self.engine, self.connector)
         self._asks: set[asyncio.Task[None]] = set()
-        self.prefill_tokens = 0
-        self.prefill_seconds = 0.0
+        self.rate = PrefillRate()
         self.start_driver()
 
     # ------------------------------------------------------------------ Ray methods
@@ -132,10 +132,9 @@ class PrefillWorker(EngineWorker):
             self._driver.call(lambda e: self.puller.fail(rid, refusal, writes_done))
 
     def _extra_stats(self) -> dict[str, Any]:
-        rate = self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
         pending = sum(len(j.req.prompt_token_ids) - j.pulled_tokens
                       for j in list(self._jobs.values()) if j.first_token < 0)
-        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": rate,
+        return {"pending_jobs": len(self._jobs), "prefill_tokens_per_s": self.rate.tokens_per_s,
                 "pending_prefill_tokens": pending, **self.puller.stats()}
 
     # ------------------------------------------------------------------ driver thread
@@ -230,10 +229,9 @@ class PrefillWorker(EngineWorker):
                     job.prompt_logprobs = prompt_logprobs_to_wire(out.prompt_logprobs)
                 job.num_cached_tokens = out.num_cached_tokens
                 job.first_token_time = now
-                computed = len(job.req.prompt_token_ids) - out.num_cached_tokens
-                self.prefill_tokens += computed
                 # The rate of computing: a pull's wait is not part of it.
-                self.prefill_seconds += now - job.admitted
+                self.rate.record(len(job.req.prompt_token_ids) - out.num_cached_tokens,
+                                 now - job.admitted)
                 payload = msgpack.packb([job.first_token, job.first_logprobs])
             if upto <= job.next_block and not out.finished:
                 continue

@@ -7,10 +7,14 @@ over: ``pdserve:time_to_first_token_seconds``, ``pdserve:inter_token_latency_sec
 ``pdserve:prompt_tokens_total``, ``pdserve:generation_tokens_total``,
 ``pdserve:requests_total{outcome}``; per worker ``pdserve:num_requests_running``,
 ``pdserve:num_requests_waiting``, ``pdserve:kv_blocks_used`` / ``_total``,
-``pdserve:prefix_cache_queries_total`` / ``pdserve:prefix_cache_hits_total`` (tokens);
-``pdserve:kv_transfer_*``; ``pdserve:balancer_*``. Beside them, the same figures under
-vLLM's own names and labels (``vllm:*`` with ``model_name``; ``router.metrics_vllm``), so
-that vLLM dashboards and schedulers read pdserve unchanged.
+``pdserve:prefix_cache_queries_total`` / ``pdserve:prefix_cache_hits_total`` (tokens),
+``pdserve:engine_steps_total`` and the CPU seconds of those steps and of the loop around them
+(``pdserve:engine_step_cpu_seconds_total``, ``pdserve:engine_hook_cpu_seconds_total``) and
+of the whole worker process (``pdserve:worker_process_cpu_seconds_total``): what the
+planner's cost model calibrates on; ``pdserve:kv_transfer_*``; ``pdserve:balancer_*``.
+Beside them, the same figures under vLLM's own names and labels (``vllm:*`` with
+``model_name``; ``router.metrics_vllm``), so that vLLM dashboards and schedulers read pdserve
+unchanged.
 
 Request metrics are pushed by the one request path (``Router.run``) through a
 ``RequestTimer`` per request; worker, balancer and failover figures are pulled at scrape
@@ -234,6 +238,14 @@ class _PulledCollector(Collector):
             "prefill_tokens_computed": ("Prompt tokens the worker computed",
                                         "prefill_tokens_computed"),
             "preemptions": ("Requests preempted for lack of KV blocks", "num_preemptions"),
+            "engine_steps": ("Engine steps the worker ran", "steps"),
+            "engine_step_cpu_seconds": ("CPU seconds of the worker's engine steps",
+                                        "step_cpu_seconds"),
+            "engine_hook_cpu_seconds": ("CPU seconds the worker's step loop spent around its "
+                                        "steps (KV writes, polling, token and event pushes)",
+                                        "hook_cpu_seconds"),
+            "worker_process_cpu_seconds": ("CPU seconds of the worker's process, every thread",
+                                           "process_cpu_seconds"),
             "kv_pool_pulled_tokens": ("Prompt tokens whose KV a prefill worker pulled from "
                                       "another worker instead of computing it",
                                       "pool_pulled_tokens"),

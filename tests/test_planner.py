@@ -77,6 +77,11 @@ def test_costs_file_is_fitted_on_load() -> None:
     assert costs.prefill_step_s(100, attention_pairs(100, 0)) == pytest.approx(0.002)
     assert costs.decode_step_s(8, 8 * 1000) == pytest.approx(0.0108)
     assert costs.transfer_s(1000) == pytest.approx(0.001 + 0.5)
+    measured = {"admission_s": 0.005, "request_s": 0.008, "prefill_step_s": 0.0007,
+                "decode_step_s": 0.0002}
+    costs = parse_costs(toy_file(overheads=measured))
+    assert costs.overheads == Overheads(**measured)
+    assert costs.decode_step_s(8, 8 * 1000) == pytest.approx(0.0108 + 0.0002)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -86,6 +91,7 @@ def test_costs_file_is_fitted_on_load() -> None:
     ({"decode_steps": [{"batch": 1, "context": 1}]}, "decode_steps\\[0\\]: missing 'ms'"),
     ({"decode_steps": [{"batch": 1, "context": 1, "ms": 0}]}, "ms must be positive"),
     ({"host": {"threads_per_worker": 1}}, "host: missing 'cores'"),
+    ({"overheads": {"admission_s": -0.001}}, "overheads.admission_s must be >= 0"),
 ])
 def test_bad_costs_files_name_the_field(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -106,15 +112,39 @@ def test_shipped_costs_files_load_and_fit_their_measurements() -> None:
 
 
 def test_one_request_times_match_hand_arithmetic() -> None:
-    costs = replace(TOY, overheads=Overheads(request_s=0.004, decode_step_s=0.0005))
+    costs = replace(TOY, overheads=Overheads(admission_s=0.003, request_s=0.004,
+                                             prefill_step_s=0.0002, decode_step_s=0.0005))
     res = simulate(workload([0.0], [100], [4]), costs, ClusterSpec(1, 1, idle_poll_s=0.0))
-    prefill = 0.001 + 100 * 1e-5                  # one step of 100 tokens
+    prefill = 0.001 + 100 * 1e-5 + 0.0002         # one step of 100 tokens, and the loop's
     transfer = 0.0005 + 100 * 1000 / 1e6          # the whole prompt in that step's write
-    assert res.ttft_s[0] == pytest.approx(0.004 + prefill + transfer)
+    assert res.ttft_s[0] == pytest.approx(0.003 + prefill + transfer + 0.004)
     # Three decode steps of one sequence, context 101, 102, 103.
     steps = [0.002 + 1e-4 + 1e-6 * c + 0.0005 for c in (101, 102, 103)]
     assert res.tpot_s[0] == pytest.approx(sum(steps) / 3)
     assert res.e2e_s[0] == pytest.approx(res.ttft_s[0] + sum(steps))
+
+
+def test_a_burst_queues_at_the_router_one_request_at_a_time() -> None:
+    # The router's process works router_cpu_s on each request: four arriving together are
+    # taken up 50 ms apart, each sent to prefill admission_s after it was taken up.
+    costs = replace(TOY, overheads=Overheads(admission_s=0.003, router_cpu_s=0.05))
+    res = simulate(workload([0.0] * 4, [100] * 4, [1] * 4), costs,
+                   ClusterSpec(1, 1, idle_poll_s=0.0))
+    alone = 0.003 + (0.001 + 100 * 1e-5) + (0.0005 + 100 * 1000 / 1e6)
+    assert sorted(res.ttft_s) == pytest.approx([alone + 0.05 * i for i in range(4)])
+
+
+def test_a_busy_router_takes_a_core_from_the_workers() -> None:
+    host = Host(cores=1.0)
+    costs = replace(TOY, host=host, overheads=Overheads(router_cpu_s=0.5))
+    alone = replace(TOY, host=host)
+    # The request's steps all run while the router still works on it.
+    wl = workload([0.0], [100], [6])
+    slow = simulate(wl, costs, ClusterSpec(1, 1, idle_poll_s=0.0))
+    fast = simulate(wl, alone, ClusterSpec(1, 1, idle_poll_s=0.0))
+    steps = [0.002 + 1e-4 + 1e-6 * c for c in range(101, 106)]
+    assert fast.tpot_s[0] == pytest.approx(sum(steps) / 5)
+    assert slow.tpot_s[0] == pytest.approx(2 * sum(steps) / 5)  # two busy on one core
 
 
 def test_decode_worker_closed_form_matches_stepping_one_step_at_a_time() -> None:

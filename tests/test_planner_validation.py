@@ -1,17 +1,19 @@
 """The planner's simulator against the real service on this machine (CPU, tiny model).
 
 The engine's step costs are measured first, here (``pdserve.bench.costs``, quick); the
-service overheads are fitted on a few lightly loaded requests served by the first
-configuration; then 1P1D, 2P1D and 1P2D each serve the same replayed trace for real
-(``pdserve serve`` on a local Ray head, ``pdserve bench serve``'s trace replay), and the
-simulation of each must come within 20% of the measured TTFT and TPOT medians and order
-the configurations as the measurements do (pairs closer than ``RANK_MARGIN`` are not
-ranked). About 1.5 minutes on two idle cores; skipped, saying why, when other work keeps
-the machine's cores more than half busy.
+service overheads (``pdserve.planner.costs.Overheads``: the router's CPU per request and per
+token, admission, the workers' loops around their steps, the rest of a lone request's TTFT)
+are measured on lightly loaded requests served by the first configuration; then 1P1D, 2P1D
+and 1P2D each serve the same replayed trace for real (``pdserve serve`` on a local Ray head,
+``pdserve bench serve``'s trace replay), and the simulation of each must come within 20% of
+the measured TTFT and TPOT medians and order the configurations as the measurements do
+(pairs closer than ``RANK_MARGIN`` are not ranked). About 1.5 minutes on two idle cores;
+skipped, saying why, when other work keeps the machine's cores more than half busy.
 
-Not met yet, so not part of ``make test`` (run it with ``pytest -m validation``): on an idle
-2-core machine the simulator was 2-4x optimistic (TTFT 93 / 81 / 96 ms simulated against
-226 / 249 / 369 ms measured for 1P1D / 2P1D / 1P2D; TPOT 5.0-5.4 ms against 8.4-11.3 ms).
+Not met yet, so not part of ``make test`` (run it with ``pytest -m validation``): with other
+jobs at load averages of 6-16 on the 2-core machine the simulator was 1.6-2.9x optimistic
+(TTFT 71 / 65 / 77 ms simulated against 113 / 187 / 161 ms measured for 1P1D / 2P1D / 1P2D;
+TPOT 1.5-1.7 ms against 2.8-4.3 ms), and identical real runs differed by up to 2x.
 """
 
 from __future__ import annotations

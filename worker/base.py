@@ -287,6 +287,11 @@ class EngineWorker:
 
         s, kv = await asyncio.wrap_future(self._driver.call(take))
         return {"worker_id": self.worker_id, "role": self.role, "steps": self._driver.steps,
+                "step_seconds": self._driver.step_seconds,
+                "step_cpu_seconds": self._driver.step_cpu_seconds,
+                "hook_seconds": self._driver.hook_seconds,
+                "hook_cpu_seconds": self._driver.hook_cpu_seconds,
+                "process_cpu_seconds": time.process_time(),
                 "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,
                 **kv, **self._extra_stats(), **asdict(s)}
 

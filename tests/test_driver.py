@@ -1,0 +1,51 @@
+"""The engine driver's loop accounting: the step counters the planner calibrates on."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pdserve.engine import SamplingParams
+from pdserve.engine.config import CacheConfig, EngineConfig
+from pdserve.engine.driver import EngineDriver
+from pdserve.engine.engine import Engine
+from pdserve.engine.outputs import RequestOutput
+
+HOOK_BUSY_S = 0.003
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_driver_counts_steps_and_splits_their_cpu_from_the_loop_around_them() -> None:
+    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+    done = threading.Event()
+    hook_calls = 0
+
+    def on_outputs(outputs: list[RequestOutput]) -> None:
+        nonlocal hook_calls
+        hook_calls += 1
+        _spin(HOOK_BUSY_S)  # the worker's work after a step (KV writes, token pushes)
+        if any(o.finished for o in outputs):
+            done.set()
+
+    driver = EngineDriver(engine, on_outputs=on_outputs)
+    driver.start()
+    try:
+        time.sleep(0.05)  # idle turns: neither counted as steps nor as loop time
+        assert (driver.steps, driver.hook_cpu_seconds, driver.step_cpu_seconds) == (0, 0.0, 0.0)
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        driver.call(lambda e: e.add_request("r", list(range(3, 40)), params)).result(10)
+        assert done.wait(30)
+    finally:
+        driver.stop()
+    assert driver.steps == hook_calls == 8  # one prefill step, then seven decode steps
+    assert driver.step_cpu_seconds > 0
+    assert driver.step_seconds >= driver.step_cpu_seconds - 0.002  # one thread: wall >= CPU
+    # Every step's hook burned HOOK_BUSY_S of CPU; the loop's own turns add a little.
+    assert 8 * HOOK_BUSY_S <= driver.hook_cpu_seconds < 8 * HOOK_BUSY_S + 0.05
+    assert driver.hook_seconds >= driver.hook_cpu_seconds - 0.002
