@@ -319,6 +319,12 @@ class Cluster:
             try:
                 holder = await asyncio.wait_for(
                     self.directory.heartbeat.remote(self.instance, ttl, candidate), ttl)
+            except ray.exceptions.ActorDiedError as exc:  # for good: say it once
+                if not self._closing:
+                    logger.error("the cluster's directory is gone (the pool was stopped?); "
+                                 "no more heartbeats: %r", exc)
+                self.supervising = False
+                return
             except (TimeoutError, ray.exceptions.RayError) as exc:
                 logger.warning("heartbeat to the cluster's directory failed: %r", exc)
                 holder = ""
