@@ -4,7 +4,7 @@ Left unbound, the pool's threads move with the OS scheduler, and while another p
 a core busy two of them can share the other core: every parallel region (several per layer)
 then waits at its barrier for a thread descheduled behind its sibling. Measured on 2 cores
 with one other busy process, SmolLM2-135M bfloat16 decode steps at batch 1 / 16 / 64 took
-250-680 / 560-670 / 490-530 ms unbound and 50 / 90 / 101 ms bound (idle: 22 / 41 / 49 ms
+245-680 / 375-670 / 400-525 ms unbound and 49-50 / 86-91 / 99-101 ms bound (idle: 22 / 41 / 49 ms
 both ways). vLLM's CPU worker binds its threads for the same reason.
 
 OpenMP keeps one pool per thread that starts parallel regions, so the binding is made by
