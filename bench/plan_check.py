@@ -193,17 +193,10 @@ class _TimedBackend(GrpcBackend):
         super().__init__(target)
         self.timings: dict[int, Any] = {}
 
-    async def send(self, item: WorkItem, result: RequestResult) -> None:
-        start = time.perf_counter()
-        tokens = 0
-        async for chunk in self._client.stream(item.prompt, max_tokens=item.output_len,
-                                               temperature=0.0, ignore_eos=True):
-            if chunk.token_ids:
-                result.chunk_times.append(time.perf_counter() - start)
-                tokens += len(chunk.token_ids)
-            if chunk.timing is not None:
-                self.timings[id(result)] = chunk.timing
-        result.output_len = tokens
+    def observe(self, chunk: Any, result: RequestResult) -> None:
+        super().observe(chunk, result)
+        if chunk.timing is not None:
+            self.timings[id(result)] = chunk.timing
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,9 +100,13 @@ class GrpcBackend(Backend):
             if chunk.token_ids:
                 result.chunk_times.append(time.perf_counter() - start)
                 tokens += len(chunk.token_ids)
-            if chunk.usage is not None:
-                result.prompt_len = chunk.usage.prompt_tokens
+            self.observe(chunk, result)
         result.output_len = tokens
+
+    def observe(self, chunk: Any, result: RequestResult) -> None:
+        """Take what a streamed chunk says beyond its tokens (its usage)."""
+        if chunk.usage is not None:
+            result.prompt_len = chunk.usage.prompt_tokens
 
 
 class OpenAIBackend(Backend):

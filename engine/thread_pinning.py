@@ -47,8 +47,9 @@ def spread(cpus: Sequence[int], n: int) -> list[int]:
     rounds: list[list[int]] = []
     seen: dict[tuple[str, str], int] = {}
     for cpu in sorted(cpus):
-        k = seen.get(core(cpu), 0)
-        seen[core(cpu)] = k + 1
+        key = core(cpu)
+        k = seen.get(key, 0)
+        seen[key] = k + 1
         while len(rounds) <= k:
             rounds.append([])
         rounds[k].append(cpu)

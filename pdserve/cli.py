@@ -339,6 +339,11 @@ def _attach_config(args: argparse.Namespace) -> RouterConfig:
     )
 
 
+KEEP_POOL_HELP = ("on an existing Ray (--ray-address), leave the pool running when this router "
+                  "stops last (default: the last router removes it; the others always leave "
+                  "it to the routers still alive)")
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     """``pdserve stop``: remove the pool (workers and directory) of a Ray cluster."""
     import ray
@@ -541,10 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
                      help="give each worker its own cores of this host ('auto': when "
                           "pdserve starts its own local Ray)")
-    srv.add_argument("--keep-pool", action="store_true",
-                     help="on an existing Ray (--ray-address), leave the pool running "
-                          "when this router stops last (default: the last router removes "
-                          "it; the others always leave it to the routers still alive)")
+    srv.add_argument("--keep-pool", action="store_true", help=KEEP_POOL_HELP)
     srv.set_defaults(func=_cmd_serve)
 
     rtr = sub.add_parser("router", parents=[common],
@@ -574,10 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--drain-timeout", type=float, default=60.0)
     rtr.add_argument("--disable-log-requests", action="store_true")
     rtr.add_argument("--disable-log-stats", action="store_true")
-    rtr.add_argument("--keep-pool", action="store_true",
-                     help="on an existing Ray (--ray-address), leave the pool running "
-                          "when this router stops last (default: the last router removes "
-                          "it; the others always leave it to the routers still alive)")
+    rtr.add_argument("--keep-pool", action="store_true", help=KEEP_POOL_HELP)
     rtr.set_defaults(func=_cmd_router)
 
     stp = sub.add_parser("stop", parents=[common],
