@@ -130,12 +130,11 @@ class PrefixIndex:
             return not st.stale
         expected = 0 if st.last_seq is None else st.last_seq + 1
         if seq_no != expected and not st.stale:
-            logger.warning(
-                "KV event gap from worker %s: got batch %d, expected %d; resync needed",
-                worker_id,
-                seq_no,
-                expected,
-            )
+            # A first batch past 0 is a late join (the worker published before this router
+            # subscribed): routine, resynced like a gap.
+            log = logger.info if st.last_seq is None else logger.warning
+            log("KV event gap from worker %s: got batch %d, expected %d; resync needed",
+                worker_id, seq_no, expected)
             st.stale = True
         st.last_seq = seq_no
         self._apply(st, events)
@@ -288,7 +287,7 @@ class PrefixIndex:
     def _state(self, worker_id: str, incarnation: str | int) -> _WorkerState:
         st = self._workers.get(worker_id)
         if st is None or st.incarnation != incarnation:
-            if st is not None:
+            if st is not None and st.incarnation != 0:  # 0: registered, not yet heard from
                 logger.info(
                     "worker %s restarted (incarnation %r -> %r); index reset",
                     worker_id,
