@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "LLM": "pdserve.engine.engine",
+    "LLM": "pdserve.engine.llm",
     "Engine": "pdserve.engine.engine",
     "EngineStats": "pdserve.engine.engine",
     "Reservation": "pdserve.engine.engine",

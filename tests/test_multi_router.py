@@ -22,7 +22,7 @@ from dataclasses import replace
 import pytest
 import ray
 
-from pdserve.engine.engine import LLM
+from pdserve.engine.llm import LLM
 from pdserve.engine.sampling import SamplingParams
 from pdserve.router.balancer import WorkerLoad
 from pdserve.router.validation import SamplingArgs
