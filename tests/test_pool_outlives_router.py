@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pdserve.engine.engine import LLM
+from pdserve.engine.llm import LLM
 from pdserve.engine.sampling import SamplingParams
 from pdserve_client import Client, Unavailable
 from tests.procs import Lines, free_ports, stop_pids_using

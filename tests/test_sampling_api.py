@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from pdserve._version import __version__
-from pdserve.engine.engine import LLM
+from pdserve.engine.llm import LLM
 from pdserve.engine.sampling import SamplingParams
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
