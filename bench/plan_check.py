@@ -17,7 +17,9 @@ configuration, on 16 other requests of the trace sent one every 0.25 s (mostly a
 router process's CPU seconds (``/proc``) per request (on 16 more requests of one output
 token each) and per further token, each worker role's loop CPU seconds
 per step beyond the engine's step (the router's ``pdserve:engine_hook_cpu_seconds_total`` /
-``pdserve:engine_steps_total`` over those requests), the median admission time
+``pdserve:engine_steps_total`` over those requests), on decode steps also what remains of
+their median TPOT once the simulation accounts for the rest (the worker's other threads on
+its core, the tokens' trip to the router), the median admission time
 (``Timing.queue_s``: the router's admission and its decode reservation), and, per request,
 what remains of their median TTFT once the simulation with the other terms accounts for the
 rest (the prefill call's trip, the decode worker taking the request in, the first token's
@@ -362,10 +364,32 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
                                router_cpu_s=router_s, router_token_s=token_s,
                                prefill_step_s=per_step["prefill"],
                                decode_step_s=per_step["decode"])
-    sim = predicted(workload, replace(costs, overheads=measured_terms), prefill, decode)
     real = measured(run.results)
+    measured_terms = replace(measured_terms, decode_step_s=per_step["decode"] + tpot_residual(
+        costs, measured_terms, workload, prefill, decode, real["tpot_s"]))
+    sim = predicted(workload, replace(costs, overheads=measured_terms), prefill, decode)
     return replace(costs, overheads=replace(
         measured_terms, request_s=max(0.0, real["ttft_s"] - sim["ttft_s"])))
+
+
+def tpot_residual(costs: HardwareCosts, terms: Overheads, workload: Workload, prefill: int,
+                   decode: int, real_tpot_s: float) -> float:
+    """Seconds per decode step to add to ``terms.decode_step_s`` for the simulated median
+    TPOT of ``workload`` to match ``real_tpot_s`` (0 when the simulation is already slower):
+    what a step costs beyond its engine step and loop on a lightly loaded service (the
+    worker's other threads on its core, the tokens' trip to the router). Bisection: TPOT
+    grows with the per-step cost."""
+    def tpot(extra: float) -> float:
+        over = replace(terms, decode_step_s=terms.decode_step_s + extra)
+        return predicted(workload, replace(costs, overheads=over), prefill, decode)["tpot_s"]
+
+    if not real_tpot_s > tpot(0.0):
+        return 0.0
+    lo, hi = 0.0, real_tpot_s
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tpot(mid) < real_tpot_s else (lo, mid)
+    return (lo + hi) / 2
 
 
 def with_load_generator(costs: HardwareCosts, cpu_per_request_s: float,

@@ -117,8 +117,10 @@ class Overheads:
     transfer polling, KV event pushes). Measured: the prefill workers' loop CPU seconds per
     step (``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total``)."""
     decode_step_s: float = 0.0
-    """Per decode step, beyond the engine's step (token batches to the router, polling);
-    measured as ``prefill_step_s`` is, on the decode workers."""
+    """Per decode step, beyond the engine's step (token batches to the router, polling, the
+    worker's other threads on its core): the decode workers' loop CPU seconds per step, as
+    ``prefill_step_s``, plus what remains of the lightly loaded requests' median TPOT once
+    the simulation with every other term accounts for the rest."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -296,3 +296,19 @@ def test_fast_router_serves_a_prefix_free_stream_as_the_live_one_does() -> None:
     # Decode is the same machine either way; prefill routing differs (see FastRouter).
     assert np.nanmedian(fast.tpot_s) == pytest.approx(np.nanmedian(live.tpot_s), rel=0.05)
     assert np.median(fast.ttft_s) < 3 * np.median(live.ttft_s)
+
+
+def test_calibrated_tpot_residual_makes_the_simulation_match_the_measured_median() -> None:
+    from pdserve.bench.plan_check import predicted, tpot_residual
+
+    wl = workload([0.0, 0.01, 0.02, 0.5], [100, 200, 50, 80], [8, 16, 4, 12])
+    terms = Overheads(decode_step_s=0.0005)
+    alone = predicted(wl, replace(TOY, overheads=terms), 1, 1)["tpot_s"]
+    measured = 1.5 * alone  # the service is slower per token than its engine steps
+    extra = tpot_residual(TOY, terms, wl, 1, 1, measured)
+    assert extra > 0
+    fitted = replace(terms, decode_step_s=terms.decode_step_s + extra)
+    assert predicted(wl, replace(TOY, overheads=fitted), 1, 1)["tpot_s"] == pytest.approx(
+        measured, rel=1e-6)
+    # A simulation already slower than the measurement gets nothing added.
+    assert tpot_residual(TOY, terms, wl, 1, 1, 0.5 * alone) == 0.0
