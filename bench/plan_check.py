@@ -338,6 +338,13 @@ def predicted(workload: Workload, costs: HardwareCosts, prefill: int, decode: in
     return medians(res.ttft_s, res.tpot_s)
 
 
+def timing_medians(timings: Sequence[Any]) -> dict[str, float]:
+    """Median milliseconds of each router ``Timing`` phase over the requests carrying one."""
+    kept = [t for t in timings if t is not None]
+    return {k: round(float(np.median([getattr(t, k) for t in kept])) * 1e3, 2)
+            for k in ("queue_s", "prefill_s", "transfer_s", "first_token_s")} if kept else {}
+
+
 def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
                   one_token: BatchRun, prefill: int, decode: int) -> HardwareCosts:
     """``costs`` with the service overheads measured on a lightly loaded run (requests mostly
@@ -479,7 +486,8 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
                 cal_run, one_run = runs[0], runs[1]
             real[label] = measured(runs[-1].results)
             if log:
-                log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s")
+                log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s; router "
+                    f"timing medians {timing_medians(runs[-1].timings)}")
     cal_wl = from_prompts([it.arrival_s for it in cal_items],
                           [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
                           [it.output_len for it in cal_items], spec.block_size)
@@ -490,6 +498,7 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     workload = spec.workload()
     costs = with_load_generator(costs, client_s, workload)
     if log:
+        log(f"calibration: router timing medians {timing_medians(cal_run.timings)}")
         log(f"measured: {costs.overheads}; load generator {client_s * 1e3:.1f} ms CPU a "
             f"request ({costs.host.background_threads if costs.host else 0.0:.2f} cores)")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
