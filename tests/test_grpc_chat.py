@@ -178,6 +178,18 @@ def test_chat_without_tools_streams_its_text_as_content(client: pc.Client) -> No
     assert not last.message.tool_calls and not any(c.tool_calls for c in chunks)
 
 
+def test_chat_choices_without_tools_each_end_with_their_own_message(client: pc.Client) -> None:
+    chunks = list(client.chat_stream([{"role": "user", "content": "Hello"}], max_tokens=6,
+                                     temperature=1.0, seed=3,
+                                     sampling={"n": 2, "ignore_eos": True}))
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert [c.finish_reason for c in mine].count("length") == 1
+        assert mine[-1].message is not None
+        assert mine[-1].message.content == "".join(c.content for c in mine)
+        assert sum(len(c.token_ids) for c in mine) == 6
+
+
 @pytest.mark.parametrize("options, field", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{not json"}}]},
      "'tools[0].function.parameters'"),
