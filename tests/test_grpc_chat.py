@@ -23,7 +23,7 @@ import openai
 import pytest
 
 import pdserve_client as pc
-from pdserve.cli import TOOL_CALL_PARSERS
+from pdserve.cli import TOOL_CALL_PARSERS, _router_config, build_parser
 from pdserve.router.openai_tools import PARSERS
 from tests.service import ServiceThread
 
@@ -92,8 +92,11 @@ def _reassemble(chunks: list[pc.ChatChunk]) -> pc.ChatMessage:
         pc.ToolCall(**calls[i]) for i in sorted(calls)))
 
 
-def test_cli_offers_the_parsers_the_router_has() -> None:
+def test_the_command_line_sets_the_tool_call_parser() -> None:
     assert TOOL_CALL_PARSERS == PARSERS
+    base = ["serve", "--model", "tiny", "--port", "0", "--http-port", "0"]
+    for extra, want in (([], None), (["--tool-call-parser", "hermes"], "hermes")):
+        assert _router_config(build_parser().parse_args(base + extra)).tool_call_parser == want
 
 
 def test_required_returns_calls_with_arguments_valid_for_their_schema(
@@ -273,3 +276,36 @@ def test_an_undecodable_chat_request_is_invalid_argument(service: ServiceThread)
                       timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "pdserve.v1.ChatRequest" in info.value.details()
+
+
+def test_random_chat_requests_are_answered_or_refused_clearly(service: ServiceThread,
+                                                              client: pc.Client) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    codes: dict[grpc.StatusCode, int] = {}
+    with grpc.insecure_channel(service.target) as channel:
+        call = channel.unary_stream("/pdserve.v1.Generation/Chat",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+
+        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.binary(max_size=512))
+        def random_bytes(raw: bytes) -> None:
+            # A trailing sampling {max_tokens: 2} keeps whatever the bytes spell short.
+            try:
+                list(call(raw + b"\x1a\x02\x08\x02",
+                          metadata=(("authorization", f"Bearer {KEY}"),), timeout=60))
+                code, message = grpc.StatusCode.OK, ""
+            except grpc.RpcError as exc:
+                code, message = exc.code(), exc.details() or ""
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), message
+            assert "Traceback" not in message and len(message) <= 1000, message
+            codes[code] = codes.get(code, 0) + 1
+
+        random_bytes()
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
+    out = client.chat([{"role": "user", "content": "Still there?"}], max_tokens=3,
+                      temperature=0.0)
+    assert out.finish_reason in ("length", "stop")
