@@ -18,10 +18,10 @@ from typing import Any
 
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_limits import show
-from pdserve.router.chat import chat_messages, chat_options, with_tool_constraint
+from pdserve.router.chat import chat_messages, chat_options, chat_parts, with_tool_constraint
 from pdserve.router.flow import RequestError
 from pdserve.router.openai_structured import structured_field, structured_output
-from pdserve.router.openai_tools import ToolRequest, parse_tools
+from pdserve.router.openai_tools import ToolRequest
 from pdserve.router.request_fields import CHAT, COMPLETIONS, check_fields
 from pdserve.router.validation import ChatOptions, SamplingArgs, Validator
 
@@ -233,7 +233,7 @@ def parse_completion(body: Any) -> ParsedRequest:
 def parse_chat(body: Any) -> ParsedRequest:
     """A ``/v1/chat/completions`` body; no ``max_tokens`` means up to the model's length."""
     _common(body, CHAT)
-    parsed = chat_messages(body)
+    chat = chat_parts(body)
     max_tokens = _get(body, "max_completion_tokens", (int,))
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", (int,))
@@ -242,15 +242,15 @@ def parse_chat(body: Any) -> ParsedRequest:
     if top is not None and not want:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     stream, include_usage = _stream_options(body)
-    tools = parse_tools(body)
-    args = with_tool_constraint(_sampling(body, max_tokens, (top or 0) if want else None), tools)
+    args = with_tool_constraint(_sampling(body, max_tokens, (top or 0) if want else None),
+                                chat.tools)
     return ParsedRequest(
-        model=_get(body, "model", (str,), ""), prompts=(), messages=parsed, args=args,
+        model=_get(body, "model", (str,), ""), prompts=(), messages=chat.messages, args=args,
         stream=stream, include_usage=include_usage,
         return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=want,
-        chat=chat_options(body), echo=_get(body, "echo", (bool,), False),
+        chat=chat.options, echo=_get(body, "echo", (bool,), False),
         return_tokens_as_token_ids=_get(body, "return_tokens_as_token_ids", (bool,), False),
-        request_id=_get(body, "request_id", (str,)), tools=tools)
+        request_id=_get(body, "request_id", (str,)), tools=chat.tools)
 
 
 def _only(body: dict[str, Any], allowed: set[str], route: str) -> None:
