@@ -250,7 +250,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         drain_timeout_s=args.drain_timeout,
         flow=FlowConfig(lease_s=args.lease, scheduling_policy=args.scheduling_policy),
         served_model_names=names, chat_template=chat_template,
-        log_requests=not args.disable_log_requests,
+        tool_call_parser=args.tool_call_parser, log_requests=not args.disable_log_requests,
         stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
     )
 
@@ -334,7 +334,7 @@ def _attach_config(args: argparse.Namespace) -> RouterConfig:
         metrics_port=args.metrics_port or None,
         drain_timeout_s=args.drain_timeout, flow=FlowConfig(lease_s=pools.lease_s),
         served_model_names=info.served_model_names, chat_template=info.chat_template,
-        log_requests=not args.disable_log_requests,
+        tool_call_parser=args.tool_call_parser, log_requests=not args.disable_log_requests,
         stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S,
     )
 
@@ -447,6 +447,14 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+TOOL_CALL_PARSERS = ("hermes",)
+"""``pdserve.router.openai_tools.PARSERS``, named here so that parsing the command line does
+not import the router."""
+TOOL_PARSER_HELP = ("read tool calls out of 'auto' tool-choice outputs with this parser "
+                    "(hermes: <tool_call>{...}</tool_call> blocks, Hermes / Qwen style); "
+                    "without one, tool_choice 'auto' is refused")
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -536,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--chat-template", metavar="FILE|TEMPLATE",
                      help="Jinja chat template (a file, or the template itself) for chat "
                           "requests, instead of the model's own")
+    srv.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help=TOOL_PARSER_HELP)
     srv.add_argument("--trust-request-chat-template", action="store_true",
                      help="let chat requests bring their own 'chat_template' (Jinja, rendered "
                           "in a sandbox, but it can spend the router's CPU); off by default")
@@ -577,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--disable-log-requests", action="store_true")
     rtr.add_argument("--disable-log-stats", action="store_true")
     rtr.add_argument("--keep-pool", action="store_true", help=KEEP_POOL_HELP)
+    rtr.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help=TOOL_PARSER_HELP)
     rtr.set_defaults(func=_cmd_router)
 
     stp = sub.add_parser("stop", parents=[common],

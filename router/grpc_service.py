@@ -55,6 +55,7 @@ def add_generation_service(servicer: Any, server: grpc.aio.Server) -> None:
     rpcs = {
         "Generate": (grpc.unary_stream_rpc_method_handler, pb.GenerateRequest,
                      pb.GenerateResponse),
+        "Chat": (grpc.unary_stream_rpc_method_handler, pb.ChatRequest, pb.ChatResponse),
         "ListModels": (grpc.unary_unary_rpc_method_handler, pb.ListModelsRequest,
                        pb.ListModelsResponse),
         "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest,

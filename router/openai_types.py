@@ -18,9 +18,10 @@ from typing import Any
 
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_limits import show
+from pdserve.router.chat import chat_messages, chat_options, chat_parts, with_tool_constraint
 from pdserve.router.flow import RequestError
 from pdserve.router.openai_structured import structured_field, structured_output
-from pdserve.router.openai_tools import ToolRequest, parse_tools, tool_constraint, tool_fields
+from pdserve.router.openai_tools import ToolRequest
 from pdserve.router.request_fields import CHAT, COMPLETIONS, check_fields
 from pdserve.router.validation import ChatOptions, SamplingArgs, Validator
 
@@ -39,7 +40,6 @@ ERROR_STATUS = {
 
 MAX_BATCH_PROMPTS = 64
 """Prompts of one ``/v1/completions`` request (each is its own request internally)."""
-MAX_CHAT_TEMPLATE_CHARS = 64 << 10
 
 TokenText = Callable[[int], str]
 """Renders one token id as text (for logprobs)."""
@@ -230,60 +230,10 @@ def parse_completion(body: Any) -> ParsedRequest:
         request_id=_get(body, "request_id", (str,)))
 
 
-def _message_text(message: Any, index: int) -> dict[str, Any]:
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise _bad(f"'messages[{index}]' must be an object with a 'role'", "messages")
-    content = message.get("content")
-    if content is None:
-        text = ""
-    elif isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                    part.get("text"), str):
-                raise _bad(f"'messages[{index}].content': only text parts are supported",
-                           "messages")
-            parts.append(part["text"])
-        text = "".join(parts)
-    else:
-        raise _bad(f"'messages[{index}].content' must be a string or a list of text parts",
-                   "messages")
-    return {"role": message["role"], "content": text, **tool_fields(message, index)}
-
-
-RESERVED_TEMPLATE_VARIABLES = frozenset({
-    "messages", "conversation", "tools", "documents", "chat_template", "tokenize",
-    "add_generation_prompt", "continue_final_message", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs"})
-"""``chat_template_kwargs`` keys that would override how the template is called."""
-
-
-def _chat_options(body: dict[str, Any]) -> ChatOptions:
-    kwargs = _get(body, "chat_template_kwargs", (dict,), {})
-    for key in kwargs:
-        if key in RESERVED_TEMPLATE_VARIABLES or not key.isidentifier():
-            raise _bad(f"'chat_template_kwargs' may not set {show(key)} (a reserved or "
-                       "invalid template variable)", "chat_template_kwargs")
-    template = _get(body, "chat_template", (str,))
-    if template is not None and len(template) > MAX_CHAT_TEMPLATE_CHARS:
-        raise _bad(f"'chat_template' has {len(template)} characters; at most "
-                   f"{MAX_CHAT_TEMPLATE_CHARS}", "chat_template")
-    return ChatOptions(
-        chat_template=template, chat_template_kwargs=tuple(kwargs.items()),
-        add_generation_prompt=_get(body, "add_generation_prompt", (bool,), True),
-        continue_final_message=_get(body, "continue_final_message", (bool,), False))
-
-
 def parse_chat(body: Any) -> ParsedRequest:
     """A ``/v1/chat/completions`` body; no ``max_tokens`` means up to the model's length."""
     _common(body, CHAT)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages")
-    parsed = [_message_text(m, i) for i, m in enumerate(messages)]
+    chat = chat_parts(body)
     max_tokens = _get(body, "max_completion_tokens", (int,))
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", (int,))
@@ -292,21 +242,15 @@ def parse_chat(body: Any) -> ParsedRequest:
     if top is not None and not want:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     stream, include_usage = _stream_options(body)
-    args = _sampling(body, max_tokens, (top or 0) if want else None)
-    tools = parse_tools(body)
-    if tools is not None and (constraint := tool_constraint(tools)) is not None:
-        if args.structured is not None:
-            raise _bad("'tool_choice' and an output format both constrain the output; "
-                       "give one", "tool_choice")
-        args = replace(args, structured=constraint, structured_field="tool_choice")
+    args = with_tool_constraint(_sampling(body, max_tokens, (top or 0) if want else None),
+                                chat.tools)
     return ParsedRequest(
-        model=_get(body, "model", (str,), ""), prompts=(), messages=parsed, args=args,
+        model=_get(body, "model", (str,), ""), prompts=(), messages=chat.messages, args=args,
         stream=stream, include_usage=include_usage,
         return_token_ids=_get(body, "return_token_ids", (bool,), False), chat_logprobs=want,
-        chat=_chat_options(body), echo=_get(body, "echo", (bool,), False),
+        chat=chat.options, echo=_get(body, "echo", (bool,), False),
         return_tokens_as_token_ids=_get(body, "return_tokens_as_token_ids", (bool,), False),
-        request_id=_get(body, "request_id", (str,)), tools=tools)
-
+        request_id=_get(body, "request_id", (str,)), tools=chat.tools)
 
 
 def _only(body: dict[str, Any], allowed: set[str], route: str) -> None:
@@ -330,11 +274,8 @@ async def tokenize(body: Any, validator: Validator) -> tuple[list[int], bool]:
     if "messages" in body:
         if "prompt" in body:
             raise _bad("give 'prompt' or 'messages', not both", "prompt")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty list", "messages")
-        parsed = [_message_text(m, i) for i, m in enumerate(messages)]
-        ids = await validator.tokenize_chat(parsed, _chat_options(body), bool(add_special))
+        ids = await validator.tokenize_chat(chat_messages(body), chat_options(body),
+                                            bool(add_special))
         return ids, strs
     prompt = body.get("prompt")
     if not isinstance(prompt, str):

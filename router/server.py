@@ -27,7 +27,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,15 +40,24 @@ from pdserve.engine.tokenizer import NoChatTemplateError, Tokenizer
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from pdserve.router.balancer import BalancerConfig, PrefillChoice, make_balancer
+from pdserve.router.chat import ChatParts, chat_parts, with_tool_constraint
 from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
 from pdserve.router.directory import ClusterInfo
 from pdserve.router.errors import public_reason
 from pdserve.router.events import EventSubscriber, endpoint_of
 from pdserve.router.flow import Delta, Flow, FlowConfig, RequestError
+from pdserve.router.grpc_chat import (
+    ChatReply,
+    chat_body,
+    logprobs_pb,
+    named_field,
+    set_final,
+)
 from pdserve.router.grpc_service import Undecodable
-from pdserve.router.grpc_structured import structured_from_proto
+from pdserve.router.grpc_structured import sampling_args
 from pdserve.router.kv_pool import PullCostModel
 from pdserve.router.metrics import RouterMetrics, WorkerSample
+from pdserve.router.openai_tools import check_tool_parser
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_log import (
     StatsLog,
@@ -96,9 +105,9 @@ class RouterConfig:
     served_model_names: tuple[str, ...] = ()
     """Names clients may use in ``model`` (default: the engine's ``model`` as given)."""
     chat_template: str | None = None
+    """Jinja chat template for chat requests, instead of the model's own."""
     tool_call_parser: str | None = None
     """How tool calls are read out of "auto" outputs ("hermes"); None: "auto" is refused."""
-    """Jinja chat template for chat requests, instead of the model's own."""
     log_requests: bool = True
     """One access line per request at INFO (``pdserve.access``)."""
     stats_interval_s: float | None = None
@@ -389,33 +398,24 @@ class Router(pb_grpc.GenerationServicer):
             prompt = request.text
         elif kind == "token_ids":
             prompt = list(request.token_ids.ids)
-        s = request.sampling
-        args = SamplingArgs(
-            max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
-            temperature=s.temperature if s.HasField("temperature") else None,
-            top_p=s.top_p if s.HasField("top_p") else None,
-            top_k=s.top_k, min_p=s.min_p,
-            seed=s.seed if s.HasField("seed") else None,
-            stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-            ignore_eos=s.ignore_eos,
-            logprobs=s.logprobs if s.HasField("logprobs") else None,
-            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            repetition_penalty=(s.repetition_penalty if s.HasField("repetition_penalty")
-                                else 1.0),
-            logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens,
-            bad_words=tuple(s.bad_words), allowed_token_ids=tuple(s.allowed_token_ids),
-            include_stop_str_in_output=s.include_stop_str_in_output,
-            skip_special_tokens=(s.skip_special_tokens if s.HasField("skip_special_tokens")
-                                 else True),
-            truncate_prompt_tokens=(s.truncate_prompt_tokens
-                                    if s.HasField("truncate_prompt_tokens") else None),
-            n=s.n if s.HasField("n") else 1,
-            prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
-            add_special_tokens=(s.add_special_tokens if s.HasField("add_special_tokens")
-                                else None),
-            structured=structured_from_proto(s), priority=request.priority,
-        )
-        return await self.prepare(request.model, prompt, args)
+        return await self.prepare(request.model, prompt,
+                                  sampling_args(request.sampling, request.priority))
+
+    async def _admit(self, context: grpc.aio.ServicerContext, rid: str,
+                     validate: Callable[[], Awaitable[Prepared]]) -> Prepared:
+        """``validate()``'s request, or the call aborted with the status of its error."""
+        try:
+            self.validator.check_request_id(rid)
+            return await validate()
+        except RequestError as exc:
+            self.count_refused(exc.code)
+            await context.abort(_CODES[exc.code], named_field(exc))
+        except Exception as exc:  # a bug in validation: never a traceback to the client
+            logger.exception("validating request %s failed", rid[:64])
+            self.count_refused("internal")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error ({public_reason(exc)})")
+        raise AssertionError("context.abort returned")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         await self._authorize(context, request)
@@ -423,44 +423,48 @@ class Router(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         deadline = arrival + remaining if remaining is not None else None
         rid = request.request_id or uuid.uuid4().hex
-        try:
-            self.validator.check_request_id(rid)
-            prepared = await self._validate(request)
-        except RequestError as exc:
-            self.count_refused(exc.code)
-            await context.abort(_CODES[exc.code], exc.message)
-        except Exception as exc:  # a bug in validation: never a traceback to the client
-            logger.exception("validating request %s failed", rid[:64])
-            self.count_refused("internal")
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error ({public_reason(exc)})")
+        prepared = await self._admit(context, rid, lambda: self._validate(request))
         try:
             async for delta in self.run(rid, prepared, arrival, deadline):
                 yield self._response(rid, delta)
         except RequestError as exc:
             await context.abort(_CODES[exc.code], exc.message)
 
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        """A chat completion: read by ``router.chat`` as the HTTP front's are (the request is
+        made OpenAI-shaped first), answered by ``grpc_chat.ChatReply``."""
+        await self._authorize(context, request)
+        arrival = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = arrival + remaining if remaining is not None else None
+        rid = request.request_id or uuid.uuid4().hex
+        parts: list[ChatParts] = []
+
+        async def validate() -> Prepared:
+            chat = chat_parts(chat_body(request))
+            check_tool_parser(chat.tools, self.config.tool_call_parser)
+            args = with_tool_constraint(sampling_args(request.sampling, request.priority),
+                                        chat.tools)
+            parts.append(chat)
+            return await self.prepare(request.model, None, args, chat.messages, chat.options,
+                                      chat.template_tools)
+
+        prepared = await self._admit(context, rid, validate)
+        reply = ChatReply(rid, parts[0].tools, self.config.tool_call_parser)
+        try:
+            async for delta in self.run(rid, prepared, arrival, deadline):
+                yield reply.response(delta)
+        except RequestError as exc:
+            await context.abort(_CODES[exc.code], exc.message)
+
     @staticmethod
     def _response(rid: str, delta: Delta) -> pb.GenerateResponse:
         msg = pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text,
-                                  index=delta.index)
-        for lp in delta.logprobs:
-            msg.logprobs.append(pb.TokenLogprobs(
-                token_id=lp.token_id, logprob=lp.logprob,
-                top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
-        for lp in delta.prompt_logprobs or ():
-            msg.prompt_logprobs.append(pb.TokenLogprobs(
-                token_id=lp.token_id, logprob=lp.logprob,
-                top=[pb.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+                                  index=delta.index, logprobs=logprobs_pb(delta.logprobs),
+                                  prompt_logprobs=logprobs_pb(delta.prompt_logprobs or []))
         if delta.finish_reason is not None:
             msg.finish_reason = delta.finish_reason
-            if delta.stop_reason is not None:
-                msg.stop_reason = str(delta.stop_reason)
-            msg.usage.CopyFrom(pb.Usage(prompt_tokens=delta.prompt_tokens,
-                                        completion_tokens=delta.completion_tokens,
-                                        cached_tokens=delta.cached_tokens))
-            msg.timing.CopyFrom(pb.Timing(**{k: v for k, v in delta.timing.items()
-                                             if k in pb.Timing.DESCRIPTOR.fields_by_name}))
+            set_final(msg, delta)
         return msg
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

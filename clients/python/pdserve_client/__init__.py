@@ -12,9 +12,18 @@ Needs only ``grpcio`` and ``protobuf``. Example::
             client.generate("", max_tokens=-1)
         except InvalidArgument as err:
             print("rejected:", err.message)
+        answer = client.chat([{"role": "user", "content": "Weather in Paris?"}],
+                             tools=[{"type": "function", "function": {
+                                 "name": "get_weather", "parameters": {"type": "object"}}}],
+                             tool_choice="required")
+        for call in answer.message.tool_calls:         # ToolCall(id, name, arguments)
+            print(call.name, call.arguments)           # arguments: JSON text
 
-``AsyncClient`` has the same methods as coroutines; its ``stream()`` is used with
-``async with client.stream(...) as chunks: async for chunk in chunks: ...``.
+``chat()`` / ``chat_stream()`` take OpenAI-shaped messages and tools and return the
+assistant's ``ChatMessage`` (``content``, ``tool_calls``) / ``ChatChunk``s with content and
+``ToolCallDelta`` fragments. ``AsyncClient`` has the same methods as coroutines; its
+``stream()`` is used with ``async with client.stream(...) as chunks: async for chunk in
+chunks: ...``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ from .errors import (
     Unavailable,
 )
 from .types import (
+    ChatChunk,
+    ChatCompletion,
+    ChatMessage,
     Chunk,
     Completion,
     ModelInfo,
@@ -40,6 +52,8 @@ from .types import (
     Timing,
     TokenLogprob,
     TokenLogprobs,
+    ToolCall,
+    ToolCallDelta,
     Usage,
     WorkerStats,
 )
@@ -49,6 +63,9 @@ __all__ = [
     "AsyncClient",
     "AsyncStream",
     "Cancelled",
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatMessage",
     "Chunk",
     "Client",
     "Completion",
@@ -63,6 +80,8 @@ __all__ = [
     "Timing",
     "TokenLogprob",
     "TokenLogprobs",
+    "ToolCall",
+    "ToolCallDelta",
     "Unauthenticated",
     "Unavailable",
     "Usage",

@@ -6,6 +6,7 @@ client construction.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import wrappers_pb2
+from google.protobuf import json_format, wrappers_pb2
 
 from ._proto import generation_pb2 as pb
 from .errors import error_for
@@ -119,6 +120,121 @@ def is_retryable(err: grpc.RpcError) -> bool:
     return getattr(err, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE
 
 
+def build_sampling(
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    sampling: Mapping[str, Any] | None = None,
+) -> pb.SamplingParams:
+    """The wire ``SamplingParams``; ``sampling`` sets further fields by their .proto names
+    (a message field such as ``structured`` from a dict: ``{"json_schema": "..."}``);
+    ``ValueError`` for a name the message does not have."""
+    params = pb.SamplingParams(
+        top_k=top_k,
+        min_p=min_p,
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    if temperature is not None:
+        params.temperature = temperature
+    if top_p is not None:
+        params.top_p = top_p
+    if seed is not None:
+        params.seed = seed
+    if logprobs is not None:
+        params.logprobs = logprobs
+    fields = pb.SamplingParams.DESCRIPTOR.fields_by_name
+    for name, value in (sampling or {}).items():
+        if name not in fields:
+            raise ValueError(f"SamplingParams has no field {name!r}")
+        field = getattr(params, name)
+        if isinstance(value, Mapping) and fields[name].message_type is not None and not (
+                fields[name].message_type.GetOptions().map_entry):
+            json_format.ParseDict(value, field)
+        elif isinstance(value, Mapping):
+            field.update(value)
+        elif isinstance(value, (list, tuple)):
+            field.extend(value)
+        else:
+            setattr(params, name, value)
+    return params
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _chat_message(message: Any) -> pb.ChatMessage:
+    if hasattr(message, "to_dict"):  # a ChatMessage answer, appended as is
+        message = message.to_dict()
+    if not isinstance(message, Mapping):
+        raise TypeError(f"a chat message must be a dict (OpenAI's shape), got {type(message)}")
+    calls = [pb.ToolCall(id=c.get("id", ""), function=pb.FunctionCall(
+                 name=c["function"]["name"],
+                 arguments=_json_text(c["function"].get("arguments", "{}"))))
+             for c in message.get("tool_calls") or ()]
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI's text parts
+        content = "".join(part["text"] for part in content)
+    return pb.ChatMessage(role=message["role"], content=content or "",
+                          name=message.get("name") or "",
+                          tool_call_id=message.get("tool_call_id") or "", tool_calls=calls)
+
+
+def _tool(tool: Mapping[str, Any]) -> pb.Tool:
+    fn = tool.get("function", tool)  # OpenAI's {"type": "function", "function": {...}}
+    params = fn.get("parameters")
+    return pb.Tool(function=pb.FunctionDefinition(
+        name=fn["name"], description=fn.get("description") or "",
+        parameters="" if params is None else _json_text(params)))
+
+
+def build_chat_request(
+    messages: Sequence[Any],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | Mapping[str, Any] | None,
+    parallel_tool_calls: bool | None,
+    chat_template_kwargs: Mapping[str, Any] | None,
+    add_generation_prompt: bool | None,
+    continue_final_message: bool,
+    sampling: pb.SamplingParams,
+    request_id: str,
+    priority: int,
+    model: str,
+) -> pb.ChatRequest:
+    """The wire ``ChatRequest`` from OpenAI-shaped messages, tools and tool choice (see
+    ``Client.chat``). A tool's ``parameters`` may be a dict or JSON text."""
+    request = pb.ChatRequest(
+        request_id=request_id, messages=[_chat_message(m) for m in messages],
+        sampling=sampling, priority=priority, model=model,
+        tools=[_tool(t) for t in tools or ()],
+        continue_final_message=continue_final_message)
+    if isinstance(tool_choice, str):
+        request.tool_choice.mode = tool_choice
+    elif tool_choice is not None:
+        name = tool_choice.get("function", tool_choice).get("name")
+        request.tool_choice.function.name = name
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = parallel_tool_calls
+    if chat_template_kwargs:
+        request.chat_template_kwargs = json.dumps(dict(chat_template_kwargs))
+    if add_generation_prompt is not None:
+        request.add_generation_prompt = add_generation_prompt
+    return request
+
+
 def build_generate_request(
     prompt: str | Sequence[int],
     *,
@@ -145,36 +261,12 @@ def build_generate_request(
     Values are range-checked by the server (INVALID_ARGUMENT), not here, so that the client and
     the server never disagree about what is valid.
     """
-    extra = sampling
-    sampling = pb.SamplingParams(
-        top_k=top_k,
-        min_p=min_p,
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        stop_token_ids=list(stop_token_ids),
-        ignore_eos=ignore_eos,
-    )
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    if temperature is not None:
-        sampling.temperature = temperature
-    if top_p is not None:
-        sampling.top_p = top_p
-    if seed is not None:
-        sampling.seed = seed
-    if logprobs is not None:
-        sampling.logprobs = logprobs
-    for name, value in (extra or {}).items():
-        if name not in pb.SamplingParams.DESCRIPTOR.fields_by_name:
-            raise ValueError(f"SamplingParams has no field {name!r}")
-        field = getattr(sampling, name)
-        if isinstance(value, Mapping):
-            field.update(value)
-        elif isinstance(value, (list, tuple)):
-            field.extend(value)
-        else:
-            setattr(sampling, name, value)
+    params = build_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, min_p=min_p, seed=seed, stop=stop,
+                            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                            logprobs=logprobs, sampling=sampling)
     request = pb.GenerateRequest(
-        request_id=request_id, sampling=sampling, priority=priority, model=model
+        request_id=request_id, sampling=params, priority=priority, model=model
     )
     if isinstance(prompt, str):
         request.text = prompt

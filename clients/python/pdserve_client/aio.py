@@ -16,7 +16,9 @@ from ._common import (
     HEALTH_SERVING,
     ChannelConfig,
     Deadline,
+    build_chat_request,
     build_generate_request,
+    build_sampling,
     health_request_serializer,
     health_response_deserializer,
     is_retryable,
@@ -26,13 +28,22 @@ from ._common import (
 from ._proto import generation_pb2 as pb
 from ._proto import generation_pb2_grpc as pb_grpc
 from .errors import from_rpc_error
-from .types import Chunk, Completion, CompletionBuilder, ModelInfo, Stats
+from .types import (
+    ChatChunk,
+    ChatCompletion,
+    ChatCompletionBuilder,
+    Chunk,
+    Completion,
+    CompletionBuilder,
+    ModelInfo,
+    Stats,
+)
 
 T = TypeVar("T")
 
 
 class AsyncStream:
-    """An async iterator over one generation's ``Chunk``s.
+    """An async iterator over one generation's ``Chunk``s (a chat's: ``ChatChunk``s).
 
     ``await aclose()``, leaving an ``async with`` block, or dropping the stream cancels the RPC
     so the server frees the request (``break`` alone does not close an async iterator: prefer
@@ -45,7 +56,9 @@ class AsyncStream:
         start: Callable[[float | None], Any],
         config: ChannelConfig,
         deadline: Deadline,
+        convert: Callable[[Any], Any] = Chunk.from_proto,
     ) -> None:
+        self._convert = convert
         self._start = start
         self._config = config
         self._deadline = deadline
@@ -57,7 +70,7 @@ class AsyncStream:
     def __aiter__(self) -> AsyncStream:
         return self
 
-    async def __anext__(self) -> Chunk:
+    async def __anext__(self) -> Any:
         while True:
             if self._closed:
                 raise StopAsyncIteration
@@ -84,7 +97,7 @@ class AsyncStream:
                 self._call = None
                 raise StopAsyncIteration
             self._received = True
-            return Chunk.from_proto(msg)
+            return self._convert(msg)
 
     def cancel(self) -> None:
         """Cancel the RPC if it is still running; later iteration stops. Idempotent."""
@@ -256,6 +269,103 @@ class AsyncClient:
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            request_id=request_id,
+            priority=priority,
+            model=model,
+            sampling=sampling,
+            timeout=timeout,
+        ) as chunks:
+            async for chunk in chunks:
+                builder.add(chunk)
+        return builder.build()
+
+    def chat_stream(
+        self,
+        messages: Sequence[Any],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        logprobs: int | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        request_id: str = "",
+        priority: int = 0,
+        model: str = "",
+        sampling: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncStream:
+        """Start a chat completion and return its ``ChatChunk``s as they are produced
+        (``async for``); arguments as for ``Client.chat_stream``."""
+        request = build_chat_request(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            chat_template_kwargs=chat_template_kwargs,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            sampling=build_sampling(max_tokens=max_tokens, temperature=temperature,
+                                    top_p=top_p, seed=seed, stop=stop, logprobs=logprobs,
+                                    sampling=sampling),
+            request_id=request_id,
+            priority=priority,
+            model=model,
+        )
+        metadata = self._config.metadata
+
+        def start(remaining: float | None) -> Any:
+            return self._stub.Chat(request, timeout=remaining, metadata=metadata)
+
+        return AsyncStream(start, self._config, self._deadline(timeout),
+                           ChatChunk.from_proto)
+
+    async def chat(
+        self,
+        messages: Sequence[Any],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        logprobs: int | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        request_id: str = "",
+        priority: int = 0,
+        model: str = "",
+        sampling: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ChatCompletion:
+        """Run a chat completion to the end; as ``Client.chat``."""
+        if sampling and sampling.get("n", 1) != 1:
+            raise ValueError("chat() returns one choice; use chat_stream() with n > 1")
+        builder = ChatCompletionBuilder()
+        async with self.chat_stream(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+            chat_template_kwargs=chat_template_kwargs,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             request_id=request_id,
             priority=priority,
             model=model,

@@ -7,6 +7,7 @@ passed between threads freely.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -148,6 +149,150 @@ class CompletionBuilder:
             finish_reason=last.finish_reason,
             usage=last.usage,
             timing=last.timing,
+            logprobs=tuple(self._logprobs),
+            stop_reason=last.stop_reason,
+        )
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made: ``arguments`` is JSON text (the model's own)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's shape: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """An assistant's answer: its text (``None`` when it only calls tools) and tool calls.
+
+    ``to_dict()`` gives OpenAI's message shape, so the answer can be appended to the
+    conversation for the next turn (``chat()`` also takes a ``ChatMessage`` as is).
+    """
+
+    role: str
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    @classmethod
+    def from_proto(cls, msg: pb.ChatMessage) -> ChatMessage:
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
+                      for c in msg.tool_calls)
+        return cls(msg.role, msg.content or None, calls)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        return out
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A streamed fragment of tool call ``index``: its first carries ``id`` and ``name``
+    (``arguments`` ""), the next ones fragments of ``arguments`` (``id``/``name`` None).
+    Joined per ``index``, the fragments are ``ChatMessage.tool_calls``."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One streamed chat message: the content and tool-call fragments added since the
+    previous one, and the tokens they came from.
+
+    On a choice's last chunk, ``finish_reason`` (``"stop"``, ``"length"``, ``"abort"``, or
+    ``"tool_calls"`` when the model called tools), ``usage``, ``timing`` and ``message`` (the
+    whole assistant message) are set; ``None`` before.
+    """
+
+    request_id: str
+    index: int
+    content: str
+    tool_calls: tuple[ToolCallDelta, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...]
+    finish_reason: str | None
+    usage: Usage | None
+    timing: Timing | None
+    message: ChatMessage | None
+    stop_reason: str | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    """With ``prompt_logprobs`` asked for, on the first chunk: those of prompt tokens 1, 2,
+    ... (the first token has none)."""
+
+    @classmethod
+    def from_proto(cls, msg: pb.ChatResponse) -> ChatChunk:
+        return cls(
+            request_id=msg.request_id,
+            index=msg.index,
+            content=msg.content,
+            tool_calls=tuple(ToolCallDelta(d.index, d.id or None, d.function.name or None,
+                                           d.function.arguments) for d in msg.tool_calls),
+            token_ids=tuple(msg.token_ids),
+            logprobs=tuple(TokenLogprobs.from_proto(lp) for lp in msg.logprobs),
+            finish_reason=msg.finish_reason or None,
+            usage=Usage.from_proto(msg.usage) if msg.HasField("usage") else None,
+            timing=Timing.from_proto(msg.timing) if msg.HasField("timing") else None,
+            message=ChatMessage.from_proto(msg.message) if msg.HasField("message") else None,
+            stop_reason=msg.stop_reason or None,
+            prompt_logprobs=tuple(TokenLogprobs.from_proto(lp) for lp in msg.prompt_logprobs),
+        )
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    """A whole chat completion: the assistant's ``message`` and the final metadata."""
+
+    request_id: str
+    message: ChatMessage
+    finish_reason: str
+    usage: Usage | None
+    timing: Timing | None
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    stop_reason: str | None = None
+
+
+class ChatCompletionBuilder:
+    """Accumulates one chat stream's chunks (one choice) into a ``ChatCompletion``."""
+
+    def __init__(self) -> None:
+        self._request_id = ""
+        self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprobs] = []
+        self._last: ChatChunk | None = None
+
+    def add(self, chunk: ChatChunk) -> None:
+        self._request_id = chunk.request_id or self._request_id
+        self._token_ids.extend(chunk.token_ids)
+        self._logprobs.extend(chunk.logprobs)
+        self._last = chunk
+
+    def build(self) -> ChatCompletion:
+        """The completion; raises ``PdserveError`` if the stream ended without a final chunk."""
+        last = self._last
+        if last is None or last.finish_reason is None or last.message is None:
+            raise PdserveError(
+                grpc.StatusCode.UNKNOWN,
+                f"chat stream for request {self._request_id or '?'} ended without its message",
+            )
+        return ChatCompletion(
+            request_id=self._request_id,
+            message=last.message,
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            timing=last.timing,
+            token_ids=tuple(self._token_ids),
             logprobs=tuple(self._logprobs),
             stop_reason=last.stop_reason,
         )

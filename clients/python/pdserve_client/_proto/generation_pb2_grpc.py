@@ -40,6 +40,11 @@ class GenerationStub:
                 request_serializer=pdserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/pdserve.v1.Generation/Chat',
+                request_serializer=pdserve_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generation__pb2.ChatResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/pdserve.v1.Generation/ListModels',
                 request_serializer=pdserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
@@ -74,6 +79,16 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Stream a completion: one message per decode step (token ids and text delta); the last
         message carries finish_reason, usage and timing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Stream a chat completion: the conversation is rendered with the served model's chat
+        template; with tools, the model's calls stream as tool-call deltas (OpenAI's chat
+        completions over gRPC). The last message of each choice carries the whole assistant
+        message, finish_reason, usage and timing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +136,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pdserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=pdserve_dot_v1_dot_generation__pb2.ChatRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generation__pb2.ChatResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -176,6 +196,33 @@ class Generation:
             '/pdserve.v1.Generation/Generate',
             pdserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             pdserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Generation/Chat',
+            pdserve_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+            pdserve_dot_v1_dot_generation__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
