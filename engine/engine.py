@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -326,7 +326,16 @@ class Engine:
         self._requests[request_id] = _Request(
             seq, StopChecker(seq, detok, self.eos_token_ids), RequestMetrics(seq.arrival_time)
         )
+        if params.prompt_len is not None and params.seed is not None and not params.greedy:
+            # Resumed: the output in the prompt took one draw per token where it was sampled.
+            self.sampler.resume(request_id, n - params.prompt_len,
+                                self.model_config.vocab_size)
         return seq
+
+    def _drop_new(self, request_id: str) -> None:
+        """Forget a request that ``_new_sequence`` made and that was never admitted."""
+        del self._requests[request_id]
+        self.sampler.forget(request_id)
 
     def add_request(
         self,
@@ -431,7 +440,7 @@ class Engine:
         prefix = self.kv.match_prefix(seq)
         short = self.kv.shortfall(seq, n - prefix.num_tokens, prefix)
         if short and self.scheduler.reclaimable(seq, self.kv.num_exclusive) < short:
-            del self._requests[request_id]  # preempting would not make room: preempt none
+            self._drop_new(request_id)  # preempting would not make room: preempt none
             return None
 
         def fits() -> bool:
@@ -442,11 +451,11 @@ class Engine:
         fitted, preempted = self.scheduler.make_room(seq, fits)
         self.num_preemptions += len(preempted)
         if not fitted:
-            del self._requests[request_id]
+            self._drop_new(request_id)
             return None
         if self.pool.num_free_blocks < params.n - 1:  # one block per forked choice
             self.kv.free(seq)
-            del self._requests[request_id]
+            self._drop_new(request_id)
             return None
         if params.structured is not None:
             self.grammars.submit(seq)  # compiles while the KV is being written
@@ -534,8 +543,7 @@ class Engine:
         since both write after it) and recomputes only that last position, as a decode row,
         to draw its own first token. Its seed is the request's plus ``index``. When no block
         is free, it waits and recomputes its prompt here (mostly from the prefix cache)."""
-        p = parent.params
-        params = replace(p, n=1, seed=None if p.seed is None else (p.seed + index) % 2**64)
+        params = parent.params.choice(index)
         child_id = f"{parent.request_id}#{index}"
         child = self._new_sequence(child_id, parent.prompt_token_ids, params, False,
                                    parent.arrival_time, parent.priority)

@@ -3,7 +3,9 @@
 Greedy rows take the argmax. Other rows apply temperature, then top-k, top-p and min-p
 filters, and draw with the exponential-race trick (argmax of p / Exp(1) noise), which
 equals sampling from p. A request with a ``seed`` draws its noise from its own generator,
-so its tokens do not depend on what else shares the batch. Rows whose parameters ask for
+so its tokens do not depend on what else shares the batch: its ``k``-th output token takes
+the generator's ``k``-th draw, wherever that token is sampled (a prefill worker's first
+token, a decode worker's next ones, a resumed request's continuation). Rows whose parameters ask for
 logits processing (penalties, logit_bias, min_tokens, bad words, allowed tokens) are
 processed first (``pdserve.engine.logits_processing``). Logprobs are those of the model's
 raw distribution (before processing, temperature and filters).
@@ -21,21 +23,40 @@ class Sampler:
     """Picks one token per row of float32 logits. Holds the per-request generators;
     ``forget(request_id)`` drops one when its request ends. Not thread-safe.
 
+    ``resume`` says that a request's first draws were made elsewhere (its output so far,
+    sampled before a failover): its generator starts past them, so that the rest of its
+    output equals that of a run without the failover.
+
     ``check`` finds the rows a batch cannot sample (their parameters are out of what torch
     can run, e.g. a seed wider than 64 bits when validation was bypassed) BEFORE anything is
     drawn, so the engine can fail those requests alone and sample the rest unchanged."""
 
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        self._drawn: dict[str, tuple[int, int]] = {}  # request id -> (draws, vocab size)
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._drawn.pop(request_id, None)
+
+    def resume(self, request_id: str, draws: int, vocab_size: int) -> None:
+        """``request_id``'s first ``draws`` tokens were sampled before it came here (they
+        end its prompt): its generator, when made, is advanced past as many draws of
+        ``vocab_size`` noise values as sampling them took (one per token). Call before the
+        request samples; ``forget`` drops it."""
+        if draws > 0:
+            self._drawn[request_id] = (draws, vocab_size)
 
     def _generator(self, request_id: str, seed: int, device: torch.device) -> torch.Generator:
         gen = self._generators.get(request_id)
         if gen is None:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed)
+            draws, vocab_size = self._drawn.pop(request_id, (0, 0))
+            if draws:
+                noise = torch.empty(vocab_size, device=device)
+                for _ in range(draws):  # one call per token: a draw's size sets its offset
+                    noise.exponential_(generator=gen)
             self._generators[request_id] = gen
         return gen
 

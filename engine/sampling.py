@@ -6,7 +6,7 @@ applies them to logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdserve.engine.sampling_limits import (
@@ -101,6 +101,12 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty
                     or self.repetition_penalty != 1.0 or self.logit_bias or self.min_tokens
                     or self.bad_words_ids or self.allowed_token_ids)
+
+    def choice(self, index: int) -> SamplingParams:
+        """Choice ``index`` of a request with ``n`` > 1 as a request of its own (as the
+        decode worker forks it): one choice, seeded with ``seed + index`` (mod 2**64)."""
+        seed = None if self.seed is None else (self.seed + index) % 2**64
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

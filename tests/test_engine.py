@@ -4,6 +4,7 @@ disaggregation hooks, no leaks, clear errors."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,34 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(reference) -> Non
                     got[out.request_id] = out.token_ids
     assert got["seeded"] == got["seeded-again"]
     assert len(got["seeded"]) == 10
+
+
+def test_seeded_request_resumed_from_its_output_continues_its_own_draws(reference) -> None:
+    """A resumed request (its output so far ends its prompt, ``prompt_len`` says where) with
+    a seed samples its next tokens as the uninterrupted request did: the generator starts
+    past one draw per token already sampled."""
+    path, prompts, _ = reference
+    params = SamplingParams(max_tokens=16, temperature=50.0, seed=99)  # near uniform
+    engine = engine_for(path, "whole")
+    (whole,) = _run_one(engine, "whole", prompts[1], params)
+    assert len(whole) == 16
+    for done in (1, 7):
+        resumed = replace(params, max_tokens=16 - done, prompt_len=len(prompts[1]))
+        (rest,) = _run_one(engine, f"resumed{done}", prompts[1] + whole[:done], resumed)
+        assert whole[:done] + rest == whole
+    # Without the output's draws skipped the continuation differs (the check can fail).
+    fresh = replace(params, max_tokens=9)
+    (other,) = _run_one(engine, "fresh", prompts[1] + whole[:7], fresh)
+    assert other != whole[7:]
+    assert engine.stats().num_used_blocks == 0
+
+
+def _run_one(engine: Engine, rid: str, prompt: list[int], params: SamplingParams) -> list:
+    engine.add_request(rid, prompt, params)
+    got = []
+    while engine.has_unfinished():
+        got += [out.token_ids for out in engine.step() if out.finished]
+    return got
 
 
 def test_builtin_tiny_text_generation_matches_transformers() -> None:
