@@ -4,9 +4,20 @@ worker (KV streamed into the reservation), then stream the decode worker's token
 The router owns the text: it detokenizes, applies stop strings, and counts what it has
 sent. That is what makes failover exact: if the decode worker dies mid-stream, the request
 resumes on another one from the prompt plus the tokens already sent, so the client sees no
-gap and no duplicate. A prefill worker dying, or a KV transfer failing, retries the attempt
-on another worker; nothing decodes from KV that did not fully land (the decode worker
-admits a request only when its connector reports every block received). The first token
+gap and no duplicate. The output goes on as it would have: greedy, and seeded too (the
+workers start a resumed request's generator past one draw per token it carries; see
+``pdserve.engine.sampler``).
+
+A request with ``n`` > 1 runs its choices in one attempt (the decode worker forks them from
+the prompt's KV). Until they streamed a token, a failed attempt is run again whole; after,
+each unfinished choice resumes on its own, all at once, as a request of one choice: its
+prompt is the request's prompt plus that choice's output so far, its sampling what the fork
+gave it (``seed + index``), so its tokens are those of a run without the failure. Choices
+that finished stay finished; each keeps its own text, stop strings and usage.
+
+A prefill worker dying, or a KV transfer failing, retries the attempt on another worker;
+nothing decodes from KV that did not fully land (the decode worker admits a request only
+when its connector reports every block received). The first token
 comes back with the prefill worker's answer, once every block landed, and goes to the client
 at once, not after the decode worker's step in progress and its commit; the decode worker's
 stream, which starts with the same token, is read from its second.
@@ -14,8 +25,9 @@ stream, which starts with the same token, is read from its second.
 Failover is for failures of workers, never of the request: a request that fails on its own
 on a worker (it refused it, or its sampling failed there) fails with a short message and is
 not tried elsewhere, and a request that was on two workers that died fails with UNAVAILABLE
-instead of trying a third (it may be what killed them). When every worker of a pool is dead,
-admission waits for the replacements, bounded by the request's deadline and the lease.
+instead of trying a third (it may be what killed them; choices resumed on their own that
+were on one worker count its death once). When every worker of a pool is dead, admission
+waits for the replacements, bounded by the request's deadline and the lease.
 
 Several routers may serve one cluster: each admits on its own view of the decode pool (pushed
 by the workers), and the decode worker is the authority on its blocks: it refuses a
@@ -35,6 +47,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from pdserve.engine.hashing import hash_blocks
@@ -61,6 +74,7 @@ from pdserve.router.balancer import (
 )
 from pdserve.router.cluster import Cluster, WorkerHandle
 from pdserve.router.kv_pool import source_span
+from pdserve.router.merge import merged
 from pdserve.router.stream import TokenInbox
 from pdserve.worker.protocol import (
     PrefillRequest,
@@ -123,6 +137,45 @@ class Delta:
     prompt_logprobs: list[TokenLogprobs] | None = None
     """On the request's first delta, with ``prompt_logprobs`` asked for: prompt token
     ``i + 1``'s logprobs at ``i``."""
+
+
+@dataclass(slots=True, eq=False)
+class _Choice:
+    """One choice of a request as the router streams it: its tokens so far (``seq``: the
+    request's prompt, then this choice's output), its text and stop strings (``stop``)."""
+
+    index: int
+    seq: Sequence
+    stop: StopChecker
+    finished: bool = False
+    worker_finished: bool = False
+    """It ended on the worker's word, not on a stop string seen here: nothing of it runs
+    there any more."""
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """What the attempts of one request share (several run at once when its choices were
+    resumed each alone). Event loop only."""
+
+    request_id: str
+    choices: list[_Choice]
+    arrival: float
+    deadline: float | None
+    priority: int
+    timing: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0
+    prompt_lps: list[TokenLogprobs] | None = None
+    sent_prompt_lps: bool = True
+    attempts: int = 0
+    """Attempts started (each one's id holds its number, unique in the request)."""
+    failures: int = 0
+    """Failed attempts (not deaths) before the choices were resumed each alone; each goes
+    on counting its own from there, as a request of one choice would."""
+    dead: set[tuple[str, int]] = field(default_factory=set)
+    """The workers (id, generation) that died under the request."""
+    waiting: int = 0
+    """Its attempts waiting for a decode reservation now."""
 
 
 PrefillObserver = Callable[[PrefillChoice, "PrefillResult | None", int], None]
@@ -227,29 +280,58 @@ class Flow:
         """Stream the request's deltas. ``deadline`` (``time.monotonic()``): the client's,
         if it set one; waits for capacity or for workers end there at the latest.
         ``priority``: lower is admitted first under the priority policy. Raises
-        ``RequestError``."""
-        seqs, stops = [], []
-        for index in range(params.n):  # n > 1: the decode worker forks the choices
-            choice = Sequence(request_id if index == 0 else f"{request_id}#{index}", prompt,
-                              params, arrival, 0)
-            choice.max_len = max_len
-            seqs.append(choice)
-            stops.append(StopChecker(choice, IncrementalDetokenizer(
+        ``RequestError``.
+
+        With ``n`` > 1 the decode worker forks the choices in one attempt; once they
+        streamed tokens, a failed attempt is not run again as a whole: each unfinished
+        choice goes on alone (``_each_alone``)."""
+        choices = []
+        for index in range(params.n):
+            seq = Sequence(request_id if index == 0 else f"{request_id}#{index}", prompt,
+                           params, arrival, 0)
+            seq.max_len = max_len
+            choices.append(_Choice(index, seq, StopChecker(seq, IncrementalDetokenizer(
                 self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
-                self.eos_ids))
-        seq = seqs[0]
-        finished = [False] * params.n
-        worker_finished = [False] * params.n
-        prompt_lps: list[TokenLogprobs] | None = None
-        sent_prompt_lps = params.prompt_logprobs is None
-        timing: dict[str, float] = {}
-        cached_tokens = 0
-        failures = deaths = 0
-        attempt_no = 0
+                self.eos_ids)))
+        run = _Run(request_id, choices, arrival, deadline, priority,
+                   sent_prompt_lps=params.prompt_logprobs is None)
+        async with aclosing(self._run_choices(run, choices, params)) as deltas:
+            async for delta in deltas:
+                yield delta
+        if not all(c.finished for c in choices):
+            async with aclosing(self._each_alone(run, params)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _each_alone(self, run: _Run, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Resume every unfinished choice of ``run`` as a request of its own, all at once.
+        Its prompt is the request's prompt plus that choice's output so far, and its
+        sampling what the decode worker gave it when it forked it (``SamplingParams.choice``:
+        ``seed + index``; the workers skip the draws of its output so far), so that it goes
+        on as it would have without the failure. The prompt's own blocks are computed once
+        on a prefill worker and found in its prefix cache by the others."""
+        left = [c for c in run.choices if not c.finished]
+        logger.warning("%s: %d choices of %d resume each on its own", run.request_id,
+                       len(left), len(run.choices))
+        streams = [self._run_choices(run, [c], params.choice(c.index)) for c in left]
+        async with aclosing(merged(streams)) as deltas:
+            async for _, delta in deltas:
+                yield delta
+
+    async def _run_choices(self, run: _Run, group: list[_Choice],
+                        params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream ``group``'s deltas, attempt after attempt, until each of its choices
+        finished. ``group`` is every choice of the request (``params.n`` of them: the decode
+        worker forks them) or one choice going on alone (``params.n`` == 1). Returns with
+        choices unfinished when an attempt of several failed after they streamed tokens:
+        the caller then resumes each alone."""
+        seq = group[0].seq
+        failures = run.failures
+        timing = run.timing
         while True:
-            attempt_no += 1
-            attempt = await self._admit(f"{request_id}.{attempt_no}.{self.router_tag}", seq,
-                                        params, timing, arrival, deadline, priority)
+            run.attempts += 1
+            attempt = await self._admit(f"{run.request_id}.{run.attempts}.{self.router_tag}",
+                                        seq, params, run)
             queue = self.inbox.open(attempt.id)
             try:
                 outcome = await self._prefill(attempt, seq, params)
@@ -260,18 +342,17 @@ class Flow:
                     raise RequestError("internal", "the request failed on its prefill "
                                        f"worker: {outcome.reason}")
                 if outcome.kind is not Outcome.OK:
-                    died = outcome.kind is Outcome.DIED
-                    failures, deaths = self._count_failure(attempt, died, failures, deaths,
-                                                           outcome.reason)
+                    failures = self._count_failure(run, attempt, outcome.kind is Outcome.DIED,
+                                                   failures, outcome.reason)
                     continue
                 result = outcome.result
                 assert result is not None
-                if attempt_no == 1 or not timing.get("prefill_s"):
+                if not timing.get("prefill_s"):
                     timing["prefill_s"] = result.prefill_s
-                    if result.prompt_logprobs is not None and prompt_lps is None:
-                        prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
+                    if result.prompt_logprobs is not None and run.prompt_lps is None:
+                        run.prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
                     timing["transfer_s"] = result.transfer_tail_s
-                    cached_tokens = result.num_cached_tokens
+                    run.cached_tokens = result.num_cached_tokens
                 early = self._first_record(attempt.id, result, params)
                 skip_first = early is not None
                 while True:
@@ -287,57 +368,63 @@ class Flow:
                         if not record.retryable:
                             raise RequestError("internal", "the request failed on its decode "
                                                f"worker: {record.error[:200]}")
-                        if len(seqs) > 1 and any(c.num_output_tokens for c in seqs):
-                            raise RequestError(
-                                "unavailable", f"{record.error[:200]}; a request with n > 1 "
-                                "is not resumed once it has streamed tokens")
-                        logger.warning("%s: %s; resuming after %d tokens", attempt.id,
-                                       record.error, seq.num_output_tokens)
+                        logger.warning("%s: %s; resuming after %s tokens", attempt.id,
+                                       record.error,
+                                       "/".join(str(c.seq.num_output_tokens) for c in group))
                         break
-                    index = record.index
-                    if not 0 <= index < len(seqs) or finished[index]:
+                    if not 0 <= record.index < len(group) or group[record.index].finished:
                         continue  # a choice already ended here (e.g. on a stop string)
-                    choice = seqs[index]
-                    delta = self._apply(choice, stops[index], record)
-                    delta.index = index
-                    if not sent_prompt_lps and prompt_lps is not None:
-                        delta.prompt_logprobs, sent_prompt_lps = prompt_lps, True
+                    choice = group[record.index]
+                    delta = self._apply(choice.seq, choice.stop, record)
+                    delta.index = choice.index
+                    if not run.sent_prompt_lps and run.prompt_lps is not None:
+                        delta.prompt_logprobs, run.sent_prompt_lps = run.prompt_lps, True
                     if "first_token_s" not in timing and delta.token_ids:
-                        timing["first_token_s"] = time.monotonic() - arrival
+                        timing["first_token_s"] = time.monotonic() - run.arrival
                     if delta.finish_reason is not None:
-                        finished[index] = True
-                        worker_finished[index] = record.finish_reason is not None
-                        delta.prompt_tokens = choice.num_prompt_tokens
-                        delta.completion_tokens = choice.num_output_tokens
-                        delta.cached_tokens = cached_tokens
+                        choice.finished = True
+                        choice.worker_finished = record.finish_reason is not None
+                        delta.prompt_tokens = choice.seq.num_prompt_tokens
+                        delta.completion_tokens = choice.seq.num_output_tokens
+                        delta.cached_tokens = run.cached_tokens
                         delta.timing = timing
                         delta.decode_worker = attempt.decode.worker_id
                         if attempt.prefill is not None:
                             delta.prefill_worker = attempt.prefill.worker_id
-                        if all(finished):
-                            attempt.done = all(worker_finished)
-                            timing["total_s"] = time.monotonic() - arrival
+                        if all(c.finished for c in group):
+                            attempt.done = all(c.worker_finished for c in group)
+                            if all(c.finished for c in run.choices):
+                                timing["total_s"] = time.monotonic() - run.arrival
                             yield delta
                             return
                         yield delta
                     elif delta.token_ids or delta.text or delta.prompt_logprobs:
                         yield delta
-                failures, deaths = self._count_failure(
-                    attempt, attempt.decode_died.is_set(), failures, deaths, record.error or "")
+                failures = self._count_failure(run, attempt, attempt.decode_died.is_set(),
+                                               failures, record.error or "")
+                if len(group) > 1 and any(c.seq.num_output_tokens for c in group):
+                    run.failures = failures
+                    return  # each goes on alone: the choices' outputs differ from here
             finally:
                 self.inbox.close_request(attempt.id)
                 self._attempts.pop(attempt.id, None)
                 self.calls.release(attempt)
 
-    def _count_failure(self, attempt: Attempt, died: bool, failures: int, deaths: int,
-                       reason: str) -> tuple[int, int]:
-        """Count a failed attempt; raise if the request may not be tried again."""
+    def _count_failure(self, run: _Run, attempt: Attempt, died: bool, failures: int,
+                       reason: str) -> int:
+        """Count a failed attempt (``died``: one of its workers died); the failures so far
+        of the choices it ran, or raise if the request may not be tried again. Deaths count
+        per worker, for the whole request: the choices resumed alone that were on one
+        worker that died count it once."""
         if died:
-            deaths += 1
-            if deaths > self.config.max_worker_deaths:
+            dead = attempt.decode
+            if attempt.prefill is not None and not attempt.decode_died.is_set():
+                dead = attempt.prefill
+            run.dead.add((dead.worker_id, dead.generation))
+            if len(run.dead) > self.config.max_worker_deaths:
                 raise RequestError(
-                    "unavailable", f"the request was on {deaths} workers that died; it is "
-                    "not tried on another (it may be what made them fail)")
+                    "unavailable", f"the request was on {len(run.dead)} workers that died; it "
+                    "is not tried on another (it may be what made them fail)")
         else:
             failures += 1
             if failures >= self.config.max_attempts:
@@ -345,7 +432,7 @@ class Flow:
                                    f"its workers; last: {reason[:200]}")
         self.failovers += 1
         logger.info("%s failed (%s); trying again", attempt.id, reason[:200] or "worker died")
-        return failures, deaths
+        return failures
 
     @staticmethod
     def _first_record(attempt_id: str, result: PrefillResult,
@@ -409,7 +496,10 @@ class Flow:
             # A resumed request's prompt holds the output already sent: the penalties and
             # min_tokens count the output from the original prompt's end.
             prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
-            n=params.n, prompt_logprobs=params.prompt_logprobs, structured=structured,
+            # Resumed, the client has the prompt's logprobs (from the first prefill), and
+            # asking for them again would turn off the prefix cache for the whole prompt.
+            n=params.n, structured=structured,
+            prompt_logprobs=None if seq.num_output_tokens else params.prompt_logprobs,
         )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:
@@ -417,16 +507,19 @@ class Flow:
         return RouteRequest(attempt_id, tuple(hashes), seq.num_tokens)
 
     async def _admit(self, attempt_id: str, seq: Sequence, params: SamplingParams,
-                     timing: dict[str, float], arrival: float,
-                     deadline: float | None, priority: int = 0) -> Attempt:
+                     run: _Run) -> Attempt:
         """Reserve blocks on a decode worker, waiting (bounded) while the pool is full, and
         while a pool has no live worker (until a replacement is up, the request's deadline
-        or the lease, whichever comes first)."""
-        if self._waiting >= self.config.max_waiting:
+        or the lease, whichever comes first). The choices of one request resumed each alone
+        wait as one request (``max_waiting``)."""
+        if not run.waiting and self._waiting >= self.config.max_waiting:
             raise RequestError("resource_exhausted",
                                f"{self._waiting} requests already wait for decode capacity; "
                                "retry later")
-        self._waiting += 1
+        run.waiting += 1
+        if run.waiting == 1:
+            self._waiting += 1
+        deadline, priority, timing = run.deadline, run.priority, run.timing
         ticket = self.admission.enter(priority)
         try:
             route = self._route(attempt_id, seq)
@@ -477,7 +570,7 @@ class Flow:
                             attempt.reservation = res
                             attempt.reserved_at = time.time()
                             self._attempts[attempt_id] = attempt
-                            timing.setdefault("queue_s", time.monotonic() - arrival)
+                            timing.setdefault("queue_s", time.monotonic() - run.arrival)
                             return attempt
                         refused.add(handle.worker_id)  # no room there: try the others now
                         self.refused_reservations += 1
@@ -496,7 +589,9 @@ class Flow:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.1)
         finally:
-            self._waiting -= 1
+            run.waiting -= 1
+            if run.waiting == 0:
+                self._waiting -= 1
             self.admission.leave(ticket)
 
     def _roomiest_decode(self, route: RouteRequest, loads: list[WorkerLoad]) -> DecodeChoice:

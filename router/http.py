@@ -27,7 +27,6 @@ for a scraper on a private network.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -46,6 +45,7 @@ from pdserve.engine.sampling import TokenLogprobs
 from pdserve.router import openai_types as oai
 from pdserve.router.errors import param_of, public_reason
 from pdserve.router.flow import Delta, RequestError
+from pdserve.router.merge import merged
 from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_tools import (
     ToolStream,
@@ -373,33 +373,10 @@ async def _merged(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[
     """The deltas of several requests (one per prompt of a batch) as they come, each
     re-indexed to its choice (prompt ``i``'s choice ``j`` is ``i * n + j``). The first error
     ends the whole; closing this closes (aborts) every request still running."""
-    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[Delta]) -> None:
-        try:
-            async with aclosing(stream) as s:  # type: ignore[type-var]
-                async for delta in s:
-                    await queue.put((i, delta))
-            await queue.put((i, None))
-        except Exception as exc:
-            await queue.put((i, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            i, item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                item.index += i * n
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with aclosing(merged(streams)) as items:
+        async for i, delta in items:
+            delta.index += i * n
+            yield delta
 
 
 @dataclass(slots=True)

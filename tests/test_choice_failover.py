@@ -1,0 +1,128 @@
+"""A decode worker dying under requests that already streamed tokens, with real Ray workers:
+each unfinished choice of a request with ``n`` > 1 resumes on its own from exactly its own
+tokens, and every request's output (greedy, and seeded at temperature > 0) equals that of
+the same request run without the failure; finish reasons and usage too, and no block stays
+referenced anywhere.
+
+The decode workers step slowly (fault injection) so that the kill lands mid-stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import ray
+
+from pdserve_client import Client
+from tests.service import ServiceThread
+
+PROMPT = "Once upon a time, in a land far away, there lived a"
+MAX_TOKENS = 40
+KILL_AFTER = 10  # tokens of every unfinished choice
+
+
+@pytest.fixture(scope="module")
+def svc():
+    service = ServiceThread("tiny", 1, 2)
+    yield service
+    service.stop()
+
+
+def _slow_steps(worker: object) -> None:
+    """Fault injection: every engine step of the decode worker takes 30 ms more."""
+    engine = worker.engine  # type: ignore[attr-defined]
+    step = engine.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.03)
+        return step(*args, **kwargs)
+
+    engine.step = slow_step
+
+
+def _decode_pool(svc: ServiceThread) -> list[Any]:
+    """The decode workers once both are up (a killed one is replaced), slowed down."""
+    deadline = time.monotonic() + 60
+    while len(svc.router.cluster.pool("decode")) < 2:
+        assert time.monotonic() < deadline, "the decode pool was not replenished"
+        time.sleep(0.1)
+    pool = svc.router.cluster.pool("decode")
+    ray.get([h.actor.__ray_call__.remote(_slow_steps) for h in pool])
+    return pool
+
+
+def _run(svc: ServiceThread, n: int, kill: bool, **sampling: Any) -> dict[str, Any]:
+    """Stream one request; with ``kill``, kill its decode worker once every unfinished
+    choice has ``KILL_AFTER`` tokens. Per choice: tokens, text, finish reason, usage."""
+    pool = _decode_pool(svc)
+    tokens: dict[int, list[int]] = {i: [] for i in range(n)}
+    text = {i: "" for i in range(n)}
+    finish: dict[int, str] = {}
+    usage: dict[int, tuple[int, int]] = {}
+    at_kill: dict[int, int] | None = None
+    with Client(svc.target) as client:
+        for chunk in client.stream(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                   sampling={"n": n}, **sampling):
+            assert chunk.index not in finish, "a chunk after its choice's last one"
+            tokens[chunk.index] += chunk.token_ids
+            text[chunk.index] += chunk.text
+            if chunk.finish_reason is not None:
+                finish[chunk.index] = chunk.finish_reason
+                usage[chunk.index] = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            if kill and at_kill is None and all(
+                    len(tokens[i]) >= KILL_AFTER for i in range(n) if i not in finish):
+                busy = [h for h in pool if ray.get(h.actor.stats.remote())["num_running"]]
+                assert len(busy) == 1, "the request is not on one decode worker"
+                at_kill = {i: len(tokens[i]) for i in range(n)}
+                ray.kill(busy[0].actor, no_restart=True)
+    return {"tokens": tokens, "text": text, "finish": finish, "usage": usage,
+            "at_kill": at_kill}
+
+
+def _assert_no_block_held(svc: ServiceThread) -> None:
+    stats = svc.wait_idle()
+    assert {w: s["num_used_blocks"] for w, s in stats.items()} == {w: 0 for w in stats}
+
+
+def test_seeded_choices_resume_each_from_its_own_tokens(svc) -> None:
+    n = 3
+    sampling = {"temperature": 1.0, "seed": 4321}
+    first = _run(svc, n, kill=False, **sampling)["tokens"]
+    assert len({tuple(t) for t in first.values()}) == n, "the choices should differ"
+    # A stop token that ends one choice early, before the kill, and none of the others then.
+    stop_at = next((i, t) for i in range(n) for t in first[i][:KILL_AFTER - 2]
+                   if all(t not in first[j][:KILL_AFTER + 5] for j in range(n) if j != i))
+    sampling["stop_token_ids"] = [stop_at[1]]
+    ref = _run(svc, n, kill=False, **sampling)
+    assert ref["finish"][stop_at[0]] == "stop"
+    failovers = svc.router.flow.failovers
+    got = _run(svc, n, kill=True, **sampling)
+    assert got["at_kill"] is not None and got["at_kill"][stop_at[0]] < KILL_AFTER
+    assert svc.router.flow.failovers > failovers
+    for key in ("tokens", "text", "finish", "usage"):
+        assert got[key] == ref[key], key
+    _assert_no_block_held(svc)
+
+
+def test_greedy_choices_resume_and_equal_the_single_choice_output(svc) -> None:
+    one = _run(svc, 1, kill=False, temperature=0.0)
+    failovers = svc.router.flow.failovers
+    got = _run(svc, 4, kill=True, temperature=0.0)
+    assert got["at_kill"] is not None and svc.router.flow.failovers > failovers
+    assert got["tokens"] == {i: one["tokens"][0] for i in range(4)}
+    assert got["text"] == {i: one["text"][0] for i in range(4)}
+    assert got["finish"] == {i: "length" for i in range(4)}
+    assert got["usage"] == {i: one["usage"][0] for i in range(4)}
+    _assert_no_block_held(svc)
+
+
+def test_a_seeded_single_choice_resumes_with_its_own_draws(svc) -> None:
+    sampling = {"temperature": 1.0, "seed": 99}
+    ref = _run(svc, 1, kill=False, **sampling)
+    got = _run(svc, 1, kill=True, **sampling)
+    assert got["at_kill"] is not None
+    assert got["tokens"] == ref["tokens"] and got["text"] == ref["text"]
+    assert got["usage"] == ref["usage"] and got["finish"] == {0: "length"}
+    _assert_no_block_held(svc)
