@@ -319,7 +319,7 @@ class Flow:
                 yield delta
 
     async def _run_choices(self, run: _Run, group: list[_Choice],
-                        params: SamplingParams) -> AsyncIterator[Delta]:
+                           params: SamplingParams) -> AsyncIterator[Delta]:
         """Stream ``group``'s deltas, attempt after attempt, until each of its choices
         finished. ``group`` is every choice of the request (``params.n`` of them: the decode
         worker forks them) or one choice going on alone (``params.n`` == 1). Returns with
