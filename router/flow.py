@@ -46,7 +46,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -304,22 +304,39 @@ class Flow:
                     yield delta
 
     async def _each_alone(self, run: _Run, params: SamplingParams) -> AsyncIterator[Delta]:
-        """Resume every unfinished choice of ``run`` as a request of its own, all at once.
-        Its prompt is the request's prompt plus that choice's output so far, and its
-        sampling what the decode worker gave it when it forked it (``SamplingParams.choice``:
-        ``seed + index``; the workers skip the draws of its output so far), so that it goes
-        on as it would have without the failure. The prompt's own blocks are computed once
-        on a prefill worker and found in its prefix cache by the others."""
+        """Resume every unfinished choice of ``run`` as a request of its own. Its prompt is
+        the request's prompt plus that choice's output so far, and its sampling what the
+        decode worker gave it when it forked it (``SamplingParams.choice``: ``seed +
+        index``; the workers skip the draws of its output so far), so that it goes on as it
+        would have without the failure.
+
+        The first goes ahead until a decode worker holds its KV (its second delta comes from
+        that worker's stream, after the commit), then the others start, all at once: the
+        prompt's full blocks are then in the prefix caches of the prefill worker and of that
+        decode worker, where their reservations share them instead of each holding a copy."""
         left = [c for c in run.choices if not c.finished]
         logger.warning("%s: %d choices of %d resume each on its own", run.request_id,
                        len(left), len(run.choices))
         streams = [self._run_choices(run, [c], params.choice(c.index)) for c in left]
-        async with aclosing(merged(streams)) as deltas:
-            async for _, delta in deltas:
+        try:
+            ahead = 0
+            while len(streams) > 1 and ahead < 2:
+                try:
+                    delta = await anext(streams[0])
+                except StopAsyncIteration:
+                    streams.pop(0)  # it finished already
+                    break
+                ahead += 1
                 yield delta
+            async with aclosing(merged(streams)) as deltas:
+                async for _, delta in deltas:
+                    yield delta
+        finally:
+            for stream in streams:
+                await stream.aclose()  # a no-op for those that ended
 
     async def _run_choices(self, run: _Run, group: list[_Choice],
-                           params: SamplingParams) -> AsyncIterator[Delta]:
+                           params: SamplingParams) -> AsyncGenerator[Delta, None]:
         """Stream ``group``'s deltas, attempt after attempt, until each of its choices
         finished. ``group`` is every choice of the request (``params.n`` of them: the decode
         worker forks them) or one choice going on alone (``params.n`` == 1). Returns with

@@ -34,6 +34,8 @@ def svc():
 def _slow_steps(worker: object) -> None:
     """Fault injection: every engine step of the decode worker takes 30 ms more."""
     engine = worker.engine  # type: ignore[attr-defined]
+    if "step" in vars(engine):
+        return  # slowed already
     step = engine.step
 
     def slow_step(*args, **kwargs):
@@ -63,6 +65,7 @@ def _run(svc: ServiceThread, n: int, kill: bool, **sampling: Any) -> dict[str, A
     finish: dict[int, str] = {}
     usage: dict[int, tuple[int, int]] = {}
     at_kill: dict[int, int] | None = None
+    killed = ""
     with Client(svc.target) as client:
         for chunk in client.stream(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True,
                                    sampling={"n": n}, **sampling):
@@ -77,9 +80,10 @@ def _run(svc: ServiceThread, n: int, kill: bool, **sampling: Any) -> dict[str, A
                 busy = [h for h in pool if ray.get(h.actor.stats.remote())["num_running"]]
                 assert len(busy) == 1, "the request is not on one decode worker"
                 at_kill = {i: len(tokens[i]) for i in range(n)}
+                killed = busy[0].worker_id
                 ray.kill(busy[0].actor, no_restart=True)
     return {"tokens": tokens, "text": text, "finish": finish, "usage": usage,
-            "at_kill": at_kill}
+            "at_kill": at_kill, "killed": killed}
 
 
 def _assert_no_block_held(svc: ServiceThread) -> None:
@@ -120,14 +124,15 @@ def test_seeded_choices_resume_each_from_its_own_tokens(svc) -> None:
     _assert_no_block_held(svc)
 
 
-def _prefill_hits(stats: dict[str, dict[str, Any]]) -> int:
-    return sum(s["prefix_hit_tokens"] for s in stats.values() if s["role"] == "prefill")
+def _hits(stats: dict[str, dict[str, Any]], role: str) -> int:
+    return sum(s["prefix_hit_tokens"] for s in stats.values() if s["role"] == role)
 
 
 def test_greedy_choices_resume_and_equal_the_single_choice_output(svc) -> None:
     one = _run(svc, 1, kill=False, temperature=0.0)
     failovers = svc.router.flow.failovers
-    hits = _prefill_hits(svc.worker_stats())
+    _decode_pool(svc)
+    before = svc.worker_stats()
     got = _run(svc, 4, kill=True, temperature=0.0)
     assert got["at_kill"] is not None and svc.router.flow.failovers > failovers
     assert got["tokens"] == {i: one["tokens"][0] for i in range(4)}
@@ -135,9 +140,13 @@ def test_greedy_choices_resume_and_equal_the_single_choice_output(svc) -> None:
     assert got["finish"] == {i: "length" for i in range(4)}
     assert got["usage"] == {i: one["usage"][0] for i in range(4)}
     # The first attempt and each resumed choice found the prompt's full blocks in the
-    # prefill worker's prefix cache (the prompt is computed once, not once per choice).
+    # prefill worker's prefix cache (the prompt is computed once, not once per choice), and
+    # the choices resumed after the first found them on the decode worker that holds it.
     stats = svc.wait_idle()
-    assert _prefill_hits(stats) - hits >= 5 * PROMPT_BLOCK_TOKENS
+    assert _hits(stats, "prefill") - _hits(before, "prefill") >= 5 * PROMPT_BLOCK_TOKENS
+    (survivor,) = [w for w, s in before.items() if s["role"] == "decode" and w != got["killed"]]
+    hits = stats[survivor]["prefix_hit_tokens"] - before[survivor]["prefix_hit_tokens"]
+    assert hits >= 3 * PROMPT_BLOCK_TOKENS
     assert {w: s["num_used_blocks"] for w, s in stats.items()} == {w: 0 for w in stats}
 
 
