@@ -10,10 +10,12 @@ workers start a resumed request's generator past one draw per token it carries; 
 
 A request with ``n`` > 1 runs its choices in one attempt (the decode worker forks them from
 the prompt's KV). Until they streamed a token, a failed attempt is run again whole; after,
-each unfinished choice resumes on its own, all at once, as a request of one choice: its
-prompt is the request's prompt plus that choice's output so far, its sampling what the fork
-gave it (``seed + index``), so its tokens are those of a run without the failure. Choices
-that finished stay finished; each keeps its own text, stop strings and usage.
+each unfinished choice resumes on its own as a request of one choice: its prompt is the
+request's prompt plus that choice's output so far, its sampling what the fork gave it
+(``seed + index``), so its tokens are those of a run without the failure. The first goes
+ahead, the others follow once a decode worker holds its KV, and find the prompt's blocks
+in the prefix caches. Choices that finished stay finished; each keeps its own text, stop
+strings and usage.
 
 A prefill worker dying, or a KV transfer failing, retries the attempt on another worker;
 nothing decodes from KV that did not fully land (the decode worker admits a request only
