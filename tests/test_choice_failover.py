@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import ray
 
-from pdserve_client import Client
+from pdserve_client import Client, Unavailable
 from tests.service import ServiceThread
 
 PROMPT = list(range(200, 250))  # 3 full blocks of 16 tokens, then 2
@@ -56,10 +56,12 @@ def _decode_pool(svc: ServiceThread) -> list[Any]:
     return pool
 
 
-def _run(svc: ServiceThread, n: int, kill: bool, **sampling: Any) -> dict[str, Any]:
+def _run(svc: ServiceThread, n: int, kill: bool, kills: int = 1,
+         **sampling: Any) -> dict[str, Any]:
     """Stream one request; with ``kill``, kill its decode worker once every unfinished
-    choice has ``KILL_AFTER`` tokens. Per choice: tokens, text, finish reason, usage."""
-    pool = _decode_pool(svc)
+    choice has ``KILL_AFTER`` tokens (``kills`` times, ``KILL_AFTER`` more tokens apart).
+    Per choice: tokens, text, finish reason, usage."""
+    _decode_pool(svc)
     tokens: dict[int, list[int]] = {i: [] for i in range(n)}
     text = {i: "" for i in range(n)}
     finish: dict[int, str] = {}
@@ -75,13 +77,17 @@ def _run(svc: ServiceThread, n: int, kill: bool, **sampling: Any) -> dict[str, A
             if chunk.finish_reason is not None:
                 finish[chunk.index] = chunk.finish_reason
                 usage[chunk.index] = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-            if kill and at_kill is None and all(
-                    len(tokens[i]) >= KILL_AFTER for i in range(n) if i not in finish):
+            done = 0 if at_kill is None else 1  # kills so far (at most 2 here)
+            if kill and kills and all(len(tokens[i]) >= KILL_AFTER * (done + 1)
+                                      for i in range(n) if i not in finish):
+                pool = svc.router.cluster.pool("decode")
                 busy = [h for h in pool if ray.get(h.actor.stats.remote())["num_running"]]
                 assert len(busy) == 1, "the request is not on one decode worker"
-                at_kill = {i: len(tokens[i]) for i in range(n)}
+                if at_kill is None:
+                    at_kill = {i: len(tokens[i]) for i in range(n)}
                 killed = busy[0].worker_id
                 ray.kill(busy[0].actor, no_restart=True)
+                kills -= 1
     return {"tokens": tokens, "text": text, "finish": finish, "usage": usage,
             "at_kill": at_kill, "killed": killed}
 
@@ -157,4 +163,12 @@ def test_a_seeded_single_choice_resumes_with_its_own_draws(svc) -> None:
     assert got["at_kill"] is not None
     assert got["tokens"] == ref["tokens"] and got["text"] == ref["text"]
     assert got["usage"] == ref["usage"] and got["finish"] == {0: "length"}
+    _assert_no_block_held(svc)
+
+
+def test_choices_resumed_on_a_worker_that_dies_too_fail_as_one_request(svc) -> None:
+    """The choices resumed on one decode worker that dies count one more death of the
+    request (not one per choice), which makes two: UNAVAILABLE, as for one choice."""
+    with pytest.raises(Unavailable, match="on 2 workers that died"):
+        _run(svc, 3, kill=True, kills=2, temperature=0.0)
     _assert_no_block_held(svc)
