@@ -50,7 +50,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pdserve.engine.hashing import hash_blocks
 from pdserve.engine.outputs import StopChecker
@@ -68,24 +68,29 @@ from pdserve.router.attempt import (
 from pdserve.router.balancer import (
     Balancer,
     DecodeChoice,
-    LoadView,
     NoWorkerAvailableError,
     PrefillChoice,
     RouteRequest,
     WorkerLoad,
 )
 from pdserve.router.cluster import Cluster, WorkerHandle
+from pdserve.router.deltas import (
+    Delta,
+    apply_record,
+    first_record,
+    sampling_spec,
+    without_first,
+)
 from pdserve.router.kv_pool import source_span
 from pdserve.router.merge import merged
+from pdserve.router.pool_loads import PoolLoads
 from pdserve.router.stream import TokenInbox
 from pdserve.worker.protocol import (
     PrefillRequest,
     PrefillResult,
     PullSource,
     ReserveRequest,
-    SamplingSpec,
     TokenRecord,
-    logprobs_from_wire,
     prompt_logprobs_from_wire,
 )
 
@@ -116,29 +121,6 @@ class FlowConfig:
     max_worker_deaths: int = 1  # workers that may die under one request; one more fails it
     scheduling_policy: str = "fcfs"  # "priority": see pdserve.router.admission
     priority_aging_s: float = 10.0
-
-
-@dataclass(slots=True)
-class Delta:
-    """What one step added to a request's output (the last one has ``finish_reason``)."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    timing: dict[str, float] = field(default_factory=dict)
-    prefill_worker: str = ""
-    """The last delta's: the worker whose prefill the request's output came from."""
-    decode_worker: str = ""
-    index: int = 0
-    """The choice this delta belongs to (``n`` > 1: 0 .. n - 1)."""
-    prompt_logprobs: list[TokenLogprobs] | None = None
-    """On the request's first delta, with ``prompt_logprobs`` asked for: prompt token
-    ``i + 1``'s logprobs at ``i``."""
 
 
 @dataclass(slots=True, eq=False)
@@ -197,11 +179,12 @@ class Flow:
         self.balancer = balancer
         self.eos_ids = eos_ids
         self.config = config
-        self.prefill_view = LoadView()
-        self.decode_view = LoadView()
+        self.loads = PoolLoads(cluster)
+        self.prefill_view = self.loads.prefill_view
+        self.decode_view = self.loads.decode_view
+        self.refresh_loads = self.loads.refresh
+        self.on_load = self.loads.on_load
         self._attempts: dict[str, Attempt] = {}
-        self.pushed: dict[str, dict[str, float]] = {}
-        """Each worker's latest load as it pushed it (``on_load``), by worker id."""
         self.calls = AttemptCalls(cluster, on_stats=self.refresh_loads)
         self._waiting = 0
         self.admission = AdmissionQueue(config.scheduling_policy == "priority",
@@ -216,54 +199,6 @@ class Flow:
     def waiting(self) -> int:
         """Requests waiting for a decode reservation (admission control's queue)."""
         return self._waiting
-
-    # ------------------------------------------------------------------ load
-
-    def refresh_loads(self) -> None:
-        """Install every worker's latest load (pushed, else its last polled stats)."""
-        prefill, decode = [], []
-        for h in self.cluster.workers.values():
-            (prefill if h.role == "prefill" else decode).append(self._load_of(h))
-        self.prefill_view.update(prefill)
-        self.decode_view.update(decode)
-
-    def on_load(self, worker_id: str, load: dict[str, float]) -> None:
-        """A worker pushed its load (with its KV events): install it at once."""
-        self.pushed[worker_id] = load
-        h = self.cluster.workers.get(worker_id)
-        if h is None:
-            return
-        view = self.prefill_view if h.role == "prefill" else self.decode_view
-        view.set_one(self._load_of(h))
-
-    def _load_of(self, h: WorkerHandle) -> WorkerLoad:
-        s: dict[str, float] = self.pushed.get(h.worker_id) or h.stats
-        if h.role == "prefill":
-            return WorkerLoad(
-                h.worker_id, pending_prefill_tokens=int(s.get("pending_prefill_tokens", 0)),
-                prefill_tokens_per_s=float(s.get("prefill_tokens_per_s", 0.0)), alive=h.alive,
-                pull_bytes_per_s=float(s.get("pull_bytes_per_s", 0.0)))
-        total = int(s.get("num_blocks", h.info.get("num_blocks", 0)))
-        used = int(s.get("num_used_blocks", 0))
-        return WorkerLoad(
-            h.worker_id, free_blocks=total - used, total_blocks=total,
-            running_seqs=int(s.get("num_running", 0)) + int(s.get("num_awaiting_kv", 0)),
-            max_running_seqs=self.cluster.config.engine.scheduler.max_num_seqs, alive=h.alive)
-
-    def _missing_pools(self) -> list[str]:
-        """Roles with no live worker in the balancer's view (refreshed from the handles when
-        one looks empty, so that a replacement counts as soon as it is ready)."""
-        missing = []
-        for role, view in (("decode", self.decode_view), ("prefill", self.prefill_view)):
-            if not self._alive(view.current()):
-                self.refresh_loads()
-                if not self._alive(view.current()):
-                    missing.append(role)
-        return missing
-
-    def _alive(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
-        alive = {h.worker_id for h in self.cluster.workers.values() if h.alive}
-        return [ld for ld in loads if ld.worker_id in alive]
 
     # ------------------------------------------------------------------ failures
 
@@ -372,7 +307,7 @@ class Flow:
                         run.prompt_lps = prompt_logprobs_from_wire(result.prompt_logprobs)
                     timing["transfer_s"] = result.transfer_tail_s
                     run.cached_tokens = result.num_cached_tokens
-                early = self._first_record(attempt.id, result, params)
+                early = first_record(attempt.id, result, params)
                 skip_first = early is not None
                 while True:
                     if early is not None:
@@ -382,7 +317,7 @@ class Flow:
                         if skip_first and record.error is None and record.index == 0:
                             # The decode worker's stream starts with the first token that
                             # the client already has (from the prefill result).
-                            record, skip_first = self._without_first(record), False
+                            record, skip_first = without_first(record), False
                     if record.error is not None:
                         if not record.retryable:
                             raise RequestError("internal", "the request failed on its decode "
@@ -394,7 +329,7 @@ class Flow:
                     if not 0 <= record.index < len(group) or group[record.index].finished:
                         continue  # a choice already ended here (e.g. on a stop string)
                     choice = group[record.index]
-                    delta = self._apply(choice.seq, choice.stop, record)
+                    delta = apply_record(choice.seq, choice.stop, record)
                     delta.index = choice.index
                     if not run.sent_prompt_lps and run.prompt_lps is not None:
                         delta.prompt_logprobs, run.sent_prompt_lps = run.prompt_lps, True
@@ -453,73 +388,7 @@ class Flow:
         logger.info("%s failed (%s); trying again", attempt.id, reason[:200] or "worker died")
         return failures
 
-    @staticmethod
-    def _first_record(attempt_id: str, result: PrefillResult,
-                      params: SamplingParams) -> TokenRecord | None:
-        """The first token as the prefill worker sampled it, for the client at once: the
-        prefill result comes back when every block landed, before the decode worker's step
-        in progress ends and it commits the KV and pushes the same token (which ``generate``
-        then skips). Only for a single choice (with ``n`` > 1 the decode worker forks the
-        others' first tokens). If the decode side fails later, the token is part of what
-        was sent, so the retry resumes after it as after any other."""
-        if params.n != 1 or result.first_token_id < 0:
-            return None
-        lps = [result.first_logprobs] if result.first_logprobs is not None else None
-        return TokenRecord(attempt_id, [result.first_token_id], logprobs=lps)
-
-    @staticmethod
-    def _without_first(record: TokenRecord) -> TokenRecord:
-        """``record`` less its first token (and that token's logprobs)."""
-        lps = record.logprobs[1:] if record.logprobs else record.logprobs
-        return replace(record, token_ids=record.token_ids[1:], logprobs=lps)
-
-    def _apply(self, seq: Sequence, stop: StopChecker, record: TokenRecord) -> Delta:
-        tokens: list[int] = []
-        logprobs: list[TokenLogprobs] = []
-        finished = False
-        for i, token in enumerate(record.token_ids):
-            seq.token_ids.append(token)
-            tokens.append(token)
-            if record.logprobs:
-                lp = logprobs_from_wire(record.logprobs[i])
-                if lp is not None:
-                    logprobs.append(lp)
-            if stop.append(token):
-                finished = True
-                break
-        reason = None
-        if finished:
-            assert seq.finish_reason is not None
-            reason = seq.finish_reason.value
-        elif record.finish_reason is not None:
-            reason = record.finish_reason  # the worker stopped for a reason we did not see
-        return Delta(tokens, stop.take_delta(reason is not None), logprobs, reason,
-                     seq.stop_reason)
-
     # ------------------------------------------------------------------ admission
-
-    def _spec(self, seq: Sequence, params: SamplingParams) -> SamplingSpec:
-        structured = params.structured
-        if structured is not None and seq.num_output_tokens:
-            # Resumed: the output so far travels in the prompt; the matcher replays it.
-            structured = replace(structured, num_output_in_prompt=seq.num_output_tokens)
-        return SamplingSpec(
-            max_tokens=seq.max_len - seq.num_tokens, temperature=params.temperature,
-            top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
-            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-            logprobs=params.logprobs, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
-            min_tokens=params.min_tokens, bad_words_ids=params.bad_words_ids,
-            allowed_token_ids=params.allowed_token_ids,
-            # A resumed request's prompt holds the output already sent: the penalties and
-            # min_tokens count the output from the original prompt's end.
-            prompt_len=seq.num_prompt_tokens if seq.num_output_tokens else None,
-            # Resumed, the client has the prompt's logprobs (from the first prefill), and
-            # asking for them again would turn off the prefix cache for the whole prompt.
-            n=params.n, structured=structured,
-            prompt_logprobs=None if seq.num_output_tokens else params.prompt_logprobs,
-        )
 
     def _route(self, attempt_id: str, seq: Sequence) -> RouteRequest:
         hashes = hash_blocks(seq.token_ids, self.cluster.block_size)
@@ -549,14 +418,14 @@ class Flow:
             refused: set[str] = set()  # decode workers that refused this round
             while True:
                 now = time.monotonic()
-                missing = self._missing_pools()
+                missing = self.loads.missing_pools()
                 if missing:
                     if now >= worker_deadline:
                         raise RequestError(
                             "unavailable", f"no {missing[0]} worker is alive (waited "
                             f"{now - start:.1f} s for a replacement)")
                 elif self.admission.may_try(ticket):
-                    loads = [ld for ld in self._alive(self.decode_view.current())
+                    loads = [ld for ld in self.loads.alive(self.decode_view.current())
                              if ld.worker_id not in refused]
                     choice = self.balancer.choose_decode(route, loads) if loads else None
                     if choice is None and loads and self.admission.by_priority:
@@ -574,7 +443,7 @@ class Flow:
                             wait_s = max(0.0, min(_RESERVE_WAIT_S, capacity_deadline - now,
                                                   (deadline or math.inf) - now))
                         req = ReserveRequest(attempt_id, list(seq.token_ids),
-                                             self._spec(seq, params), self.inbox.endpoint,
+                                             sampling_spec(seq, params), self.inbox.endpoint,
                                              self.config.lease_s, priority, wait_s)
                         try:
                             res = await self.calls.reserve(handle, req)
@@ -643,7 +512,8 @@ class Flow:
         assert res is not None
         route = attempt.route
         try:
-            choice = self.balancer.choose_prefill(route, self._alive(self.prefill_view.current()))
+            choice = self.balancer.choose_prefill(
+                route, self.loads.alive(self.prefill_view.current()))
         except NoWorkerAvailableError:
             return PrefillOutcome(Outcome.NO_WORKER)
         handle = self.cluster.workers[choice.worker_id]
@@ -656,8 +526,8 @@ class Flow:
         skip = res.num_cached_tokens // res.block_size
         # Writes must start well inside the decode side's lease (see PrefillRequest).
         deadline = attempt.reserved_at + 0.9 * self.config.lease_s
-        req = PrefillRequest(attempt.id, list(seq.token_ids), self._spec(seq, params), res.target,
-                             res.block_ids, skip, deadline, attempt.priority, pull)
+        req = PrefillRequest(attempt.id, list(seq.token_ids), sampling_spec(seq, params),
+                             res.target, res.block_ids, skip, deadline, attempt.priority, pull)
         outcome = await self.calls.prefill(attempt, handle, req)
         result = outcome.result
         if result is not None and result.ok:
