@@ -14,7 +14,7 @@ _LAZY = {
     "LLM": "pdserve.engine.llm",
     "Engine": "pdserve.engine.engine",
     "EngineStats": "pdserve.engine.engine",
-    "Reservation": "pdserve.engine.engine",
+    "Reservation": "pdserve.engine.handoff",
     "RequestOutput": "pdserve.engine.outputs",
     "SamplingParams": "pdserve.engine.sampling",
     "EngineConfig": "pdserve.engine.config",
