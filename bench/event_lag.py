@@ -35,8 +35,8 @@ from typing import Any
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.router.app import serve
-from pdserve.router.cluster import PoolConfig
 from pdserve.router.events import endpoint_of
+from pdserve.router.pool_config import PoolConfig
 from pdserve.router.server import Router, RouterConfig
 
 

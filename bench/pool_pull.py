@@ -32,7 +32,7 @@ from pdserve.bench.event_lag import _start
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.hashing import hash_blocks
 from pdserve.router.balancer import make_balancer
-from pdserve.router.cluster import PoolConfig
+from pdserve.router.pool_config import PoolConfig
 from pdserve.router.server import Router, RouterConfig
 
 BS = 16

@@ -57,8 +57,9 @@ from pdserve.bench.trace import RESULTS_DIR
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.router.app import serve
-from pdserve.router.cluster import NAMESPACE, PoolConfig
+from pdserve.router.cluster import NAMESPACE
 from pdserve.router.flow import FlowConfig
+from pdserve.router.pool_config import PoolConfig
 from pdserve.router.server import Router, RouterConfig
 from pdserve.worker.protocol import TokenRecord, encode_batch, token_channel
 

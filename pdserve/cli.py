@@ -194,8 +194,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     from pdserve.engine.model.builtin import resolve_model
     from pdserve.engine.model.checkpoint import load_model_config
     from pdserve.engine.tp_layout import check_tp
-    from pdserve.router.cluster import PoolConfig
     from pdserve.router.flow import FlowConfig
+    from pdserve.router.pool_config import PoolConfig
     from pdserve.router.served_model import load_chat_template, served_names
     from pdserve.router.server import RouterConfig
     from pdserve.router.validation import RequestLimits

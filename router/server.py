@@ -41,7 +41,7 @@ from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 from pdserve.router.balancer import BalancerConfig, PrefillChoice, make_balancer
 from pdserve.router.chat import ChatParts, chat_parts, with_tool_constraint
-from pdserve.router.cluster import Cluster, PoolConfig, WorkerHandle
+from pdserve.router.cluster import Cluster, WorkerHandle
 from pdserve.router.directory import ClusterInfo
 from pdserve.router.errors import public_reason
 from pdserve.router.events import EventSubscriber, endpoint_of
@@ -58,6 +58,7 @@ from pdserve.router.grpc_structured import sampling_args
 from pdserve.router.kv_pool import PullCostModel
 from pdserve.router.metrics import RouterMetrics, WorkerSample
 from pdserve.router.openai_tools import check_tool_parser
+from pdserve.router.pool_config import PoolConfig
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_log import (
     StatsLog,

@@ -21,8 +21,8 @@ import ray
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.router.app import serve
-from pdserve.router.cluster import PoolConfig
 from pdserve.router.flow import FlowConfig
+from pdserve.router.pool_config import PoolConfig
 from pdserve.router.server import Router, RouterConfig
 
 

@@ -255,7 +255,7 @@ def test_transfer_plan_gives_every_destination_rank_exactly_its_heads() -> None:
 def test_kv_transport_is_chosen_by_name_on_the_command_line_and_pool() -> None:
     from pdserve.cli import build_parser
     from pdserve.engine.config import EngineConfig
-    from pdserve.router.cluster import PoolConfig
+    from pdserve.router.pool_config import PoolConfig
 
     parser = build_parser()
     assert parser.parse_args(["serve"]).kv_transport == "nixl"

@@ -18,9 +18,9 @@ import pytest
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.model.builtin import builtin_checkpoint
-from pdserve.router.cluster import PoolConfig
 from pdserve.router.flow import RequestError
 from pdserve.router.http import HttpFront
+from pdserve.router.pool_config import PoolConfig
 from pdserve.router.served_model import load_chat_template, served_names
 from pdserve.router.server import Router, RouterConfig
 from tests.gguf_files import write_gguf

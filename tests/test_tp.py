@@ -237,7 +237,7 @@ def test_gguf_ranks_read_their_shards_and_generate_like_tp1(references, tmp_path
 
 
 def test_pool_tp_degrees_below_one_are_refused_at_start() -> None:
-    from pdserve.router.cluster import check_tp_pair
+    from pdserve.router.pool_config import check_tp_pair
 
     for a, b in ((1, 1), (2, 2), (1, 2), (2, 1), (4, 2), (2, 4)):
         for transport in ("nixl", "nccl"):
@@ -250,7 +250,7 @@ def test_pool_tp_degrees_below_one_are_refused_at_start() -> None:
 
 def test_a_pool_takes_one_degree_or_one_per_worker() -> None:
     from pdserve.cli import _degrees
-    from pdserve.router.cluster import PoolConfig
+    from pdserve.router.pool_config import PoolConfig
 
     assert _degrees("2") == 2 and _degrees("1,2") == (1, 2)
     pools = PoolConfig(engine=EngineConfig(model="tiny"), num_prefill=2, num_decode=1,
@@ -263,7 +263,7 @@ def test_a_pool_takes_one_degree_or_one_per_worker() -> None:
 
 
 def test_cores_are_planned_per_rank_and_divided_between_a_workers_ranks() -> None:
-    from pdserve.router.cluster import PoolConfig, plan_worker_cpus
+    from pdserve.router.pool_config import PoolConfig, plan_worker_cpus
     from pdserve.worker.affinity import split_cpus
 
     pools = PoolConfig(engine=EngineConfig(model="tiny"), num_prefill=1, num_decode=2,
