@@ -16,6 +16,12 @@ gets its answer then, not after a refusal and a back-off. While one is kept, req
 better priority are refused, so that blocks freed meanwhile go to it; a kept request is
 granted only when that frees enough blocks (``Engine.reserve`` preempts nobody otherwise).
 
+A reservation of strictly better priority than every request on the worker (under a full
+pool, one that preempted) makes the worker yield: it takes no step until that request's KV
+lands (or for ``SchedulerConfig.priority_yield_s`` at most), so that where the workers and
+the router share CPU cores the request's prefill, transfer and first token do not compete
+with decode steps of the requests it outranks. Once its KV landed the request runs first.
+
 Token batches go to each router's inbox over ZMQ PUSH, sealed with the cluster's key
 (``pdserve.kvtransfer.auth``, channel ``tokens/<endpoint>``). A request that fails on its own
 (its sampling, a first token it cannot take) is reported as a non-retryable error record;
@@ -95,6 +101,9 @@ class DecodeWorker(EngineWorker):
         self._outbox: dict[str, list[TokenRecord]] = {}
         self._next_orphan_check = 0.0
         self._kept: list[_Kept] = []  # best priority first, then arrival
+        self._yield_to: dict[str, tuple[int, float]] = {}  # rid -> (priority, until)
+        self._yield_s = self._resolve_yield_s(config)
+        self.yields = 0
         self.orphans_ended = 0
         self.kept_reservations = 0
         self.start_driver()
@@ -159,6 +168,9 @@ class DecodeWorker(EngineWorker):
                                      req.priority)
         if reservation is None:
             return None
+        if self._yield_s > 0 and self._outranks_all(engine, req.priority, rid):
+            self._yield_to[rid] = (req.priority, time.monotonic() + self._yield_s)
+            self.yields += 1
         bs = engine.kv_spec.block_size
         skip = reservation.num_cached_tokens // bs
         self.connector.expect(rid, reservation.block_ids[skip:], req.lease_s)
@@ -250,9 +262,39 @@ class DecodeWorker(EngineWorker):
             logger.warning("%s: ended %d requests of %d routers silent for over %.0f s",
                            self.worker_id, len(orphans), len(gone), self.lease_s)
 
+    def _resolve_yield_s(self, config: EngineConfig) -> float:
+        sched = config.scheduler
+        if sched.policy != "priority":
+            return 0.0
+        if sched.priority_yield_s is not None:
+            return sched.priority_yield_s
+        return 0.05 if self.engine.device.type == "cpu" else 0.0
+
+    @staticmethod
+    def _outranks_all(engine: Engine, priority: int, rid: str) -> bool:
+        """Whether steps would serve requests (running, or preempted and waiting to
+        recompute) and ``priority`` is strictly better than every one's effective priority."""
+        sched = engine.scheduler
+        now = sched.clock()
+        others = [s for s in (*sched.running, *sched.waiting) if s.request_id != rid]
+        return bool(others) and all(sched.effective_priority(s, now) > priority for s in others)
+
+    def _hold(self) -> bool:
+        """Yield: no step while a reservation that outranks every request here waits for
+        its KV (for ``priority_yield_s`` at most; see ``SchedulerConfig``)."""
+        if not self._yield_to:
+            return False
+        now = time.monotonic()
+        engine = self.engine
+        for rid, (priority, until) in list(self._yield_to.items()):
+            if (now > until or engine.request_status(rid) != "awaiting_kv"
+                    or not self._outranks_all(engine, priority, rid)):
+                del self._yield_to[rid]
+        return bool(self._yield_to)
+
     def _extra_stats(self) -> dict[str, int]:
         return {"orphans_ended": self.orphans_ended,
-                "kept_reservations": self.kept_reservations}
+                "kept_reservations": self.kept_reservations, "yields": self.yields}
 
     def _on_stop(self, error: BaseException | None) -> None:
         kept, self._kept = self._kept, []

@@ -194,6 +194,13 @@ class SchedulerConfig:
     priority_aging_s: float = 10.0
     """Under "priority": a request's priority improves by one level per this many seconds
     since its arrival, so no request waits forever behind a stream of better ones."""
+    priority_yield_s: float | None = None
+    """Under "priority", decode role: while a reservation of strictly better priority than
+    every request the worker holds waits for its KV, the worker steps none of them, for this
+    long at most, so that on a host whose workers share CPU cores the better request's
+    prefill, transfer and first token get the cores those decode steps would take. None:
+    0.05 s on the CPU, off (0) on an accelerator, whose decode steps take no core from a
+    prefill worker."""
 
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
@@ -202,6 +209,8 @@ class SchedulerConfig:
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got "
                              f"{self.policy!r}")
         _positive("priority_aging_s", self.priority_aging_s)
+        if self.priority_yield_s is not None and self.priority_yield_s < 0:
+            raise ValueError(f"priority_yield_s must be 0 or more, got {self.priority_yield_s}")
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
 

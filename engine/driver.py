@@ -4,12 +4,14 @@ The engine is not thread-safe; the driver's thread is its only user. Other threa
 work with ``call(fn)`` (``fn(engine)`` runs between two steps; the result comes back in a
 ``concurrent.futures.Future``). After every step the driver passes the outputs to
 ``on_outputs``, and on every turn of the loop, busy or idle, it calls ``on_tick`` (where a
-worker polls its KV transfers). Both hooks run on the driver's thread. An exception in a
-hook or a step is logged and stops the driver: ``error`` then holds it and every pending and
-later ``call`` fails with it, so nothing waits forever on a dead loop, and ``on_stop`` is
-called (on the driver's thread, last) so that its owner can tell others at once. A request
-that fails on its own does not stop the loop: the engine ends that request alone
-(``RequestOutput.error``).
+worker polls its KV transfers). A busy turn whose ``hold`` hook answers True takes no step:
+the loop waits for calls as on an idle turn (``idle_wait_s`` at most) and ticks again (a
+decode worker yields the CPU to a better request's prefill that way). The hooks run on the
+driver's thread. An exception in a hook or a step is logged and stops the driver: ``error``
+then holds it and every pending and later ``call`` fails with it, so nothing waits forever
+on a dead loop, and ``on_stop`` is called (on the driver's thread, last) so that its owner
+can tell others at once. A request that fails on its own does not stop the loop: the engine
+ends that request alone (``RequestOutput.error``).
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ class EngineDriver:
         idle_wait_s: float = 0.002,
         name: str = "engine-driver",
         on_stop: Callable[[BaseException | None], None] | None = None,
+        hold: Callable[[], bool] | None = None,
     ) -> None:
         self.engine = engine
         self._on_outputs = on_outputs
         self._on_tick = on_tick
         self._on_stop = on_stop
+        self._hold = hold
         self._idle_wait_s = idle_wait_s
         self._calls: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]]] = (
             queue.SimpleQueue()
@@ -71,6 +75,8 @@ class EngineDriver:
         self.hook_cpu_seconds = 0.0
         """The same in CPU time of the driver's thread: what a step costs the worker beyond
         the engine's, on a core of its own."""
+        self.held_turns = 0
+        """Busy turns that took no step because ``hold`` said so."""
 
     def start(self) -> None:
         self._thread.start()
@@ -92,6 +98,9 @@ class EngineDriver:
             return fut
         self._calls.put((fn, fut))
         return fut
+
+    def _held(self) -> bool:
+        return self._hold is not None and self._hold()
 
     def _run_calls(self, block: bool) -> None:
         try:
@@ -121,14 +130,19 @@ class EngineDriver:
                 if self._on_tick is not None:
                     self._on_tick()
                 busy = self.engine.has_unfinished()
-                if busy:  # an idle turn's blocking wait for calls is not a cost
+                held = busy and self._held()
+                if busy and not held:  # an idle turn's blocking wait for calls is not a cost
                     self._run_calls(block=False)
                     t1 = clock()
                 else:
                     self._run_calls(block=True)
                     t0 = t1 = clock()
                     c0 = cpu()
-                if self.engine.has_unfinished():
+                if held:
+                    self.held_turns += 1
+                    continue
+                # Calls may have brought work, or a reason to hold (a reservation granted).
+                if self.engine.has_unfinished() and not self._held():
                     c1 = cpu()
                     outputs = self.engine.step()
                     t2, c2 = clock(), cpu()

@@ -32,7 +32,7 @@ class ServiceThread:
     def __init__(self, model: str = "tiny", prefill: int = 1, decode: int = 1, *,
                  api_key: str | None = None, lease_s: float = 30.0,
                  max_num_batched_tokens: int = 256, num_blocks: int | None = 512,
-                 scheduling_policy: str = "fcfs",
+                 scheduling_policy: str = "fcfs", priority_yield_s: float | None = None,
                  admission_timeout_s: float = 30.0, max_waiting: int = 256,
                  http: bool = False, served_model_names: tuple[str, ...] = (),
                  kv_transport: str = "nixl", ping_interval_s: float = 0.2,
@@ -48,7 +48,8 @@ class ServiceThread:
             model=model, dtype="float32", device="cpu",
             cache=CacheConfig(block_size=16, num_blocks=num_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                      policy=scheduling_policy),
+                                      policy=scheduling_policy,
+                                      priority_yield_s=priority_yield_s),
         )
         self.config = RouterConfig(
             pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,

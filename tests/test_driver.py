@@ -49,3 +49,33 @@ def test_driver_counts_steps_and_splits_their_cpu_from_the_loop_around_them() ->
     # Every step's hook burned HOOK_BUSY_S of CPU; the loop's own turns add a little.
     assert 8 * HOOK_BUSY_S <= driver.hook_cpu_seconds < 8 * HOOK_BUSY_S + 0.05
     assert driver.hook_seconds >= driver.hook_cpu_seconds - 0.002
+
+
+def test_a_held_turn_takes_no_step_but_still_ticks_and_answers_calls() -> None:
+    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+    hold = threading.Event()
+    hold.set()
+    ticks = 0
+
+    def on_tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    driver = EngineDriver(engine, on_tick=on_tick, hold=hold.is_set)
+    driver.start()
+    try:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        driver.call(lambda e: e.add_request("r", list(range(3, 40)), params)).result(10)
+        time.sleep(0.1)
+        ticks_held = ticks
+        assert driver.steps == 0 and driver.held_turns > 0 and ticks_held > 0
+        assert driver.call(lambda e: e.request_status("r")).result(10) == "waiting"
+        hold.clear()
+        deadline = time.monotonic() + 30
+        while driver.call(lambda e: e.has_unfinished()).result(10):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        driver.stop()
+    assert driver.steps == 4  # one prefill step, then three decode steps

@@ -160,7 +160,8 @@ class EngineWorker:
     def start_driver(self) -> None:
         self.driver = EngineDriver(self.engine, self._outputs_then_publish,
                                    self._tick_then_publish,
-                                   name=f"{self.worker_id}-loop", on_stop=self._on_stop)
+                                   name=f"{self.worker_id}-loop", on_stop=self._on_stop,
+                                   hold=self._hold)
         self.driver.start()
         logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
                     self.agent_name, self.kv_transport)
@@ -207,6 +208,11 @@ class EngineWorker:
 
     def _extra_stats(self) -> dict[str, Any]:
         return {}
+
+    def _hold(self) -> bool:
+        """Whether the loop skips this busy turn's step (driver thread; see
+        ``EngineDriver``)."""
+        return False
 
     # ------------------------------------------------------------------ Ray methods
 
@@ -291,6 +297,7 @@ class EngineWorker:
                 "step_cpu_seconds": self._driver.step_cpu_seconds,
                 "hook_seconds": self._driver.hook_seconds,
                 "hook_cpu_seconds": self._driver.hook_cpu_seconds,
+                "held_turns": self._driver.held_turns,
                 "process_cpu_seconds": time.process_time(),
                 "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,
                 **kv, **self._extra_stats(), **asdict(s)}
