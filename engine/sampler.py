@@ -19,6 +19,16 @@ from pdserve.engine.logits_processing import TokenContext, process_logits
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D tensor: the index of each row's first maximum (NaN
+    counting as the maximum). On the CPU ``max(dim=-1)`` gives the same indices several
+    times faster: measured on two Xeon cores for 16 x 49,152 float32 logits (a decode step
+    of SmolLM2), argmax took 0.6-4 ms and max 0.18 ms."""
+    if x.device.type == "cpu":
+        return x.max(dim=-1).indices
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Picks one token per row of float32 logits. Holds the per-request generators;
     ``forget(request_id)`` drops one when its request ends. Not thread-safe.
@@ -97,7 +107,7 @@ class Sampler:
         n = logits.shape[0]
         chosen_from = process_logits(logits, params, contexts or [None] * n, eos_ids)
         if all(p.greedy for p in params):
-            tokens = chosen_from.argmax(dim=-1)
+            tokens = argmax(chosen_from)
         else:
             tokens = self._sample_random(chosen_from, request_ids, params)
         token_list = tokens.tolist()
@@ -150,9 +160,9 @@ class Sampler:
         for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
             if p.seed is not None and not p.greedy:
                 noise[i].exponential_(generator=self._generator(rid, p.seed, device))
-        tokens = (probs / noise).argmax(dim=-1)
+        tokens = argmax(probs / noise)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         if greedy_rows:
             rows = torch.tensor(greedy_rows, device=device)
-            tokens[rows] = logits[rows].argmax(dim=-1)
+            tokens[rows] = argmax(logits[rows])
         return tokens

@@ -275,6 +275,26 @@ def _run_one(engine: Engine, rid: str, prompt: list[int], params: SamplingParams
     return got
 
 
+def test_sampler_argmax_takes_each_rows_first_maximum_like_torch_argmax() -> None:
+    from pdserve.engine.sampler import argmax
+
+    gen = torch.Generator().manual_seed(0)
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows, vocab in ((1, 7), (16, 49152), (5, 1000)):
+                ties = torch.randint(-2, 3, (rows, vocab), generator=gen).float()  # many ties
+                nans = torch.randn(rows, vocab, generator=gen)
+                nans[torch.rand(rows, vocab, generator=gen) < 0.01] = float("nan")
+                flat = torch.full((rows, vocab), float("-inf"))
+                for x in (ties, nans, flat, ties[::2], ties.to(torch.bfloat16)):
+                    assert torch.equal(argmax(x), x.argmax(dim=-1))
+    finally:
+        torch.set_num_threads(threads_before)
+    assert argmax(torch.tensor([[1.0, 3.0, 3.0, 0.0]])).tolist() == [1]
+
+
 def test_builtin_tiny_text_generation_matches_transformers() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

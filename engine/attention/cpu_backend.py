@@ -55,6 +55,12 @@ class CpuStep:
         )
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, without a dispatch when ``x`` already has it (the usual case: the
+    cache holds the model's dtype); each layer of a step passes here three times."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _step(meta: AttentionMetadata | CpuStep) -> CpuStep:
     if isinstance(meta, CpuStep):
         return meta
@@ -90,8 +96,9 @@ class CpuAttentionBackend(AttentionBackend):
         meta: AttentionMetadata | CpuStep,
     ) -> None:
         step = _step(meta)
-        torch.ops.pdserve_cpu.write_kv(kv_layer, key.to(kv_layer.dtype), value.to(kv_layer.dtype),
-                                       step.slot_block_ids, step.slot_offsets)
+        torch.ops.pdserve_cpu.write_kv(kv_layer, _as(key, kv_layer.dtype),
+                                       _as(value, kv_layer.dtype), step.slot_block_ids,
+                                       step.slot_offsets)
 
     def attend(
         self,
@@ -102,7 +109,7 @@ class CpuAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         step = _step(meta)
         out = torch.empty(query.shape, dtype=kv_layer.dtype, device=query.device)
-        torch.ops.pdserve_cpu.paged_attention(out, query.to(kv_layer.dtype), kv_layer,
+        torch.ops.pdserve_cpu.paged_attention(out, _as(query, kv_layer.dtype), kv_layer,
                                               step.query_start_loc, step.seq_lens,
                                               step.block_tables, scale)
         return out if out.dtype == query.dtype else out.to(query.dtype)

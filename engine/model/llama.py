@@ -113,7 +113,7 @@ def _fused(x: torch.Tensor) -> ModuleType | None:
     (when they build); None elsewhere."""
     if x.is_cuda:
         return _load_triton_ops()
-    return _load_cpu_ops() if x.device.type == "cpu" else None
+    return _load_cpu_ops() if x.is_cpu else None  # not x.device: that builds an object
 
 
 def add_rms_norm(
@@ -209,8 +209,9 @@ class DecoderLayer(nn.Module):
         x, residual = add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
         qkv = linear(x, self.qkv_proj, self.qkv_bias)
         # q and k heads side by side: one norm and one rotation for both.
-        qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        qk_heads = self.num_heads + self.num_kv_heads
+        qk, v = qkv.view(n, qk_heads + self.num_kv_heads, self.head_dim).split(
+            (qk_heads, self.num_kv_heads), dim=1)
         if self.q_norm is not None:
             qk_weight = torch.cat(
                 (
@@ -289,8 +290,8 @@ class CausalLM(nn.Module):
         hidden = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rope_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         residual = None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[:, i], meta, backend)
+        for layer, kv_layer in zip(self.layers, kv_cache.unbind(1), strict=True):
+            hidden, residual = layer(hidden, residual, cos, sin, kv_layer, meta, backend)
         return add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -108,8 +108,8 @@ class ParallelCausalLM(CausalLM):
         hidden = self.group.all_reduce(hidden.masked_fill(outside.unsqueeze(-1), 0.0))
         cos, sin = self.rope_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         residual = None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[:, i], meta, backend)
+        for layer, kv_layer in zip(self.layers, kv_cache.unbind(1), strict=True):
+            hidden, residual = layer(hidden, residual, cos, sin, kv_layer, meta, backend)
         return add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
