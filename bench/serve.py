@@ -235,10 +235,13 @@ class ColocatedBackend(Backend):
                 engine.add_request(rid, prompt, params)
                 block = False
             outputs = engine.step()
-            now = time.perf_counter()
-            for out in outputs:
-                box = self._outboxes[out.request_id]
-                loop.call_soon_threadsafe(box.put_nowait, (now, out))
+            if outputs:  # one wake-up of the event loop per step, not one per request
+                loop.call_soon_threadsafe(self._deliver, time.perf_counter(), outputs)
+
+    def _deliver(self, at: float, outputs: list[Any]) -> None:
+        """Hand a step's outputs to their requests (event loop thread)."""
+        for out in outputs:
+            self._outboxes[out.request_id].put_nowait((at, out))
 
     async def send(self, item: WorkItem, result: RequestResult) -> None:
         rid = uuid.uuid4().hex
