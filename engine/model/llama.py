@@ -210,7 +210,8 @@ class DecoderLayer(nn.Module):
         qkv = linear(x, self.qkv_proj, self.qkv_bias)
         # q and k heads side by side: one norm and one rotation for both.
         qk_heads = self.num_heads + self.num_kv_heads
-        qk, v = qkv.view(n, qk_heads + self.num_kv_heads, self.head_dim).split(
+        # split_with_sizes: Tensor.split is a Python wrapper, called twice per layer and step
+        qk, v = qkv.view(n, qk_heads + self.num_kv_heads, self.head_dim).split_with_sizes(
             (qk_heads, self.num_kv_heads), dim=1)
         if self.q_norm is not None:
             qk_weight = torch.cat(
@@ -220,7 +221,7 @@ class DecoderLayer(nn.Module):
                 )
             )
             qk = rms_norm(qk, qk_weight, self.eps)
-        q, k = rotate(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=1)
+        q, k = rotate(qk, cos, sin).split_with_sizes((self.num_heads, self.num_kv_heads), dim=1)
         backend.write_kv(kv_layer, k, v, meta)
         attn = backend.attend(q, kv_layer, meta, self.scale)
         attn_out = self.reduce(linear(attn.reshape(n, self.q_size), self.o_proj, self.o_bias))
