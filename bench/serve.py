@@ -203,10 +203,26 @@ class ColocatedBackend(Backend):
             model=self.model, dtype=self.dtype, device="cpu",
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens))
-        self._engine = await asyncio.to_thread(Engine, config)
         loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, args=(loop,), daemon=True)
+        ready: asyncio.Future[Any] = loop.create_future()
+
+        def run() -> None:
+            # The engine is built on the thread that steps it: OpenMP keeps a pool of
+            # threads per thread that starts parallel regions, and the loading's pool, idle
+            # beside the stepping one, made libgomp count more threads than cores and stop
+            # spinning between regions. Measured on 2 cores (SmolLM2 bf16, batch 16): decode
+            # steps of 51.5 ms with the engine built elsewhere, 34.2 ms built here.
+            try:
+                engine = Engine(config)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(ready.set_exception, exc)
+                return
+            loop.call_soon_threadsafe(ready.set_result, engine)
+            self._run(loop, engine)
+
+        self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+        self._engine = await ready
 
     async def vocab_size(self) -> int | None:
         return int(self._engine.model_config.vocab_size)
@@ -216,10 +232,9 @@ class ColocatedBackend(Backend):
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join, 30)
 
-    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, engine: Any) -> None:
         from pdserve.engine.sampling import SamplingParams
 
-        engine = self._engine
         while True:
             block = not engine.has_unfinished()
             while True:
