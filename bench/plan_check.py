@@ -498,7 +498,8 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     workload = spec.workload()
     costs = with_load_generator(costs, client_s, workload)
     if log:
-        log(f"calibration: router timing medians {timing_medians(cal_run.timings)}")
+        log(f"calibration: router timing medians {timing_medians(cal_run.timings)}; "
+            f"worker loops {cal_run.loops}")
         log(f"measured: {costs.overheads}; load generator {client_s * 1e3:.1f} ms CPU a "
             f"request ({costs.host.background_threads if costs.host else 0.0:.2f} cores)")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}

@@ -79,3 +79,54 @@ def test_a_held_turn_takes_no_step_but_still_ticks_and_answers_calls() -> None:
     finally:
         driver.stop()
     assert driver.steps == 4  # one prefill step, then three decode steps
+
+
+def test_an_engine_built_by_the_driver_is_made_and_stepped_on_the_drivers_thread() -> None:
+    made_on: list[int] = []
+    stepped_on: list[int] = []
+
+    def make() -> Engine:
+        made_on.append(threading.get_ident())
+        return Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                   cache=CacheConfig(block_size=16, num_blocks=64)))
+
+    done = threading.Event()
+
+    def on_outputs(outputs: list[RequestOutput]) -> None:
+        stepped_on.append(threading.get_ident())
+        if any(o.finished for o in outputs):
+            done.set()
+
+    driver = EngineDriver(None, on_outputs=on_outputs)
+    engine = driver.build(make)
+    try:
+        assert driver.engine is engine and made_on != [threading.get_ident()]
+        assert driver.steps == 0  # it waits for start() before its first turn
+        driver.start()
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        driver.call(lambda e: e.add_request("r", list(range(3, 20)), params)).result(10)
+        assert done.wait(30)
+    finally:
+        driver.stop()
+    assert set(stepped_on) == set(made_on) and len(made_on) == 1
+
+
+def test_a_failed_build_raises_and_stopping_before_start_steps_nothing() -> None:
+    def broken() -> Engine:
+        raise ValueError("no such model")
+
+    driver = EngineDriver(None)
+    try:
+        driver.build(broken)
+    except ValueError as exc:
+        assert "no such model" in str(exc)
+    else:
+        raise AssertionError("build() did not raise")
+    driver.stop(timeout=5)
+    assert not driver._thread.is_alive()
+
+    idle = EngineDriver(None)
+    idle.build(lambda: Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                           cache=CacheConfig(block_size=16, num_blocks=16))))
+    idle.stop(timeout=5)  # never started: the thread ends without a turn
+    assert not idle._thread.is_alive() and idle.steps == 0

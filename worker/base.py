@@ -97,12 +97,19 @@ class EngineWorker:
               "lease_s": lease_s, "channel_key": channel_key}
         self.ranks: RankGroup | None = None
         self._ranks_checked = 0.0
-        if tensor_parallel_size > 1:
-            self.engine, self.ranks = self._start_ranks(config, tensor_parallel_size, kv,
-                                                        cpus_per_rank, gpus_per_rank,
-                                                        rank_cpus)
-        else:
-            self.engine = Engine(config)
+        # The engine is made on the thread that will step it (see pdserve.engine.driver).
+        self._loop = EngineDriver(None, self._outputs_then_publish, self._tick_then_publish,
+                                  name=f"{worker_id}-loop", on_stop=self._on_stop,
+                                  hold=self._hold)
+
+        def make() -> Engine:
+            if tensor_parallel_size == 1:
+                return Engine(config)
+            engine, self.ranks = self._start_ranks(config, tensor_parallel_size, kv,
+                                                   cpus_per_rank, gpus_per_rank, rank_cpus)
+            return engine
+
+        self.engine = self._loop.build(make)
         local = rank_connector(self.engine, rank=0, **kv)
         self.connector: KVConnector = RankedConnector(
             local, tensor_parallel_size,
@@ -158,10 +165,7 @@ class EngineWorker:
             self.ranks.check()
 
     def start_driver(self) -> None:
-        self.driver = EngineDriver(self.engine, self._outputs_then_publish,
-                                   self._tick_then_publish,
-                                   name=f"{self.worker_id}-loop", on_stop=self._on_stop,
-                                   hold=self._hold)
+        self.driver = self._loop
         self.driver.start()
         logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
                     self.agent_name, self.kv_transport)
