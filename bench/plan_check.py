@@ -51,7 +51,13 @@ import numpy as np
 from pdserve.bench.serve import GrpcBackend, run_load
 from pdserve.bench.serve_metrics import RequestResult
 from pdserve.bench.serve_workload import WorkItem, read_trace, replay, trace_prompts
-from pdserve.planner.costs import HardwareCosts, Overheads, parse_costs, resolve_costs_path
+from pdserve.planner.costs import (
+    HardwareCosts,
+    Host,
+    Overheads,
+    parse_costs,
+    resolve_costs_path,
+)
 from pdserve.planner.sim import ClusterSpec, simulate
 from pdserve.planner.workload import Workload, from_prompts
 
@@ -215,6 +221,8 @@ class BatchRun:
     """When probed: CPU seconds the router's process used over the batch."""
     client_cpu_s: float = 0.0
     """When probed: CPU seconds this process (the load generator) used over the batch."""
+    seconds: float = 0.0
+    """When probed: wall seconds between the two reads of the loop counters."""
 
 
 LOOP_COUNTERS = {"steps": "pdserve:engine_steps_total",
@@ -266,10 +274,10 @@ async def _replay(target: str, items: list[WorkItem], router_pid: int | None = N
     """Replay ``items``; with ``router_pid``, also probe the router's CPU time and the
     workers' loop counters over them."""
     before: dict[str, dict[str, float]] = {}
-    cpu0 = client0 = 0.0
+    cpu0 = client0 = t0 = 0.0
     if router_pid is not None:
         before = await _settled_counters(target)
-        cpu0, client0 = process_cpu_s(router_pid), time.process_time()
+        cpu0, client0, t0 = process_cpu_s(router_pid), time.process_time(), time.monotonic()
     backend = _TimedBackend(target)
     await backend.start()
     try:
@@ -282,10 +290,11 @@ async def _replay(target: str, items: list[WorkItem], router_pid: int | None = N
         router_cpu = process_cpu_s(router_pid) - cpu0
         client_cpu = time.process_time() - client0
         after = await _settled_counters(target)
+        t0 = time.monotonic() - t0
         loops = {role: {k: v - before.get(role, {}).get(k, 0.0) for k, v in vals.items()}
                  for role, vals in after.items()}
     return BatchRun(results, [backend.timings.get(id(r)) for r in results], loops, router_cpu,
-                    client_cpu)
+                    client_cpu, t0)
 
 
 def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], address: str,
@@ -411,6 +420,19 @@ def with_load_generator(costs: HardwareCosts, cpu_per_request_s: float,
     return replace(costs, host=replace(costs.host, background_threads=cpu_per_request_s * rate))
 
 
+def with_worker_background(costs: HardwareCosts, run: BatchRun, workers: int) -> HardwareCosts:
+    """``costs`` whose host counts the cores each worker process keeps busy besides its
+    step loop: its process CPU less its loop's (``run``'s counters, every worker summed)
+    over the probe window, per worker (mostly idle requests: the polling and Ray threads
+    every worker runs whatever it does)."""
+    if costs.host is None or run.seconds <= 0:
+        return costs
+    other = sum(max(0.0, v["process_cpu_s"] - v["step_cpu_s"] - v["hook_cpu_s"])
+                for v in run.loops.values())
+    return replace(costs, host=replace(costs.host,
+                                       worker_background=other / (run.seconds * workers)))
+
+
 def same_order(real: dict[str, float], sim: dict[str, float], margin: float) -> bool:
     """True if the simulation orders every pair of configurations whose measured values
     differ by more than ``margin`` (relative) as the measurement does."""
@@ -429,6 +451,8 @@ class CheckResult:
     sim: dict[str, dict[str, float]]
     overheads: Overheads
     seconds: float
+    worker_background: float = 0.0
+    """Cores each worker process kept busy besides its steps (``Host.worker_background``)."""
 
     def errors(self) -> dict[str, dict[str, float]]:
         """Relative error sim / real - 1 of each median."""
@@ -493,17 +517,21 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
                           [it.output_len for it in cal_items], spec.block_size)
     assert cal_run is not None and one_run is not None
     client_s = cal_run.client_cpu_s / len(cal_run.results)
+    costs = with_worker_background(costs, cal_run, sum(parse_config(configs[0])))
     costs = fit_overheads(with_load_generator(costs, client_s, cal_wl), cal_wl, cal_run,
                           one_run, *parse_config(configs[0]))
     workload = spec.workload()
     costs = with_load_generator(costs, client_s, workload)
+    host = costs.host or Host(cores=1.0)
     if log:
         log(f"calibration: router timing medians {timing_medians(cal_run.timings)}; "
             f"worker loops {cal_run.loops}")
         log(f"measured: {costs.overheads}; load generator {client_s * 1e3:.1f} ms CPU a "
-            f"request ({costs.host.background_threads if costs.host else 0.0:.2f} cores)")
+            f"request ({host.background_threads:.2f} cores); each worker's own background "
+            f"{host.worker_background:.2f} cores")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
-    return CheckResult(real, sim, costs.overheads, time.monotonic() - t0)
+    return CheckResult(real, sim, costs.overheads, time.monotonic() - t0,
+                       host.worker_background)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -530,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"overheads measured on the calibration requests: {result.overheads}")
     if args.write_costs:
         data["overheads"] = asdict(result.overheads)
+        if data.get("host"):
+            data["host"]["worker_background"] = result.worker_background
         Path(args.write_costs).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(result.table())
     for key in ("ttft_s", "tpot_s"):

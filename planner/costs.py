@@ -134,12 +134,17 @@ class Host:
     """Cores kept busy while requests are in flight by what the simulation does not run
     itself: the clients (a load generator on the same machine), Ray's daemons. (The router's
     work is ``Overheads.router_cpu_s``, a core while it works.)"""
+    worker_background: float = 0.0
+    """Cores each worker process keeps busy besides its steps, whatever it does: its
+    engine loop's and transfer agent's polling, its Ray threads."""
 
-    def stretch(self, busy_workers: int, active: bool, busy_threads: int = 0) -> float:
-        """How much slower than alone a step runs with ``busy_workers`` workers stepping and
-        ``busy_threads`` other single-threaded processes of the service (the router) at
-        work."""
+    def stretch(self, busy_workers: int, active: bool, busy_threads: int = 0,
+                workers: int = 0) -> float:
+        """How much slower than alone a step runs with ``busy_workers`` of ``workers``
+        workers stepping and ``busy_threads`` other single-threaded processes of the service
+        (the router) at work."""
         background = self.background_threads if active else 0.0
+        background += workers * self.worker_background
         demand = busy_workers * self.threads_per_worker + busy_threads + background
         return max(1.0, demand / self.cores)
 
@@ -241,7 +246,8 @@ def parse_costs(data: Mapping[str, Any], source: str = "") -> HardwareCosts:
         h = data["host"]
         host = Host(cores=_num(h, "cores", "host", positive=True),
                     threads_per_worker=_num(h, "threads_per_worker", "host", default=1.0),
-                    background_threads=_num(h, "background_threads", "host", default=0.0))
+                    background_threads=_num(h, "background_threads", "host", default=0.0),
+                    worker_background=_num(h, "worker_background", "host", default=0.0))
     return HardwareCosts(
         name=str(data.get("name", "unnamed")),
         prefill=fit_prefill(_points(data, "prefill_steps", ("tokens", "context", "ms"))),

@@ -322,7 +322,8 @@ class Simulation:
         host = self._host
         if host is None:
             return
-        stretch = host.stretch(self._busy, self._in_flight > 0, self._router_busy)
+        stretch = host.stretch(self._busy, self._in_flight > 0, self._router_busy,
+                               len(self.prefill) + len(self.decode))
         if stretch == self._stretch:
             return
         self._stretch = stretch

@@ -200,6 +200,20 @@ def test_shared_cores_stretch_steps() -> None:
     assert np.nanmedian(shared.tpot_s) > 1.5 * np.nanmedian(alone.tpot_s)
 
 
+def test_each_workers_own_background_takes_cores_from_every_step() -> None:
+    host = Host(cores=2.0, worker_background=0.5)
+    assert host.stretch(1, True, workers=2) == 1.0  # 1 + 2 x 0.5 cores: fits in 2
+    assert host.stretch(2, True, workers=2) == pytest.approx(1.5)  # 3 cores of work on 2
+    assert host.stretch(2, True, workers=4) == pytest.approx(2.0)  # more workers, more of it
+    # One decode step of one sequence on a 1P1D pool: the two workers' background alone
+    # (2 x 0.75 cores) and the decode worker's step share one core: 2.5x slower.
+    wl = workload([0.0], [100], [3])
+    steps = [0.002 + 1e-4 + 1e-6 * c for c in (101, 102)]
+    res = simulate(wl, replace(TOY, host=Host(cores=1.0, worker_background=0.75)),
+                   ClusterSpec(1, 1, idle_poll_s=0.0))
+    assert res.tpot_s[0] == pytest.approx(2.5 * sum(steps) / 2)
+
+
 def test_prompts_hash_as_the_router_hashes_them() -> None:
     from pdserve.engine.hashing import hash_blocks
 

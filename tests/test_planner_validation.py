@@ -13,7 +13,8 @@ skipped, saying why, when other work keeps the machine's cores more than half bu
 Not met yet, so not part of ``make test`` (run it with ``pytest -m validation``). On an idle
 machine, with the decode steps calibrated on the measured TPOT too: TTFT 80.5 / 80.3 / 83.3
 ms simulated against 92.7 / 103.2 / 120.4 measured (-13% / -22% / -31%), TPOT 1.91 / 1.91 /
-2.12 ms against 2.64 / 2.68 / 3.26 (-28% to -35%). Earlier, with other
+2.12 ms against 2.64 / 2.68 / 3.26 (-28% to -35%); with each worker's own background
+cores measured too, TTFT -12% / -28% / -26%, TPOT -20% / -30% / -22%. Earlier, with other
 jobs at load averages of 6-16 on the 2-core machine the simulator was 1.6-2.9x optimistic
 (TTFT 71 / 65 / 77 ms simulated against 113 / 187 / 161 ms measured for 1P1D / 2P1D / 1P2D;
 TPOT 1.5-1.7 ms against 2.8-4.3 ms), and identical real runs differed by up to 2x.
