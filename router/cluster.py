@@ -226,20 +226,25 @@ class Cluster:
         detached pool, else the creator alone); as supervisor, replace the workers whose
         death was seen while another router held the duty."""
         candidate = self.detached or not self.config.attach
+        # The creator of a pool that is not detached is its only supervisor, directory or
+        # not (another cluster publishing itself in the same Ray replaces the directory).
+        sole = candidate and not self.detached
         ttl = self.config.supervisor_lease_s
-        while not self._closing:
+        while not self._closing and self.directory is not None:
             try:
                 holder = await asyncio.wait_for(
                     self.directory.heartbeat.remote(self.instance, ttl, candidate), ttl)
             except ray.exceptions.ActorDiedError as exc:  # for good: say it once
                 if not self._closing:
-                    logger.error("the cluster's directory is gone (the pool was stopped?); "
-                                 "no more heartbeats: %r", exc)
-                self.supervising = False
+                    logger.error("the cluster's directory is gone (the pool was stopped, or "
+                                 "another cluster replaced it); no more heartbeats: %r", exc)
+                self.supervising = sole
+                if sole:
+                    self.directory = None  # replacements are not published any more
                 return
             except (TimeoutError, ray.exceptions.RayError) as exc:
                 logger.warning("heartbeat to the cluster's directory failed: %r", exc)
-                holder = ""
+                holder = self.instance if sole else ""
             if (holder == self.instance) != self.supervising:
                 logger.info("this router %s replaces dead workers",
                             "now" if holder == self.instance else "no longer")
@@ -302,9 +307,15 @@ class Cluster:
         if publish and self.directory is not None:
             from pdserve.router.directory import WorkerEntry
 
-            if not await self.directory.set_worker.remote(WorkerEntry(
+            try:
+                taken = await self.directory.set_worker.remote(WorkerEntry(
                     handle.worker_id, handle.role, self._actor_name(handle),
-                    handle.generation)):
+                    handle.generation))
+            except ray.exceptions.ActorDiedError:
+                if self.detached:
+                    raise
+                taken, self.directory = True, None  # gone (replaced): the pool is still ours
+            if not taken:
                 raise Superseded(handle.worker_id)
         handle.alive = True
         self._dead.discard(handle.worker_id)
