@@ -139,8 +139,8 @@ class HandoffMixin:
         self.kv.cache_computed_blocks(seq)
         for index in range(1, seq.params.n):
             self._fork(seq, index)
-        self.sampler.skip_draw(request_id, seq.params, self.device,
-                               self.model_config.vocab_size)
+        # The prefill side drew the first token.
+        self.sampler.resume(request_id, 1, self.model_config.vocab_size)
         seq.status = SequenceStatus.RUNNING
         finished = self._append(req, first_token_id, first_logprobs)
         if not finished:

@@ -5,10 +5,10 @@ filters, and draw with the exponential-race trick (argmax of p / Exp(1) noise), 
 equals sampling from p. A request with a ``seed`` draws its noise from its own generator,
 so its tokens do not depend on what else shares the batch: its ``k``-th output token takes
 the generator's ``k``-th draw, wherever that token is sampled (a prefill worker's first
-token, a decode worker's next ones, a resumed request's continuation). Rows whose parameters ask for
-logits processing (penalties, logit_bias, min_tokens, bad words, allowed tokens) are
-processed first (``pdserve.engine.logits_processing``). Logprobs are those of the model's
-raw distribution (before processing, temperature and filters).
+token, a decode worker's next ones, a resumed request's continuation). Rows whose
+parameters ask for logits processing (penalties, logit_bias, min_tokens, bad words, allowed
+tokens) are processed first (``pdserve.engine.logits_processing``). Logprobs are those of
+the model's raw distribution (before processing, temperature and filters).
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return x.max(dim=-1).indices
     return x.argmax(dim=-1)
+
+
+def _advance(gen: torch.Generator, draws: int, vocab_size: int) -> None:
+    """Move ``gen`` past ``draws`` samplings of ``vocab_size`` noise values, one call per
+    token (a draw's size sets how far it moves the generator)."""
+    if draws:
+        noise = torch.empty(vocab_size, device=gen.device)
+        for _ in range(draws):
+            noise.exponential_(generator=gen)
 
 
 class Sampler:
@@ -50,12 +59,19 @@ class Sampler:
         self._drawn.pop(request_id, None)
 
     def resume(self, request_id: str, draws: int, vocab_size: int) -> None:
-        """``request_id``'s first ``draws`` tokens were sampled before it came here (they
-        end its prompt): its generator, when made, is advanced past as many draws of
-        ``vocab_size`` noise values as sampling them took (one per token). Call before the
-        request samples; ``forget`` drops it."""
-        if draws > 0:
-            self._drawn[request_id] = (draws, vocab_size)
+        """``request_id``'s next ``draws`` tokens were sampled elsewhere (a resumed request's
+        output so far, which ends its prompt; the prefill side's first token): its generator
+        is advanced past as many draws of ``vocab_size`` noise values as sampling them took
+        (one per token), when it is made or at once if it exists. Only seeded requests have
+        a generator; ``forget`` drops what is pending."""
+        if draws <= 0:
+            return
+        gen = self._generators.get(request_id)
+        if gen is not None:
+            _advance(gen, draws, vocab_size)
+            return
+        pending, _ = self._drawn.get(request_id, (0, 0))
+        self._drawn[request_id] = (pending + draws, vocab_size)
 
     def _generator(self, request_id: str, seed: int, device: torch.device) -> torch.Generator:
         gen = self._generators.get(request_id)
@@ -63,10 +79,7 @@ class Sampler:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed)
             draws, vocab_size = self._drawn.pop(request_id, (0, 0))
-            if draws:
-                noise = torch.empty(vocab_size, device=device)
-                for _ in range(draws):  # one call per token: a draw's size sets its offset
-                    noise.exponential_(generator=gen)
+            _advance(gen, draws, vocab_size)
             self._generators[request_id] = gen
         return gen
 
@@ -86,17 +99,6 @@ class Sampler:
             except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
                 bad[i] = f"{type(exc).__name__}: {exc}"
         return bad
-
-    def skip_draw(
-        self, request_id: str, params: SamplingParams, device: torch.device, vocab_size: int
-    ) -> None:
-        """Advance a seeded request's generator past one draw: the token that another
-        engine sampled for it (the prefill side's first token), so its later tokens equal
-        those of a single engine."""
-        if params.seed is None or params.greedy:
-            return
-        gen = self._generator(request_id, params.seed, device)
-        torch.empty(vocab_size, device=device).exponential_(generator=gen)
 
     def sample(
         self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
