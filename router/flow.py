@@ -180,12 +180,9 @@ class Flow:
         self.eos_ids = eos_ids
         self.config = config
         self.loads = PoolLoads(cluster)
-        self.prefill_view = self.loads.prefill_view
-        self.decode_view = self.loads.decode_view
-        self.refresh_loads = self.loads.refresh
-        self.on_load = self.loads.on_load
+        """The balancer's view of both pools (``on_load`` installs what workers push)."""
         self._attempts: dict[str, Attempt] = {}
-        self.calls = AttemptCalls(cluster, on_stats=self.refresh_loads)
+        self.calls = AttemptCalls(cluster, on_stats=self.loads.refresh)
         self._waiting = 0
         self.admission = AdmissionQueue(config.scheduling_policy == "priority",
                                         config.priority_aging_s)
@@ -425,7 +422,7 @@ class Flow:
                             "unavailable", f"no {missing[0]} worker is alive (waited "
                             f"{now - start:.1f} s for a replacement)")
                 elif self.admission.may_try(ticket):
-                    loads = [ld for ld in self.loads.alive(self.decode_view.current())
+                    loads = [ld for ld in self.loads.alive(self.loads.decode_view.current())
                              if ld.worker_id not in refused]
                     choice = self.balancer.choose_decode(route, loads) if loads else None
                     if choice is None and loads and self.admission.by_priority:
@@ -451,7 +448,7 @@ class Flow:
                             code = "invalid_argument" if exc.invalid else "internal"
                             raise RequestError(code, exc.reason) from None
                         if res is not None:
-                            self.decode_view.add_decode(handle.worker_id,
+                            self.loads.decode_view.add_decode(handle.worker_id,
                                                         choice.blocks_to_reserve)
                             attempt = Attempt(attempt_id, handle, route)
                             attempt.priority = priority
@@ -513,7 +510,7 @@ class Flow:
         route = attempt.route
         try:
             choice = self.balancer.choose_prefill(
-                route, self.loads.alive(self.prefill_view.current()))
+                route, self.loads.alive(self.loads.prefill_view.current()))
         except NoWorkerAvailableError:
             return PrefillOutcome(Outcome.NO_WORKER)
         handle = self.cluster.workers[choice.worker_id]
@@ -521,7 +518,7 @@ class Flow:
         if pull is None and choice.pulled_tokens:
             self.balancer.metrics.pulled_tokens -= choice.pulled_tokens  # computed after all
             choice = choice._replace(pulled_tokens=0)
-        self.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens
+        self.loads.prefill_view.add_prefill(handle.worker_id, seq.num_tokens - choice.cached_tokens
                                       - choice.pulled_tokens)
         skip = res.num_cached_tokens // res.block_size
         # Writes must start well inside the decode side's lease (see PrefillRequest).

@@ -213,7 +213,7 @@ class Router(pb_grpc.GenerationServicer):
         self.events = EventSubscriber(
             self.cluster.channel_key,
             {"prefill": self.index, "decode": self.balancer.decode_index},
-            self._snapshot, self.flow.on_load, on_lag=self.metrics.event_lag.observe)
+            self._snapshot, self.flow.loads.on_load, on_lag=self.metrics.event_lag.observe)
         self.events.start()
         for h in self.cluster.workers.values():
             self._subscribe(h)
@@ -240,7 +240,7 @@ class Router(pb_grpc.GenerationServicer):
         for h in self.cluster.workers.values():
             h.stats = await h.actor.stats.remote()
         assert self.flow is not None
-        self.flow.refresh_loads()
+        self.flow.loads.refresh()
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -106,7 +106,7 @@ def test_the_decode_worker_refuses_a_double_booking(routers, ref_llm) -> None:
     async def admit_on_a_stale_view() -> tuple[list[int], str]:
         prepared = await router.prepare(MODEL, prompt, SamplingArgs(
             max_tokens=12, temperature=0.0, ignore_eos=True))
-        view = router.flow.decode_view
+        view = router.flow.loads.decode_view
         # What B would believe before d0's push arrives: d0 all free, d1 half full.
         view.set_one(WorkerLoad("decode-0", free_blocks=NUM_BLOCKS, total_blocks=NUM_BLOCKS,
                                 max_running_seqs=128))
