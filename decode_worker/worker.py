@@ -114,7 +114,7 @@ class DecodeWorker(EngineWorker):
         """Reserve blocks for ``req``'s prompt, or None if they are not free now (or, kept
         for KV in flight, not within ``req.wait_s``). ValueError for a request the engine
         refuses."""
-        got = await asyncio.wrap_future(self._driver.call(lambda e: self._reserve(e, req)))
+        got = await asyncio.wrap_future(self.driver.call(lambda e: self._reserve(e, req)))
         if isinstance(got, Future):
             return await asyncio.wrap_future(got)
         return got

@@ -103,7 +103,7 @@ class PrefillWorker(EngineWorker):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[PrefillResult] = loop.create_future()
         lend = await asyncio.wrap_future(
-            self._driver.call(lambda e: self._start(e, req, loop, fut)))
+            self.driver.call(lambda e: self._start(e, req, loop, fut)))
         if lend is not None and req.pull is not None:
             task = loop.create_task(self._ask_holder(req.request_id, req.pull, lend))
             self._asks.add(task)
@@ -111,7 +111,7 @@ class PrefillWorker(EngineWorker):
         try:
             return await fut
         except asyncio.CancelledError:
-            self._driver.call(lambda e: self._abort(e, req.request_id))
+            self.driver.call(lambda e: self._abort(e, req.request_id))
             raise
 
     async def _ask_holder(self, rid: str, source: PullSource, lend: LendRequest) -> None:
@@ -129,7 +129,7 @@ class PrefillWorker(EngineWorker):
         except Exception as exc:
             refusal, writes_done = f"{source.worker_id} failed: {type(exc).__name__}", False
         if refusal:
-            self._driver.call(lambda e: self.puller.fail(rid, refusal, writes_done))
+            self.driver.call(lambda e: self.puller.fail(rid, refusal, writes_done))
 
     def _extra_stats(self) -> dict[str, Any]:
         pending = sum(len(j.req.prompt_token_ids) - j.pulled_tokens

@@ -98,9 +98,10 @@ class EngineWorker:
         self.ranks: RankGroup | None = None
         self._ranks_checked = 0.0
         # The engine is made on the thread that will step it (see pdserve.engine.driver).
-        self._loop = EngineDriver(None, self._outputs_then_publish, self._tick_then_publish,
-                                  name=f"{worker_id}-loop", on_stop=self._on_stop,
-                                  hold=self._hold)
+        self.driver = EngineDriver(None, self._outputs_then_publish, self._tick_then_publish,
+                                   name=f"{worker_id}-loop", on_stop=self._on_stop,
+                                   hold=self._hold)
+        """Steps the engine from ``start_driver`` on (the role's own state is set up by then)."""
 
         def make() -> Engine:
             if tensor_parallel_size == 1:
@@ -109,7 +110,7 @@ class EngineWorker:
                                                    cpus_per_rank, gpus_per_rank, rank_cpus)
             return engine
 
-        self.engine = self._loop.build(make)
+        self.engine = self.driver.build(make)
         local = rank_connector(self.engine, rank=0, **kv)
         self.connector: KVConnector = RankedConnector(
             local, tensor_parallel_size,
@@ -120,7 +121,6 @@ class EngineWorker:
         self.events = EventPublisher(worker_id, self.agent_name, channel_key, resolve_host(host))
         self.routers_seen: dict[str, float] = {}
         """Router inbox endpoint -> ``time.monotonic()`` of its last ping (lease renewal)."""
-        self.driver: EngineDriver | None = None
         self.tombstones = Tombstones(2 * lease_s)
         self._stopping = False
         self._stopped = threading.Event()
@@ -165,16 +165,9 @@ class EngineWorker:
             self.ranks.check()
 
     def start_driver(self) -> None:
-        self.driver = self._loop
         self.driver.start()
         logger.info("%s ready (pid %d), kv agent %s over %s", self.worker_id, os.getpid(),
                     self.agent_name, self.kv_transport)
-
-    @property
-    def _driver(self) -> EngineDriver:
-        if self.driver is None:
-            raise RuntimeError(f"{self.worker_id}: engine loop not started")
-        return self.driver
 
     # ------------------------------------------------------------------ hooks
 
@@ -224,7 +217,7 @@ class EngineWorker:
         """Liveness; ``router`` (its token inbox endpoint) renews that router's lease."""
         if router is not None:
             self.routers_seen[router] = time.monotonic()
-        driver = self._driver
+        driver = self.driver
         if not driver.alive:
             raise EngineStoppedError(f"{self.worker_id}: engine loop stopped: {driver.error!r}")
         return self.worker_id
@@ -245,7 +238,7 @@ class EngineWorker:
             await fut
         if self._stopping:
             return "shutdown"
-        error = self.driver.error if self.driver is not None else None
+        error = self.driver.error
         return f"engine loop stopped: {type(error).__name__ if error else 'no error'}"
 
     def _on_stop(self, error: BaseException | None) -> None:
@@ -270,7 +263,7 @@ class EngineWorker:
         reserved blocks (``pdserve.worker.lending``). Answers "" once the writes are posted
         (the transfer's outcome reaches the puller through its own connector), else why
         nothing was written."""
-        return await asyncio.wrap_future(self._driver.call(lambda e: self.lender.lend(req)))
+        return await asyncio.wrap_future(self.driver.call(lambda e: self.lender.lend(req)))
 
     async def kv_snapshot(self) -> tuple[str, int, list[int], dict[str, float]]:
         """(incarnation, seq, every cached block hash, load) as of event message ``seq``
@@ -280,14 +273,14 @@ class EngineWorker:
             return (self.agent_name, self.events.last_seq, engine.pool.cached_hashes(),
                     self._load())
 
-        return await asyncio.wrap_future(self._driver.call(take))
+        return await asyncio.wrap_future(self.driver.call(take))
 
     async def abort(self, request_id: str, writes_done: bool = False) -> bool:
         """Drop ``request_id`` and free what it holds. ``writes_done``: the caller knows no
         KV write into its reserved blocks can still land (decode role: free them now, not
         after the sender's lease). Returns the role's answer (see ``_abort``)."""
         return await asyncio.wrap_future(
-            self._driver.call(lambda e: self._abort(e, request_id, writes_done)))
+            self.driver.call(lambda e: self._abort(e, request_id, writes_done)))
 
     async def stats(self) -> dict[str, Any]:
         def take(engine: Engine) -> tuple[Any, dict[str, Any]]:
@@ -295,13 +288,13 @@ class EngineWorker:
             kv = {f"kv_{k}": v for k, v in kv_stats().items()} if kv_stats else {}
             return engine.stats(), {**kv, **self.lender.stats()}
 
-        s, kv = await asyncio.wrap_future(self._driver.call(take))
-        return {"worker_id": self.worker_id, "role": self.role, "steps": self._driver.steps,
-                "step_seconds": self._driver.step_seconds,
-                "step_cpu_seconds": self._driver.step_cpu_seconds,
-                "hook_seconds": self._driver.hook_seconds,
-                "hook_cpu_seconds": self._driver.hook_cpu_seconds,
-                "held_turns": self._driver.held_turns,
+        s, kv = await asyncio.wrap_future(self.driver.call(take))
+        return {"worker_id": self.worker_id, "role": self.role, "steps": self.driver.steps,
+                "step_seconds": self.driver.step_seconds,
+                "step_cpu_seconds": self.driver.step_cpu_seconds,
+                "hook_seconds": self.driver.hook_seconds,
+                "hook_cpu_seconds": self.driver.hook_cpu_seconds,
+                "held_turns": self.driver.held_turns,
                 "process_cpu_seconds": time.process_time(),
                 "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,
                 **kv, **self._extra_stats(), **asdict(s)}
@@ -319,7 +312,7 @@ class EngineWorker:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        self._driver.stop()
+        self.driver.stop()
         self.engine.close()  # stops the other ranks' loops (tensor parallelism)
         self.connector.close()
         self.events.close()
