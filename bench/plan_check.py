@@ -13,17 +13,20 @@ requests with a costs file calibrated just before, on this machine
 measured ones, as is the order of the configurations by each.
 
 The service overheads (``pdserve.planner.costs.Overheads``) are measured on the first
-configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone): the
-router process's CPU seconds (``/proc``) per request (on 16 more requests of one output
-token each) and per further token, each worker role's loop CPU seconds
-per step beyond the engine's step (the router's ``pdserve:engine_hook_cpu_seconds_total`` /
-``pdserve:engine_steps_total`` over those requests), on decode steps also what remains of
-their median TPOT once the simulation accounts for the rest (the worker's other threads on
-its core, the tokens' trip to the router), the median admission time
-(``Timing.queue_s``: the router's admission and its decode reservation), and, per request,
-what remains of their median TTFT once the simulation with the other terms accounts for the
-rest (the prefill call's trip, the decode worker taking the request in, the first token's
-trip to the client).
+configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone) and on
+48 more of one output token each, in three bursts of 16 a second apart: the router process's
+CPU seconds (``/proc``) per request (over the bursts) and per further token, the share of
+the former spent admitting (how far apart a burst's admissions are), each worker role's
+loop CPU seconds per step beyond the engine's step (the router's
+``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total``), the median
+admission time (``Timing.queue_s``), and what remains once the simulation accounts for the
+rest: of the bursts' median prefill time (``Timing.prefill_s``) per prefill step, of the
+lone requests' median TPOT per decode step (the worker's other threads on its core, the
+tokens' trip to the router) and of their median TTFT per request (the prefill call's trip,
+the first token's trip to the client), and of the bursts' median TTFT per request still
+waiting for its first token (the answers of a burst crossing the same processes one after
+another). The load generator's CPU (this process) is measured too, per request and per
+streamed token, and so are the cores each worker process keeps busy besides its steps.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -58,7 +61,7 @@ from pdserve.planner.costs import (
     parse_costs,
     resolve_costs_path,
 )
-from pdserve.planner.sim import ClusterSpec, simulate
+from pdserve.planner.sim import ClusterSpec, SimResult, simulate
 from pdserve.planner.workload import Workload, from_prompts
 
 BIN = Path(sys.executable).parent
@@ -355,14 +358,18 @@ def timing_medians(timings: Sequence[Any]) -> dict[str, float]:
 
 
 def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
-                  one_token: BatchRun, prefill: int, decode: int) -> HardwareCosts:
-    """``costs`` with the service overheads measured on a lightly loaded run (requests mostly
-    alone) and on ``one_token`` (requests of one output token): the router process's CPU
-    seconds per request (from ``one_token``) and per further token, each worker role's loop CPU
-    seconds per step beyond the engine's (its counters over the run), the median admission
-    time (router ``Timing.queue_s``), and on TTFT what remains of the measured median once
-    the simulation with those terms accounts for the rest (``Overheads`` says what each term
-    stands for)."""
+                  one_token: BatchRun, burst: Workload, prefill: int,
+                  decode: int) -> HardwareCosts:
+    """``costs`` with the service overheads measured on a lightly loaded run (``workload``
+    served as ``run``: requests mostly alone) and on ``one_token`` (``burst`` served: requests
+    of one output token arriving together): the router process's CPU seconds per request
+    (from the burst, and the share of it spent admitting, from its admission times) and per
+    further token, each worker role's loop CPU seconds per step beyond the engine's (its
+    counters over the run), the median admission time (router ``Timing.queue_s``), and what
+    remains once the simulation with those terms accounts for the rest: of the burst's
+    median prefill time per prefill step, of the lone requests' median TPOT per decode step
+    and of their median TTFT per request, and of the burst's median TTFT per request still
+    waiting for its first token (``Overheads`` says what each term stands for)."""
     per_step = {}
     for role in ("prefill", "decode"):
         loop = run.loops.get(role)
@@ -370,22 +377,53 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
             raise RuntimeError(f"no {role} steps counted over the calibration run: {run.loops}")
         per_step[role] = loop["hook_cpu_s"] / loop["steps"]
     queue = [t.queue_s for t in run.timings if t is not None]
-    if not queue:
+    burst_timings = [t for t in one_token.timings if t is not None]
+    if not queue or not burst_timings:
         raise RuntimeError("the calibration requests carried no router timing")
     router_s = one_token.router_cpu_s / len(one_token.results)
     tokens = sum(r.output_len for r in run.results)
     token_s = max(0.0, run.router_cpu_s - router_s * len(run.results)) / max(
         1, tokens - len(run.results))
-    measured_terms = Overheads(admission_s=float(np.median(queue)),
-                               router_cpu_s=router_s, router_token_s=token_s,
-                               prefill_step_s=per_step["prefill"],
-                               decode_step_s=per_step["decode"])
+    slope = float(np.median([
+        admission_slope([t.queue_s for t in one_token.timings[i:i + BURST] if t is not None])
+        for i in range(0, len(one_token.timings), BURST)]))
+    terms = Overheads(admission_s=float(np.median(queue)),
+                      router_cpu_s=router_s,
+                      router_admit_share=min(1.0, slope / router_s) if router_s > 0 else 1.0,
+                      router_token_s=token_s,
+                      prefill_step_s=per_step["prefill"],
+                      decode_step_s=per_step["decode"])
+
+    def sim(wl: Workload, over: Overheads) -> SimResult:
+        return simulate(wl, replace(costs, overheads=over), ClusterSpec(prefill, decode))
+
+    real_prefill = float(np.median([t.prefill_s for t in burst_timings]))
+    terms = replace(terms, prefill_step_s=terms.prefill_step_s + fit_term(
+        lambda x: float(np.nanmedian(sim(burst, replace(
+            terms, prefill_step_s=terms.prefill_step_s + x)).prefilled_s)),
+        real_prefill, real_prefill))
     real = measured(run.results)
-    measured_terms = replace(measured_terms, decode_step_s=per_step["decode"] + tpot_residual(
-        costs, measured_terms, workload, prefill, decode, real["tpot_s"]))
-    sim = predicted(workload, replace(costs, overheads=measured_terms), prefill, decode)
-    return replace(costs, overheads=replace(
-        measured_terms, request_s=max(0.0, real["ttft_s"] - sim["ttft_s"])))
+    terms = replace(terms, decode_step_s=per_step["decode"] + tpot_residual(
+        costs, terms, workload, prefill, decode, real["tpot_s"]))
+    lone = predicted(workload, replace(costs, overheads=terms), prefill, decode)
+    terms = replace(terms, request_s=max(0.0, real["ttft_s"] - lone["ttft_s"]))
+    real_burst = measured(one_token.results)["ttft_s"]
+    terms = replace(terms, answer_wait_s=fit_term(
+        lambda x: float(np.nanmedian(sim(burst, replace(terms, answer_wait_s=x)).ttft_s)),
+        real_burst, real_burst))
+    return replace(costs, overheads=terms)
+
+
+def fit_term(predict: Callable[[float], float], target: float, hi: float) -> float:
+    """The ``x`` in ``[0, hi]`` at which ``predict(x)``, growing with ``x``, reaches
+    ``target`` (bisection); 0 when ``predict(0)`` is already there."""
+    if not target > predict(0.0):
+        return 0.0
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predict(mid) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def tpot_residual(costs: HardwareCosts, terms: Overheads, workload: Workload, prefill: int,
@@ -393,31 +431,44 @@ def tpot_residual(costs: HardwareCosts, terms: Overheads, workload: Workload, pr
     """Seconds per decode step to add to ``terms.decode_step_s`` for the simulated median
     TPOT of ``workload`` to match ``real_tpot_s`` (0 when the simulation is already slower):
     what a step costs beyond its engine step and loop on a lightly loaded service (the
-    worker's other threads on its core, the tokens' trip to the router). Bisection: TPOT
-    grows with the per-step cost."""
+    worker's other threads on its core, the tokens' trip to the router)."""
     def tpot(extra: float) -> float:
         over = replace(terms, decode_step_s=terms.decode_step_s + extra)
         return predicted(workload, replace(costs, overheads=over), prefill, decode)["tpot_s"]
 
-    if not real_tpot_s > tpot(0.0):
-        return 0.0
-    lo, hi = 0.0, real_tpot_s
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tpot(mid) < real_tpot_s else (lo, mid)
-    return (lo + hi) / 2
+    return fit_term(tpot, real_tpot_s, real_tpot_s)
 
 
-def with_load_generator(costs: HardwareCosts, cpu_per_request_s: float,
+def with_load_generator(costs: HardwareCosts, client: LoadGenerator,
                         workload: Workload) -> HardwareCosts:
     """``costs`` whose host counts the load generator sharing the machine's cores: its CPU
-    seconds per request (measured on the calibration requests) at ``workload``'s mean
-    request rate, as background threads."""
+    seconds per request at ``workload``'s mean request rate, as background threads, and its
+    CPU seconds per streamed token (``Host.client_token_s``), at the token rate of the
+    moment."""
     if costs.host is None:
         return costs
     span = float(workload.arrival_s[-1] - workload.arrival_s[0])
     rate = len(workload) / span if span > 0 else 0.0
-    return replace(costs, host=replace(costs.host, background_threads=cpu_per_request_s * rate))
+    return replace(costs, host=replace(costs.host, background_threads=client.request_s * rate,
+                                       client_token_s=client.token_s))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadGenerator:
+    """This process's CPU seconds as the load generator: per request (sending it, its first
+    response) and per further streamed token."""
+
+    request_s: float
+    token_s: float
+
+    @classmethod
+    def measure(cls, run: BatchRun, one_token: BatchRun) -> LoadGenerator:
+        """From a run's CPU and one of requests of one output token each (as the router's
+        ``router_cpu_s`` and ``router_token_s``)."""
+        request_s = one_token.client_cpu_s / len(one_token.results)
+        tokens = sum(r.output_len for r in run.results) - len(run.results)
+        token_s = max(0.0, run.client_cpu_s - request_s * len(run.results)) / max(1, tokens)
+        return cls(request_s, token_s)
 
 
 def with_worker_background(costs: HardwareCosts, run: BatchRun, workers: int) -> HardwareCosts:
@@ -453,6 +504,8 @@ class CheckResult:
     seconds: float
     worker_background: float = 0.0
     """Cores each worker process kept busy besides its steps (``Host.worker_background``)."""
+    client_token_s: float = 0.0
+    """The load generator's CPU seconds per streamed token (``Host.client_token_s``)."""
 
     def errors(self) -> dict[str, dict[str, float]]:
         """Relative error sim / real - 1 of each median."""
@@ -481,15 +534,25 @@ def calibration_items() -> list[WorkItem]:
             for i, it in enumerate(CALIBRATION.items())]
 
 
-ONE_TOKEN = CheckWorkload(offset=420, requests=16)
-"""Requests of one output token each, sent one every ``ONE_TOKEN_GAP_S``: the router's CPU
-per request without streaming (other rows of the trace again)."""
-ONE_TOKEN_GAP_S = 0.1
+ONE_TOKEN = CheckWorkload(offset=420, requests=48)
+"""Requests of one output token each, sent in bursts of ``BURST`` every ``BURST_GAP_S``: the
+router's CPU per request without streaming, how fast it admits a burst, and what a burst
+costs beyond the steps (other rows of the trace again)."""
+BURST = 16
+BURST_GAP_S = 1.0
 
 
 def one_token_items() -> list[WorkItem]:
-    return [replace(it, arrival_s=i * ONE_TOKEN_GAP_S, output_len=1)
+    return [replace(it, arrival_s=(i // BURST) * BURST_GAP_S, output_len=1)
             for i, it in enumerate(ONE_TOKEN.items())]
+
+
+def admission_slope(queue_s: Sequence[float]) -> float:
+    """Seconds between one request's admission and the next in a burst: the least-squares
+    slope of the burst's sorted ``Timing.queue_s`` over their rank."""
+    if len(queue_s) < 2:
+        return 0.0
+    return max(0.0, float(np.polyfit(np.arange(len(queue_s)), np.sort(queue_s), 1)[0]))
 
 
 def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
@@ -516,22 +579,33 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
                           [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
                           [it.output_len for it in cal_items], spec.block_size)
     assert cal_run is not None and one_run is not None
-    client_s = cal_run.client_cpu_s / len(cal_run.results)
+    client = LoadGenerator.measure(cal_run, one_run)
     costs = with_worker_background(costs, cal_run, sum(parse_config(configs[0])))
-    costs = fit_overheads(with_load_generator(costs, client_s, cal_wl), cal_wl, cal_run,
-                          one_run, *parse_config(configs[0]))
+    bursts = one_token_items()
+    burst_wl = from_prompts([it.arrival_s for it in bursts],
+                            [list(it.prompt) for it in bursts],  # type: ignore[arg-type]
+                            [1] * len(bursts), spec.block_size)
+    costs = fit_overheads(with_load_generator(costs, client, cal_wl), cal_wl, cal_run,
+                          one_run, burst_wl, *parse_config(configs[0]))
     workload = spec.workload()
-    costs = with_load_generator(costs, client_s, workload)
+    costs = with_load_generator(costs, client, workload)
     host = costs.host or Host(cores=1.0)
     if log:
         log(f"calibration: router timing medians {timing_medians(cal_run.timings)}; "
             f"worker loops {cal_run.loops}")
-        log(f"measured: {costs.overheads}; load generator {client_s * 1e3:.1f} ms CPU a "
-            f"request ({host.background_threads:.2f} cores); each worker's own background "
+        log(f"measured: {costs.overheads}; load generator {client.request_s * 1e3:.1f} ms "
+            f"CPU a request ({host.background_threads:.2f} cores), "
+            f"{client.token_s * 1e3:.2f} ms a token; each worker's own background "
             f"{host.worker_background:.2f} cores")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
+    if log:
+        for label in configs:
+            res = simulate(workload, costs, ClusterSpec(*parse_config(label)))
+            log(f"{label} simulated medians: queue {np.nanmedian(res.sent_s) * 1e3:.2f} ms, "
+                f"prefill {np.nanmedian(res.prefilled_s) * 1e3:.2f} ms, first token "
+                f"{np.nanmedian(res.ttft_s) * 1e3:.2f} ms")
     return CheckResult(real, sim, costs.overheads, time.monotonic() - t0,
-                       host.worker_background)
+                       host.worker_background, host.client_token_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -560,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["overheads"] = asdict(result.overheads)
         if data.get("host"):
             data["host"]["worker_background"] = result.worker_background
+            data["host"]["client_token_s"] = result.client_token_s
         Path(args.write_costs).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(result.table())
     for key in ("ttft_s", "tpot_s"):

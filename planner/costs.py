@@ -102,20 +102,35 @@ class Overheads:
     one at a time for this long at admission, so that a burst queues at the router as it
     does for real, and the router takes a core meanwhile. Measured: the router process's
     CPU time over requests of one output token / their number."""
+    router_admit_share: float = 1.0
+    """Share of ``router_cpu_s`` spent admitting the request, before its prefill is sent (one
+    request after another in a burst); the rest is spent on the prefill's answer (the
+    first token, and what a request of one token costs at its end). Measured: the slope of a
+    burst's sorted ``Timing.queue_s`` over their rank, over ``router_cpu_s``."""
     router_token_s: float = 0.0
     """CPU seconds of the router's process per further streamed token: on a shared host, the
-    simulation counts it as background threads at the workload's mean token rate. Measured:
+    simulation counts it as busy cores at the token rate of the moment (the decode batches
+    over their step times), so that it weighs while a burst streams. Measured:
     the router's CPU over the calibration requests less ``router_cpu_s`` each, per token
     beyond each first."""
     request_s: float = 0.0
-    """Per request, on its TTFT after the KV landed: the prefill call's trip, the decode
-    worker taking the request in and the first token's trip through the router to the
-    client. Measured as what remains of the lightly loaded requests' median TTFT once the
-    simulation (with every other term) has accounted for the rest."""
+    """Per request, on its TTFT after the KV landed: the prefill call's trip and the first
+    token's trip through the router to the client. Measured as what remains of the lightly
+    loaded requests' median TTFT once the simulation (with every other term) has accounted
+    for the rest."""
+    answer_wait_s: float = 0.0
+    """Per request, on its first token and the stream behind it, for each other request
+    still waiting for its first token when its prefill answers: the answers of a burst cross
+    the same processes (the prefill worker's event loop, Ray, the router's loop, the client)
+    one after another. Measured as what remains of a burst's median TTFT once the
+    simulation with every other term accounts for the rest, per request waiting."""
     prefill_step_s: float = 0.0
     """Per prefill step, beyond the engine's step: the worker's loop around it (KV writes,
-    transfer polling, KV event pushes). Measured: the prefill workers' loop CPU seconds per
-    step (``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total``)."""
+    transfer polling, KV event pushes) and what else a step costs in a burst. Measured: the
+    prefill workers' loop CPU seconds per step (``pdserve:engine_hook_cpu_seconds_total`` /
+    ``pdserve:engine_steps_total``), plus what remains of a burst's median prefill time
+    (router ``Timing.prefill_s``) once the simulation with every other term accounts for the
+    rest, per step."""
     decode_step_s: float = 0.0
     """Per decode step, beyond the engine's step (token batches to the router, polling, the
     worker's other threads on its core): the decode workers' loop CPU seconds per step, as
@@ -137,16 +152,26 @@ class Host:
     worker_background: float = 0.0
     """Cores each worker process keeps busy besides its steps, whatever it does: its
     engine loop's and transfer agent's polling, its Ray threads."""
+    client_token_s: float = 0.0
+    """CPU seconds per streamed token of what shares the cores outside the service (a load
+    generator on the same machine reading the streams); added to the router's
+    ``Overheads.router_token_s`` at the token rate of the moment."""
 
     def stretch(self, busy_workers: int, active: bool, busy_threads: int = 0,
-                workers: int = 0) -> float:
+                workers: int = 0, token_cores: float = 0.0) -> float:
         """How much slower than alone a step runs with ``busy_workers`` of ``workers``
-        workers stepping and ``busy_threads`` other single-threaded processes of the service
-        (the router) at work."""
+        workers stepping, ``busy_threads`` other single-threaded processes of the service
+        (the router) at work, and ``token_cores`` cores streaming tokens at the rate the
+        decode steps would have alone (the rate, and so that load, falls by the stretch:
+        ``s = demand / cores + token_cores / (s * cores)``, solved for ``s``)."""
         background = self.background_threads if active else 0.0
         background += workers * self.worker_background
         demand = busy_workers * self.threads_per_worker + busy_threads + background
-        return max(1.0, demand / self.cores)
+        if token_cores <= 0.0:
+            return max(1.0, demand / self.cores)
+        stretch = (demand + (demand * demand + 4.0 * self.cores * token_cores) ** 0.5) / (
+            2.0 * self.cores)
+        return max(1.0, stretch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,14 +265,20 @@ def parse_costs(data: Mapping[str, Any], source: str = "") -> HardwareCosts:
     ov = data.get("overheads", {})
     overheads = Overheads(**{k: _num(ov, k, "overheads", default=0.0)
                              for k in ("admission_s", "router_cpu_s", "router_token_s", "request_s",
-                                       "prefill_step_s", "decode_step_s")})
+                                       "answer_wait_s", "prefill_step_s", "decode_step_s")},
+                          router_admit_share=_num(ov, "router_admit_share", "overheads",
+                                                  default=1.0))
+    if not 0.0 <= overheads.router_admit_share <= 1.0:
+        raise ValueError("overheads.router_admit_share must be within [0, 1], got "
+                         f"{overheads.router_admit_share}")
     host = None
     if data.get("host"):
         h = data["host"]
         host = Host(cores=_num(h, "cores", "host", positive=True),
                     threads_per_worker=_num(h, "threads_per_worker", "host", default=1.0),
                     background_threads=_num(h, "background_threads", "host", default=0.0),
-                    worker_background=_num(h, "worker_background", "host", default=0.0))
+                    worker_background=_num(h, "worker_background", "host", default=0.0),
+                    client_token_s=_num(h, "client_token_s", "host", default=0.0))
     return HardwareCosts(
         name=str(data.get("name", "unnamed")),
         prefill=fit_prefill(_points(data, "prefill_steps", ("tokens", "context", "ms"))),

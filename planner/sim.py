@@ -2,14 +2,16 @@
 
 Events sit in one heap (time, sequence number, kind, ...); arrivals are merged in from the
 sorted workload, never all pushed, and so are requests reaching their prefill worker (the
-router admits one request at a time, ``Overheads.router_cpu_s`` each, then sends the prefill
-``admission_s`` later: they stay in order in a queue). There are no per-token
-events: a prefill worker has one event per engine step, a decode worker one per change of
-its batch (``DecodeSim`` jumps between them in closed form). The router is the live
-balancer and prefix index (``SimRouter``), or for huge prefix-free runs ``FastRouter``.
+router's process does one piece of work at a time, ``Overheads.router_cpu_s`` a request in
+all: its admission, after which the prefill is sent ``admission_s`` later, in order in a
+queue, and the prefill's answer, whose first token goes on to the client). There are no
+per-token events: a prefill worker has one event per engine step, a decode worker one per
+change of its batch (``DecodeSim`` jumps between them in closed form). The router is the
+live balancer and prefix index (``SimRouter``), or for huge prefix-free runs ``FastRouter``.
 Timings come from a ``HardwareCosts``; with a ``host`` (workers sharing a machine's cores)
-every step is stretched by the load of the moment, and decode workers are re-anchored when
-that load changes.
+every step is stretched by the load of the moment (busy workers, the router at work, and
+the tokens being streamed at the rate of the moment), and decode workers are re-anchored
+when that load changes.
 
 Deterministic: the same workload, costs, spec and seed give the same result.
 Pure Python and numpy; no torch, Ray or gRPC.
@@ -21,7 +23,7 @@ import heapq
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -70,6 +72,10 @@ class SimResult:
     wall_s: float
     prompt_tokens: int
     cached_tokens: int
+    sent_s: np.ndarray | None = None
+    """Per request, arrival to its prefill reaching its worker (the router's admission)."""
+    prefilled_s: np.ndarray | None = None
+    """Per request, its prefill reaching its worker to its first token there."""
 
 
 class Simulation:
@@ -98,15 +104,18 @@ class Simulation:
         self._busy = 0
         self._stretch = 1.0
         self._host = costs.host
-        token_s = costs.overheads.router_token_s
-        span = float(workload.arrival_s[-1] - workload.arrival_s[0])
-        if self._host is not None and token_s > 0 and span > 0:
-            # The router streams the workload's tokens at its mean rate: a background load.
-            tokens = float(np.maximum(workload.output_tokens - 1, 0).sum())
-            self._host = replace(self._host, background_threads=self._host.background_threads
-                                 + token_s * tokens / span)
+        self._token_cpu = 0.0
+        """CPU seconds per streamed token on the shared host (router and load generator)."""
+        if self._host is not None:
+            self._token_cpu = costs.overheads.router_token_s + self._host.client_token_s
+        self._token_cores = 0.0
         self._pre = costs.overheads.admission_s
-        self._router_cpu = costs.overheads.router_cpu_s
+        router_cpu = costs.overheads.router_cpu_s
+        self._router_admit = router_cpu * costs.overheads.router_admit_share
+        self._router_reply = router_cpu - self._router_admit
+        self._answer_wait = costs.overheads.answer_wait_s
+        self._awaiting = 0
+        """Requests in flight without their first token."""
         self._router_free = 0.0
         self._router_busy = 0
         self._router_version = 0
@@ -127,6 +136,10 @@ class Simulation:
         hashes = wl.block_hashes
         self._first = np.full(n, math.nan)
         self._last = np.full(n, math.nan)
+        self._sent = np.full(n, math.nan)
+        self._replied = np.full(n, math.nan)
+        self._waits = np.zeros(n)
+        self._prefilled = np.full(n, math.nan)
         settings = self.spec.router
         tick = settings.ping_interval_s
         self._ticking = False  # router rounds only while requests are in flight
@@ -158,6 +171,7 @@ class Simulation:
                     self._ticks += 1
                     self._push(ta + tick, _TICK, self._ticks)
                 self._in_flight += 1
+                self._awaiting += 1
                 j = i - base
                 self._admit(SimRequest(i, ta, prompt[j], output[j], hashes[i]))
                 i += 1
@@ -214,26 +228,34 @@ class Simulation:
         req.decode = worker
         prefill = router.choose_prefill(req, route)
         # Times that never decrease keep these in order: a queue, not the heap.
-        # The router's process serves one request at a time (``router_cpu_s`` each); the
-        # prefill is sent ``admission_s`` after the router took the request up.
-        start = max(self.now, self._router_free)
-        self._router_free = start + self._router_cpu
+        # The router's process serves one piece of work at a time (a request's admission,
+        # ``router_cpu_s`` times ``router_admit_share``); the prefill is sent
+        # ``admission_s`` after the router took it up.
+        start = self._router_work(self._router_admit)
         self._fifo.append((start + self._pre, prefill, req))
-        if self._router_cpu > 0:  # its process takes a core while it works
+
+    def _router_work(self, seconds: float) -> float:
+        """Queue ``seconds`` of the router process's CPU now; returns when it starts."""
+        start = max(self.now, self._router_free)
+        self._router_free = start + seconds
+        if seconds > 0:  # its process takes a core while it works
             self._router_version += 1
             self._push(self._router_free, _ROUTER_IDLE, self._router_version)
             if not self._router_busy:
                 self._router_busy = 1
                 self._set_busy(0)
+        return start
 
     def _fail(self, req: SimRequest) -> None:
         req.first_token = req.last_token = math.nan
         self._in_flight -= 1
+        self._awaiting -= 1
 
     # ------------------------------------------------------------------ prefill
 
     def _prefill_arrive(self, w: PrefillSim, req: SimRequest) -> None:
         req.prefill = w
+        self._sent[req.idx] = self.now
         req.waited_since = self.now  # the worker's own clock for its reported rate
         w.add(req)
         if not w.busy:
@@ -257,6 +279,7 @@ class Simulation:
         for req, last_chunk in w.finish_step():
             computed = req.prompt - req.cached
             self._cached += req.cached
+            self._prefilled[req.idx] = self.now
             w.rate.record(computed, self.now - req.waited_since)
             # Blocks stream out after every chunk: what is left at the end is the last
             # chunk, plus whatever the link could not keep up with.
@@ -270,6 +293,17 @@ class Simulation:
     # ------------------------------------------------------------------ decode
 
     def _landed(self, req: SimRequest) -> None:
+        # The prefill call answers: the router takes the first token up and sends it on.
+        if self._router_reply > 0:
+            self._router_work(self._router_reply)
+            replied = self._router_free
+        else:
+            replied = self.now
+        # The answers of a burst cross the same processes one after another, and each
+        # request's stream follows its first token there.
+        self._awaiting -= 1
+        self._waits[req.idx] = self._answer_wait * self._awaiting
+        self._replied[req.idx] = replied
         d = req.decode
         assert d is not None
         d.joins.append(req)
@@ -305,8 +339,12 @@ class Simulation:
             self.router.push_decode(d)
         if d.batch > 0:
             self._schedule(d, d.finishing[0][0])
-        if was_busy != (d.batch > 0):
-            self._set_busy(1 if d.batch > 0 else -1)
+        busy = 0 if was_busy == (d.batch > 0) else (1 if d.batch > 0 else -1)
+        if self._token_cpu > 0 and (finished or joins):
+            self._token_cores = self._token_cpu * sum(w.token_rate() for w in self.decode)
+            self._set_busy(busy)
+        elif busy:
+            self._set_busy(busy)
 
     def _complete(self, req: SimRequest) -> None:
         self._first[req.idx] = req.first_token
@@ -323,7 +361,7 @@ class Simulation:
         if host is None:
             return
         stretch = host.stretch(self._busy, self._in_flight > 0, self._router_busy,
-                               len(self.prefill) + len(self.decode))
+                               len(self.prefill) + len(self.decode), self._token_cores)
         if stretch == self._stretch:
             return
         self._stretch = stretch
@@ -343,15 +381,17 @@ class Simulation:
         arrival = self.workload.arrival_s
         first, last = self._first, self._last
         ok = ~np.isnan(first)
-        ttft = first + post - arrival
-        e2e = last + post - arrival
+        # The first token reaches the client from the prefill's answer (the decode worker
+        # streams the tokens after it).
+        ttft = np.where(ok, self._replied, math.nan) + self._waits + post - arrival
+        e2e = last + self._waits + post - arrival
         out = self.workload.output_tokens
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out > 1, (e2e - ttft) / np.maximum(out - 1, 1), math.nan)
         end = float(np.nanmax(last)) + post if ok.any() else float(arrival[-1])
         return SimResult(self.spec, ttft, tpot, e2e, ok, max(end - float(arrival[0]), 1e-9),
                          self._events, wall_s, int(self.workload.prompt_tokens.sum()),
-                         self._cached)
+                         self._cached, self._sent - arrival, self._prefilled - self._sent)
 
 
 def simulate(workload: Workload, costs: HardwareCosts, spec: ClusterSpec) -> SimResult:

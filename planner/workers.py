@@ -210,6 +210,14 @@ class DecodeSim:
         self.alpha = (d0 + d1 * self.batch + d2 * self.ctx_const) * self.stretch
         self.beta = d2 * self.batch * self.stretch
 
+    def token_rate(self) -> float:
+        """Tokens a second the batch at the anchor streams, its steps unstretched."""
+        if self.batch == 0:
+            return 0.0
+        d0, d1, d2 = self._d
+        step = d0 + d1 * self.batch + d2 * (self.ctx_const + self.batch * self.anchor_k)
+        return self.batch / step if step > 0 else 0.0
+
     def set_stretch(self, stretch: float) -> None:
         """Steps from the anchor on run ``stretch`` times slower than alone."""
         self.stretch = stretch

@@ -92,6 +92,8 @@ def test_costs_file_is_fitted_on_load() -> None:
     ({"decode_steps": [{"batch": 1, "context": 1, "ms": 0}]}, "ms must be positive"),
     ({"host": {"threads_per_worker": 1}}, "host: missing 'cores'"),
     ({"overheads": {"admission_s": -0.001}}, "overheads.admission_s must be >= 0"),
+    ({"overheads": {"router_admit_share": 1.5}}, "router_admit_share must be within"),
+    ({"host": {"cores": 2, "client_token_s": -1}}, "host.client_token_s must be >= 0"),
 ])
 def test_bad_costs_files_name_the_field(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -132,6 +134,65 @@ def test_a_burst_queues_at_the_router_one_request_at_a_time() -> None:
                    ClusterSpec(1, 1, idle_poll_s=0.0))
     alone = 0.003 + (0.001 + 100 * 1e-5) + (0.0005 + 100 * 1000 / 1e6)
     assert sorted(res.ttft_s) == pytest.approx([alone + 0.05 * i for i in range(4)])
+
+
+def test_the_routers_work_on_each_answer_queues_the_first_tokens_of_a_burst() -> None:
+    # 50 ms of router CPU a request, a fifth of it admitting: four arriving together are
+    # admitted 10 ms apart, then each prefill's answer waits for the router's 40 ms on it,
+    # one answer after another, the first as soon as the admissions are done.
+    costs = replace(TOY, overheads=Overheads(admission_s=0.003, router_cpu_s=0.05,
+                                             router_admit_share=0.2))
+    res = simulate(workload([0.0] * 4, [100] * 4, [1] * 4), costs,
+                   ClusterSpec(1, 1, idle_poll_s=0.0))
+    landed = 0.003 + (0.001 + 100 * 1e-5) + (0.0005 + 100 * 1000 / 1e6)
+    assert landed > 4 * 0.01  # the router is done admitting when the first answer comes
+    assert sorted(res.ttft_s) == pytest.approx([landed + 0.04 * (i + 1) for i in range(4)])
+    assert sorted(res.sent_s) == pytest.approx([0.003 + 0.01 * i for i in range(4)])
+
+
+def test_each_answer_of_a_burst_waits_for_those_still_coming_and_its_stream_with_it() -> None:
+    # Four prompts arriving together (the first prefilled alone, the other three in the next
+    # step): each answer waits 10 ms for every request still without its first token, 30
+    # ms for the first, then 20, 10 and 0 ms.
+    wl = workload([0.0] * 4, [100] * 4, [5] * 4)
+    spec = ClusterSpec(1, 1, idle_poll_s=0.0)
+    base = simulate(wl, TOY, spec)
+    waited = simulate(wl, replace(TOY, overheads=Overheads(answer_wait_s=0.01)), spec)
+    assert base.ttft_s[0] < base.ttft_s[1] == base.ttft_s[3]
+    assert waited.ttft_s[0] - base.ttft_s[0] == pytest.approx(0.03)
+    assert sorted(waited.ttft_s - base.ttft_s) == pytest.approx([0.0, 0.01, 0.02, 0.03])
+    # The tokens behind the first come through the same processes: the stream moves with it.
+    assert waited.e2e_s - base.e2e_s == pytest.approx(waited.ttft_s - base.ttft_s)
+    assert waited.tpot_s == pytest.approx(base.tpot_s)
+
+
+def test_streamed_tokens_take_cores_at_the_rate_of_the_moment() -> None:
+    host = Host(cores=1.0)
+    # One busy worker and tokens that alone would keep 2 cores busy: at stretch s they
+    # come s times slower, so s = 1 + 2 / s, s = 2.
+    assert host.stretch(1, True, token_cores=2.0) == pytest.approx(2.0)
+    assert host.stretch(1, True) == 1.0
+    # One sequence decoding on one core; its first step (context 101) would stream a token
+    # every 2.201 ms; the router and the client each spend that long on a token: two
+    # more cores at that rate, so its steps run twice as slow.
+    step = 0.002 + 1e-4 + 1e-6 * 101
+    costs = replace(TOY, host=replace(host, client_token_s=step),
+                    overheads=Overheads(router_token_s=step))
+    res = simulate(workload([0.0], [100], [3]), costs, ClusterSpec(1, 1, idle_poll_s=0.0))
+    steps = [0.002 + 1e-4 + 1e-6 * c for c in (101, 102)]
+    assert res.tpot_s[0] == pytest.approx(2 * sum(steps) / 2)
+    # Tokens streamed earlier weigh nothing on a request that comes after they are done.
+    res = simulate(workload([0.0, 10.0], [100, 100], [3, 3]), costs,
+                   ClusterSpec(1, 1, idle_poll_s=0.0))
+    assert res.tpot_s[1] == pytest.approx(res.tpot_s[0])
+
+
+def test_a_bursts_admission_times_give_the_routers_time_per_admission() -> None:
+    from pdserve.bench.plan_check import admission_slope
+
+    assert admission_slope([0.033, 0.003, 0.023, 0.013]) == pytest.approx(0.01)
+    assert admission_slope([0.004]) == 0.0
+    assert admission_slope([0.004, 0.004, 0.004]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_busy_router_takes_a_core_from_the_workers() -> None:
