@@ -71,12 +71,17 @@ def measure_decode_step(engine: Any, batch: int, context: int, steps: int = 8,
                         seed: int = 0) -> float:
     """Median seconds of a decode-only step of ``batch`` sequences at about ``context``
     tokens: prompts of ``context - 1`` tokens are prefilled first (not timed), then
-    ``steps`` steps are timed after one untimed one. The requests are aborted after."""
+    ``steps`` steps are timed after one untimed one, each of the whole batch (the first
+    prompts decode while the last are prefilled: their token budget covers those steps
+    too). The requests are aborted after."""
     from pdserve.engine import SamplingParams
 
     rng = random.Random(f"decode-{seed}")
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    budget = engine.config.scheduler.max_num_batched_tokens
+    prefill_steps = -(-batch * context // budget) + batch  # a chunk boundary per prompt
+    params = SamplingParams(max_tokens=steps + 2 + prefill_steps, temperature=0.0,
+                            ignore_eos=True)
     ids = [f"roof-{batch}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(rid, [rng.randrange(3, vocab) for _ in range(context - 1)], params)
@@ -88,8 +93,10 @@ def measure_decode_step(engine: Any, batch: int, context: int, steps: int = 8,
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            engine.step()
+            outputs = engine.step()
             times.append(time.perf_counter() - t0)
+            if len(outputs) != batch:
+                raise RuntimeError(f"a timed step decoded {len(outputs)} sequences, not {batch}")
     finally:
         for rid in ids:
             engine.abort(rid)

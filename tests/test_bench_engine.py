@@ -111,3 +111,28 @@ def test_bench_engine_cli_writes_json(tmp_path: Path) -> None:
     assert main(argv, sizes=TINY_SIZES) == 0
     data = json.loads(out.read_text())
     assert data["results"]["float32"]["a"]["systems"]["pdserve"]["tokens_per_s"] > 0
+
+
+def test_decode_step_is_timed_on_the_whole_batch_however_long_its_prefill() -> None:
+    from pdserve.bench.roofline import measure_decode_step
+    from pdserve.engine.config import EngineConfig, SchedulerConfig
+    from pdserve.engine.engine import Engine
+
+    # 16 prompts of 63 tokens through a 64-token budget: the first prompts decode for 15
+    # steps while the last are prefilled; every timed step must still decode all 16.
+    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                 detokenize=False,
+                                 scheduler=SchedulerConfig(max_num_batched_tokens=64,
+                                                           max_num_seqs=32)))
+    seen: list[int] = []
+    step = engine.step
+
+    def counting_step():  # type: ignore[no-untyped-def]
+        outputs = step()
+        seen.append(len(outputs))
+        return outputs
+
+    engine.step = counting_step  # type: ignore[method-assign]
+    assert measure_decode_step(engine, batch=16, context=64, steps=4) > 0
+    assert seen[-4:] == [16] * 4
+    assert not engine.has_unfinished()  # its requests are gone after
