@@ -136,3 +136,17 @@ def test_decode_step_is_timed_on_the_whole_batch_however_long_its_prefill() -> N
     assert measure_decode_step(engine, batch=16, context=64, steps=4) > 0
     assert seen[-4:] == [16] * 4
     assert not engine.has_unfinished()  # its requests are gone after
+
+
+@pytest.mark.timeout(300)
+def test_compile_eval_times_the_engines_layer_against_its_compiled_reference() -> None:
+    from pdserve.bench.compile_eval import evaluate
+    from pdserve.engine import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the engine's C++ kernels are not built")
+    (row,) = evaluate("small", "bfloat16", [4], threads=1, repeats=3)
+    assert row["rows"] == 4 and row["compile_s"] > 0
+    assert min(row["engine_us"], row["reference_us"], row["compiled_us"]) > 0
+    # The compiled plain-torch layer computes what the engine's fused ops do (bf16 roundings).
+    assert row["max_abs_diff"] < 0.1
