@@ -14,7 +14,7 @@ measured ones, as is the order of the configurations by each.
 
 The service overheads (``pdserve.planner.costs.Overheads``) are measured on the first
 configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone) and on
-48 more of one output token each, in three bursts of 16 a second apart: the router process's
+96 more of one output token each, in six bursts of 16 a second apart: the router process's
 CPU seconds (``/proc``) per request (over the bursts) and per further token, the share of
 the former spent admitting (how far apart a burst's admissions are), each worker role's
 loop CPU seconds per step beyond the engine's step (the router's
@@ -74,7 +74,7 @@ class CheckWorkload:
 
     trace: str = "conversation"
     offset: int = 0
-    requests: int = 80
+    requests: int = 160
     length_scale: float = 1 / 32
     max_input: int = 1024
     max_output: int = 48
@@ -534,7 +534,7 @@ def calibration_items() -> list[WorkItem]:
             for i, it in enumerate(CALIBRATION.items())]
 
 
-ONE_TOKEN = CheckWorkload(offset=420, requests=48)
+ONE_TOKEN = CheckWorkload(offset=420, requests=96)
 """Requests of one output token each, sent in bursts of ``BURST`` every ``BURST_GAP_S``: the
 router's CPU per request without streaming, how fast it admits a burst, and what a burst
 costs beyond the steps (other rows of the trace again)."""
