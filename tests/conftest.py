@@ -7,7 +7,9 @@ interpreter whatever the test order. An explicit ``TRITON_INTERPRET`` is left as
 
 The repository stands alone: a clone with nothing beside it passes. An audit hook records
 every file this process opens in the folder that holds the repository but outside the
-repository itself (a sibling folder of data); any such read fails the session.
+repository itself (a sibling folder of data); any such read fails the session. Folders and
+files the suite makes there itself (a clone in the temporary folder puts its temporary files
+beside it) are its own, and reads inside them are not counted.
 
 Every Ray the suite starts waits longer than Ray's default for its GCS (see the end).
 """
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 _REPO_S = str(REPO)
 _PARENT_S = str(REPO.parent)
 _reads_beside_repo: set[str] = set()
+_made_beside_repo: set[str] = set()
 
 
 def beside_repo(path: str) -> bool:
@@ -33,14 +36,27 @@ def beside_repo(path: str) -> bool:
     return inside(_PARENT_S) and not inside(_REPO_S)
 
 
+def _made_here(path: str) -> bool:
+    """True when ``path`` is, or lies in, a folder or file this process made."""
+    return any(path == made or path.startswith(made + os.sep) for made in _made_beside_repo)
+
+
+_MAKES = {"os.mkdir", "tempfile.mkdtemp", "tempfile.mkstemp"}
+
+
 def _audit(event: str, args: tuple) -> None:
-    if event != "open" or not args:
+    if (event != "open" and event not in _MAKES) or not args:
         return
     path = args[0]
-    if isinstance(path, bytes):
+    if isinstance(path, (bytes, os.PathLike)):
         path = os.fsdecode(path)
-    if isinstance(path, str) and beside_repo(path):
-        _reads_beside_repo.add(os.path.abspath(path))
+    if not isinstance(path, str) or not beside_repo(path):
+        return
+    full = os.path.abspath(path)
+    if event in _MAKES:
+        _made_beside_repo.add(full)
+    elif not _made_here(full):
+        _reads_beside_repo.add(full)
 
 
 sys.addaudithook(_audit)
