@@ -150,3 +150,20 @@ def test_compile_eval_times_the_engines_layer_against_its_compiled_reference() -
     assert min(row["engine_us"], row["reference_us"], row["compiled_us"]) > 0
     # The compiled plain-torch layer computes what the engine's fused ops do (bf16 roundings).
     assert row["max_abs_diff"] < 0.1
+
+
+def test_attention_kernel_bench_times_one_layer_cached_and_from_memory() -> None:
+    from pdserve.bench.attention_kernel import decode_attention
+    from pdserve.engine import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the engine's C++ kernels are not built")
+    row = decode_attention("smollm2", "bfloat16", batch=4, context=100, block_size=16,
+                           layers=3, repeats=3)
+    # 4 sequences x 100 tokens x 3 KV heads x 64 dims, keys and values, 2 bytes each.
+    assert row["kv_bytes"] == 4 * 100 * 3 * 64 * 2 * 2
+    for name in ("cached", "memory"):
+        assert row[f"{name}_ms"] > 0
+        assert row[f"{name}_gbs"] == pytest.approx(row["kv_bytes"] / row[f"{name}_ms"] / 1e6)
+        assert row[f"{name}_ns_per_key_head"] == pytest.approx(
+            row[f"{name}_ms"] * 1e6 / (4 * 100 * 3))
