@@ -1,7 +1,7 @@
 """The CPU paged-attention kernel's decode speed where its keys and values come from: the
 cache level they fit in, or memory.
 
-    python -m pdserve.bench.attention_kernel [--model smollm2|small] [--dtype bfloat16]
+    python -m pdserve.bench.attention_kernel [--model smollm2|small|PATH] [--dtype bfloat16]
         [--batches 4 64] [--context 512] [--block-sizes 16] [--threads 1 2]
         [--layers 30] [--json PATH]
 
@@ -33,11 +33,6 @@ from typing import Any
 
 import torch
 
-SHAPES = {
-    # KV heads, query heads per KV head, head dim
-    "smollm2": (3, 3, 64),
-    "small": (2, 5, 64),
-}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -45,11 +40,12 @@ def decode_attention(model: str, dtype: str, batch: int, context: int, block_siz
                      layers: int, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
     """Times of one decode attention (one query token per sequence), ``cached`` and
     ``memory`` (see the module docstring), on torch's threads as set."""
+    from pdserve.bench.compile_eval import model_shape
     from pdserve.engine import cpu_kernels
 
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are not built (python -m pdserve.engine.cpu_kernels)")
-    kv_heads, group, head_dim = SHAPES[model]
+    _, heads, kv_heads, head_dim, _ = model_shape(model)
     gen = torch.Generator().manual_seed(seed)
     per_seq = -(-context // block_size)
     num_blocks = batch * per_seq
@@ -57,7 +53,7 @@ def decode_attention(model: str, dtype: str, batch: int, context: int, block_siz
     caches = [torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, generator=gen).to(tdtype)
               for _ in range(layers)]
     tables = torch.randperm(num_blocks, generator=gen).view(batch, per_seq).to(torch.int32)
-    query = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(tdtype)
+    query = torch.randn(batch, heads, head_dim, generator=gen).to(tdtype)
     out = torch.empty_like(query)
     starts = torch.arange(batch + 1, dtype=torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32)
@@ -96,7 +92,8 @@ def decode_attention(model: str, dtype: str, batch: int, context: int, block_siz
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.attention_kernel",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", choices=sorted(SHAPES))
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2, small, or a checkpoint folder (its config.json)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--batches", type=int, nargs="+", default=[4, 64])
     p.add_argument("--context", type=int, default=512)

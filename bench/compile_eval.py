@@ -36,7 +36,9 @@ SHAPES = {
 }
 
 
-def _shape(model: str) -> tuple[int, int, int, int, int]:
+def model_shape(model: str) -> tuple[int, int, int, int, int]:
+    """(hidden, heads, KV heads, head dim, intermediate) of a named shape or a checkpoint
+    folder (its config.json)."""
     if model in SHAPES:
         return SHAPES[model]
     cfg = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
@@ -75,7 +77,7 @@ def evaluate(model: str, dtype_name: str, rows: Sequence[int], threads: int,
     inductor_config.freezing = True
     inductor_config.cpp_wrapper = cpp_wrapper
     dtype = getattr(torch, dtype_name)
-    hidden, heads, kv_heads, head_dim, inter = _shape(model)
+    hidden, heads, kv_heads, head_dim, inter = model_shape(model)
     qkv_out = (heads + 2 * kv_heads) * head_dim
     gen = torch.Generator().manual_seed(0)
 
