@@ -13,20 +13,26 @@ requests with a costs file calibrated just before, on this machine
 measured ones, as is the order of the configurations by each.
 
 The service overheads (``pdserve.planner.costs.Overheads``) are measured on the first
-configuration, on 16 other requests of the trace sent one every 0.25 s (mostly alone) and on
-96 more of one output token each, in six bursts of 16 a second apart: the router process's
-CPU seconds (``/proc``) per request (over the bursts) and per further token, the share of
-the former spent admitting (how far apart a burst's admissions are), each worker role's
-loop CPU seconds per step beyond the engine's step (the router's
-``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total``), the median
-admission time (``Timing.queue_s``), and what remains once the simulation accounts for the
-rest: of the bursts' median prefill time (``Timing.prefill_s``) per prefill step, of the
-lone requests' median TPOT per decode step (the worker's other threads on its core, the
-tokens' trip to the router) and of their median TTFT per request (the prefill call's trip,
-the first token's trip to the client), and of the bursts' median TTFT per request still
-waiting for its first token (the answers of a burst crossing the same processes one after
-another). The load generator's CPU (this process) is measured too, per request and per
-streamed token, and so are the cores each worker process keeps busy besides its steps.
+configuration, on three batches of other trace rows than the check's: 16 requests sent one
+every 0.25 s (mostly alone), 96 of one output token each in six bursts of 16 a second apart,
+and 160 replayed as the check replays its own (bursts of 3 to 16, outputs as the trace has
+them). From them: the router process's CPU seconds (``/proc``) per request (over the
+one-token bursts), per decode step's message of tokens and per further token (the lone
+requests stream a token a step, the replayed traffic several: fitted to both), the shares
+of a request's CPU spent taking it in and admitting it (how much later a burst's first
+admission comes than a lone one's, per other request of the burst, and how far apart its
+admissions are), each worker role's loop CPU seconds per step beyond the engine's step (the
+router's ``pdserve:engine_hook_cpu_seconds_total`` / ``pdserve:engine_steps_total``), the
+median admission time (``Timing.queue_s``), and what remains once the simulation accounts
+for the rest: of the replayed traffic's median prefill time (``Timing.prefill_s``) per
+prefill step, of the lone requests' median TPOT per decode step (the worker's other threads
+on its core, the tokens' trip to the router) and of their median TTFT per request (the
+prefill call's trip, the first token's trip to the client), and of the replayed traffic's
+median TTFT per request still waiting for its first token (the answers of a burst crossing
+the same processes one after another). The load generator's CPU (this process) is measured
+the same way, per request, decode step and streamed token, and so are the cores each worker
+process keeps busy besides its steps and whether the workers run at a lower priority than
+the router (Ray starts its workers at niceness 15).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from pdserve.planner.costs import (
     HardwareCosts,
     Host,
     Overheads,
+    fit_nonnegative,
     parse_costs,
     resolve_costs_path,
 )
@@ -226,6 +233,9 @@ class BatchRun:
     """When probed: CPU seconds this process (the load generator) used over the batch."""
     seconds: float = 0.0
     """When probed: wall seconds between the two reads of the loop counters."""
+    workers_niced: bool = False
+    """When probed: the worker processes ran at a lower priority (a higher niceness) than
+    the router's."""
 
 
 LOOP_COUNTERS = {"steps": "pdserve:engine_steps_total",
@@ -255,21 +265,50 @@ async def _loop_counters(target: str) -> dict[str, dict[str, float]]:
 
 async def _settled_counters(target: str) -> dict[str, dict[str, float]]:
     """``_loop_counters`` once the router's copy has caught up with the workers (two reads
-    ``STATS_SETTLE_S`` apart agree), or the last read after ``STATS_WAIT_S``."""
+    ``STATS_SETTLE_S`` apart agree on the loops' counters: the processes' CPU time grows
+    whatever they do), or the last read after ``STATS_WAIT_S``."""
+    def loops(counters: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        return {role: {k: v for k, v in vals.items() if k != "process_cpu_s"}
+                for role, vals in counters.items()}
+
     deadline = time.monotonic() + STATS_WAIT_S
     last = await _loop_counters(target)
     while True:
         await asyncio.sleep(STATS_SETTLE_S)
         now = await _loop_counters(target)
-        if now == last or time.monotonic() > deadline:
+        if loops(now) == loops(last) or time.monotonic() > deadline:
             return now
         last = now
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """``/proc/PID/stat`` after the command name (field 3 on: state, ppid, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+
+
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+WORKER_TITLES = (b"ray::PrefillWorker", b"ray::DecodeWorker")
+
+
+def workers_niced(router_pid: int) -> bool:
+    """True if this machine's pdserve worker processes (Ray actors, by process title) run
+    at a higher niceness than the router process ``router_pid``."""
+    router_nice = int(_stat_fields(router_pid)[16])
+    nices = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes().startswith(WORKER_TITLES):
+                nices.append(int(_stat_fields(int(entry.name))[16]))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return bool(nices) and min(nices) > router_nice
 
 
 async def _replay(target: str, items: list[WorkItem], router_pid: int | None = None
@@ -289,15 +328,17 @@ async def _replay(target: str, items: list[WorkItem], router_pid: int | None = N
         await backend.close()
     loops: dict[str, dict[str, float]] = {}
     router_cpu = client_cpu = 0.0
+    niced = False
     if router_pid is not None:
         router_cpu = process_cpu_s(router_pid) - cpu0
         client_cpu = time.process_time() - client0
+        niced = workers_niced(router_pid)
         after = await _settled_counters(target)
         t0 = time.monotonic() - t0
         loops = {role: {k: v - before.get(role, {}).get(k, 0.0) for k, v in vals.items()}
                  for role, vals in after.items()}
     return BatchRun(results, [backend.timings.get(id(r)) for r in results], loops, router_cpu,
-                    client_cpu, t0)
+                    client_cpu, t0, niced)
 
 
 def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], address: str,
@@ -358,18 +399,21 @@ def timing_medians(timings: Sequence[Any]) -> dict[str, float]:
 
 
 def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
-                  one_token: BatchRun, burst: Workload, prefill: int,
-                  decode: int) -> HardwareCosts:
+                  one_token: BatchRun, traffic: Workload, traffic_run: BatchRun,
+                  prefill: int, decode: int) -> HardwareCosts:
     """``costs`` with the service overheads measured on a lightly loaded run (``workload``
-    served as ``run``: requests mostly alone) and on ``one_token`` (``burst`` served: requests
-    of one output token arriving together): the router process's CPU seconds per request
-    (from the burst, and the share of it spent admitting, from its admission times) and per
-    further token, each worker role's loop CPU seconds per step beyond the engine's (its
-    counters over the run), the median admission time (router ``Timing.queue_s``), and what
-    remains once the simulation with those terms accounts for the rest: of the burst's
-    median prefill time per prefill step, of the lone requests' median TPOT per decode step
-    and of their median TTFT per request, and of the burst's median TTFT per request still
-    waiting for its first token (``Overheads`` says what each term stands for)."""
+    served as ``run``: requests mostly alone), on ``one_token`` (bursts of requests of one
+    output token, ``one_token_items``) and on ``traffic`` served as ``traffic_run`` (trace
+    requests replayed as the check replays its own): the router process's CPU seconds per
+    request (from the one-token bursts), per decode step and per further token (from the
+    lone requests and the traffic, ``router_stream_cpu``), the shares of a request's spent
+    taking it in and admitting it (from every burst's admission times, ``burst_lines``),
+    each worker role's loop CPU seconds per step beyond the engine's (its counters over the
+    run), the median admission time (router ``Timing.queue_s``), and what remains once the
+    simulation with those terms accounts for the rest: of the traffic's median prefill time
+    per prefill step, of the lone requests' median TPOT per decode step and of their median
+    TTFT per request, and of the traffic's median TTFT per request still waiting for its
+    first token (``Overheads`` says what each term stands for)."""
     per_step = {}
     for role in ("prefill", "decode"):
         loop = run.loops.get(role)
@@ -381,37 +425,72 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
     if not queue or not burst_timings:
         raise RuntimeError("the calibration requests carried no router timing")
     router_s = one_token.router_cpu_s / len(one_token.results)
-    tokens = sum(r.output_len for r in run.results)
-    token_s = max(0.0, run.router_cpu_s - router_s * len(run.results)) / max(
-        1, tokens - len(run.results))
-    slope = float(np.median([
-        admission_slope([t.queue_s for t in one_token.timings[i:i + BURST] if t is not None])
-        for i in range(0, len(one_token.timings), BURST)]))
-    terms = Overheads(admission_s=float(np.median(queue)),
+    step_s, token_s = router_stream_cpu(router_s, run, traffic_run)
+    lines = (burst_lines([it.arrival_s for it in one_token_items()], one_token.timings)
+             + burst_lines(list(traffic.arrival_s), traffic_run.timings))
+    lone = float(np.median(queue))
+    slope = float(np.median([b for _, b, _ in lines]))
+    # A burst's first admission comes after the router took in the whole burst.
+    receive = float(np.median([max(0.0, (a - lone) / (n - 1)) for a, _, n in lines if n > 1]))
+    admit_share = min(1.0, slope / router_s) if router_s > 0 else 1.0
+    terms = Overheads(admission_s=lone,
                       router_cpu_s=router_s,
-                      router_admit_share=min(1.0, slope / router_s) if router_s > 0 else 1.0,
+                      router_admit_share=admit_share,
+                      router_receive_share=(min(1.0 - admit_share, receive / router_s)
+                                            if router_s > 0 else 0.0),
                       router_token_s=token_s,
+                      router_step_s=step_s,
                       prefill_step_s=per_step["prefill"],
                       decode_step_s=per_step["decode"])
 
     def sim(wl: Workload, over: Overheads) -> SimResult:
         return simulate(wl, replace(costs, overheads=over), ClusterSpec(prefill, decode))
 
-    real_prefill = float(np.median([t.prefill_s for t in burst_timings]))
+    traffic_timings = [t for t in traffic_run.timings if t is not None]
+    if not traffic_timings:
+        raise RuntimeError("the calibration traffic carried no router timing")
+    real_prefill = float(np.median([t.prefill_s for t in traffic_timings]))
     terms = replace(terms, prefill_step_s=terms.prefill_step_s + fit_term(
-        lambda x: float(np.nanmedian(sim(burst, replace(
+        lambda x: float(np.nanmedian(sim(traffic, replace(
             terms, prefill_step_s=terms.prefill_step_s + x)).prefilled_s)),
         real_prefill, real_prefill))
     real = measured(run.results)
     terms = replace(terms, decode_step_s=per_step["decode"] + tpot_residual(
         costs, terms, workload, prefill, decode, real["tpot_s"]))
+    real_tpot = measured(traffic_run.results)["tpot_s"]
+    terms = replace(terms, decode_join_s=fit_term(
+        lambda x: float(np.nanmedian(sim(traffic, replace(terms, decode_join_s=x)).tpot_s)),
+        real_tpot, real_tpot * 50))
     lone = predicted(workload, replace(costs, overheads=terms), prefill, decode)
     terms = replace(terms, request_s=max(0.0, real["ttft_s"] - lone["ttft_s"]))
-    real_burst = measured(one_token.results)["ttft_s"]
+    real_traffic = measured(traffic_run.results)["ttft_s"]
     terms = replace(terms, answer_wait_s=fit_term(
-        lambda x: float(np.nanmedian(sim(burst, replace(terms, answer_wait_s=x)).ttft_s)),
-        real_burst, real_burst))
+        lambda x: float(np.nanmedian(sim(traffic, replace(terms, answer_wait_s=x)).ttft_s)),
+        real_traffic, real_traffic))
     return replace(costs, overheads=terms)
+
+
+def router_stream_cpu(request_s: float, *runs: BatchRun,
+                      cpu: Callable[[BatchRun], float] = lambda run: run.router_cpu_s
+                      ) -> tuple[float, float]:
+    """The router's CPU seconds per decode step's message of tokens and per further token
+    (``Overheads.router_step_s``, ``router_token_s``), from probed runs streaming tokens at
+    different batch sizes (a lone request's steps carry one token each, a burst's several):
+    what each run's router CPU leaves beyond ``request_s`` a request, fitted to the decode
+    steps and further tokens of each (non-negative least squares, relative error). With
+    ``cpu``, of another process's CPU over each run (the load generator's)."""
+    rows, extra = [], []
+    for run in runs:
+        tokens = sum(r.output_len - 1 for r in run.results)
+        steps = run.loops.get("decode", {}).get("steps", 0.0)
+        rest = cpu(run) - request_s * len(run.results)
+        if tokens > 0 and steps > 0 and rest > 0:
+            rows.append([steps, tokens])
+            extra.append(rest)
+    if not rows:
+        return 0.0, 0.0
+    fit = fit_nonnegative(np.array(rows, dtype=float), np.array(extra))
+    return fit.coef[0], fit.coef[1]
 
 
 def fit_term(predict: Callable[[float], float], target: float, hi: float) -> float:
@@ -443,32 +522,35 @@ def with_load_generator(costs: HardwareCosts, client: LoadGenerator,
                         workload: Workload) -> HardwareCosts:
     """``costs`` whose host counts the load generator sharing the machine's cores: its CPU
     seconds per request at ``workload``'s mean request rate, as background threads, and its
-    CPU seconds per streamed token (``Host.client_token_s``), at the token rate of the
-    moment."""
+    CPU seconds per streamed token and per decode step's tokens (``Host.client_token_s``,
+    ``client_step_s``), at the rates of the moment."""
     if costs.host is None:
         return costs
     span = float(workload.arrival_s[-1] - workload.arrival_s[0])
     rate = len(workload) / span if span > 0 else 0.0
     return replace(costs, host=replace(costs.host, background_threads=client.request_s * rate,
-                                       client_token_s=client.token_s))
+                                       client_token_s=client.token_s,
+                                       client_step_s=client.step_s))
 
 
 @dataclass(frozen=True, slots=True)
 class LoadGenerator:
     """This process's CPU seconds as the load generator: per request (sending it, its first
-    response) and per further streamed token."""
+    response), per further streamed token, and per decode step whose tokens it reads (the
+    streams of one step's tokens come in together: one wake-up of its event loop)."""
 
     request_s: float
     token_s: float
+    step_s: float = 0.0
 
     @classmethod
-    def measure(cls, run: BatchRun, one_token: BatchRun) -> LoadGenerator:
-        """From a run's CPU and one of requests of one output token each (as the router's
-        ``router_cpu_s`` and ``router_token_s``)."""
+    def measure(cls, one_token: BatchRun, *runs: BatchRun) -> LoadGenerator:
+        """From a run of requests of one output token each, and runs streaming tokens at
+        different batch sizes (as the router's ``router_cpu_s``, ``router_step_s`` and
+        ``router_token_s``)."""
         request_s = one_token.client_cpu_s / len(one_token.results)
-        tokens = sum(r.output_len for r in run.results) - len(run.results)
-        token_s = max(0.0, run.client_cpu_s - request_s * len(run.results)) / max(1, tokens)
-        return cls(request_s, token_s)
+        step_s, token_s = router_stream_cpu(request_s, *runs, cpu=lambda r: r.client_cpu_s)
+        return cls(request_s, token_s, step_s)
 
 
 def with_worker_background(costs: HardwareCosts, run: BatchRun, workers: int) -> HardwareCosts:
@@ -506,6 +588,10 @@ class CheckResult:
     """Cores each worker process kept busy besides its steps (``Host.worker_background``)."""
     client_token_s: float = 0.0
     """The load generator's CPU seconds per streamed token (``Host.client_token_s``)."""
+    client_step_s: float = 0.0
+    """The load generator's CPU seconds per decode step's tokens (``Host.client_step_s``)."""
+    workers_yield: bool = False
+    """The workers ran at a lower priority than the router (``Host.workers_yield``)."""
 
     def errors(self) -> dict[str, dict[str, float]]:
         """Relative error sim / real - 1 of each median."""
@@ -547,12 +633,38 @@ def one_token_items() -> list[WorkItem]:
             for i, it in enumerate(ONE_TOKEN.items())]
 
 
+TRAFFIC = CheckWorkload(offset=200)
+"""Trace requests replayed as the check replays its own (other rows of the trace: bursts of
+3 to 16 at the trace's instants, outputs as the trace has them): what the service adds to
+the prefills and first tokens of such traffic beyond the simulated steps."""
+
+
 def admission_slope(queue_s: Sequence[float]) -> float:
     """Seconds between one request's admission and the next in a burst: the least-squares
     slope of the burst's sorted ``Timing.queue_s`` over their rank."""
-    if len(queue_s) < 2:
-        return 0.0
-    return max(0.0, float(np.polyfit(np.arange(len(queue_s)), np.sort(queue_s), 1)[0]))
+    return admission_line(queue_s)[1]
+
+
+def burst_lines(arrival_s: Sequence[float], timings: Sequence[Any]
+                ) -> list[tuple[float, float, int]]:
+    """``admission_line`` of each burst (requests arriving at the same instant) of a
+    replay, from the ``Timing`` of each request (None: left out)."""
+    bursts: dict[float, list[float]] = {}
+    for t, timing in zip(arrival_s, timings, strict=True):
+        if timing is not None:
+            bursts.setdefault(float(t), []).append(timing.queue_s)
+    return [admission_line(q) for q in bursts.values() if len(q) > 1]
+
+
+def admission_line(queue_s: Sequence[float]) -> tuple[float, float, int]:
+    """A burst's sorted ``Timing.queue_s`` over their rank, fitted by least squares: (the
+    first admission's time, the seconds from one admission to the next, the burst's
+    size)."""
+    n = len(queue_s)
+    if n < 2:
+        return (float(queue_s[0]) if n else 0.0), 0.0, n
+    slope, first = np.polyfit(np.arange(n), np.sort(queue_s), 1)
+    return float(first), max(0.0, float(slope)), n
 
 
 def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
@@ -562,15 +674,17 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     t0 = time.monotonic()
     items = spec.items()
     cal_items = calibration_items()
+    traffic_items = TRAFFIC.items()
     real: dict[str, dict[str, float]] = {}
-    cal_run = one_run = None
+    cal_run = one_run = traffic_run = None
     with ray_head() as (address, env):
         for n, label in enumerate(configs):
-            batches = [cal_items, one_token_items(), items] if n == 0 else [items]
+            batches = ([cal_items, one_token_items(), traffic_items, items] if n == 0
+                       else [items])
             runs = run_service(*parse_config(label), batches, address, env,
-                               probe=(0, 1) if n == 0 else ())
+                               probe=(0, 1, 2) if n == 0 else ())
             if n == 0:
-                cal_run, one_run = runs[0], runs[1]
+                cal_run, one_run, traffic_run = runs[0], runs[1], runs[2]
             real[label] = measured(runs[-1].results)
             if log:
                 log(f"{label}: {real[label]} after {time.monotonic() - t0:.0f} s; router "
@@ -578,15 +692,14 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
     cal_wl = from_prompts([it.arrival_s for it in cal_items],
                           [list(it.prompt) for it in cal_items],  # type: ignore[arg-type]
                           [it.output_len for it in cal_items], spec.block_size)
-    assert cal_run is not None and one_run is not None
-    client = LoadGenerator.measure(cal_run, one_run)
+    assert cal_run is not None and one_run is not None and traffic_run is not None
+    client = LoadGenerator.measure(one_run, cal_run, traffic_run)
     costs = with_worker_background(costs, cal_run, sum(parse_config(configs[0])))
-    bursts = one_token_items()
-    burst_wl = from_prompts([it.arrival_s for it in bursts],
-                            [list(it.prompt) for it in bursts],  # type: ignore[arg-type]
-                            [1] * len(bursts), spec.block_size)
+    if costs.host is not None:
+        costs = replace(costs, host=replace(costs.host, workers_yield=cal_run.workers_niced))
+    traffic = TRAFFIC.workload()
     costs = fit_overheads(with_load_generator(costs, client, cal_wl), cal_wl, cal_run,
-                          one_run, burst_wl, *parse_config(configs[0]))
+                          one_run, traffic, traffic_run, *parse_config(configs[0]))
     workload = spec.workload()
     costs = with_load_generator(costs, client, workload)
     host = costs.host or Host(cores=1.0)
@@ -595,8 +708,10 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
             f"worker loops {cal_run.loops}")
         log(f"measured: {costs.overheads}; load generator {client.request_s * 1e3:.1f} ms "
             f"CPU a request ({host.background_threads:.2f} cores), "
-            f"{client.token_s * 1e3:.2f} ms a token; each worker's own background "
-            f"{host.worker_background:.2f} cores")
+            f"{client.token_s * 1e3:.2f} ms a token, {client.step_s * 1e3:.2f} ms a decode "
+            f"step; each worker's own background "
+            f"{host.worker_background:.2f} cores; workers yield to the router: "
+            f"{host.workers_yield}")
     sim = {label: predicted(workload, costs, *parse_config(label)) for label in configs}
     if log:
         for label in configs:
@@ -605,7 +720,8 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
                 f"prefill {np.nanmedian(res.prefilled_s) * 1e3:.2f} ms, first token "
                 f"{np.nanmedian(res.ttft_s) * 1e3:.2f} ms")
     return CheckResult(real, sim, costs.overheads, time.monotonic() - t0,
-                       host.worker_background, host.client_token_s)
+                       host.worker_background, host.client_token_s, host.client_step_s,
+                       host.workers_yield)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -635,6 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if data.get("host"):
             data["host"]["worker_background"] = result.worker_background
             data["host"]["client_token_s"] = result.client_token_s
+            data["host"]["client_step_s"] = result.client_step_s
+            data["host"]["workers_yield"] = result.workers_yield
         Path(args.write_costs).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(result.table())
     for key in ("ttft_s", "tpot_s"):

@@ -107,12 +107,27 @@ class Overheads:
     request after another in a burst); the rest is spent on the prefill's answer (the
     first token, and what a request of one token costs at its end). Measured: the slope of a
     burst's sorted ``Timing.queue_s`` over their rank, over ``router_cpu_s``."""
+    router_receive_share: float = 0.0
+    """Share of ``router_cpu_s`` spent receiving the request, before its decode reservation
+    goes out: the router takes every request of a burst in before it takes up the first
+    reservation's answer (its event loop runs what is ready in order), so a burst's first
+    admission comes this long per request of the burst later than a lone one. The
+    admission's own work (``router_admit_share``) follows the reservation's answer.
+    Measured: how much later than a lone request's the first admission of a burst comes
+    (the intercept of its sorted ``Timing.queue_s`` over their rank), per other request of
+    the burst, over ``router_cpu_s``."""
     router_token_s: float = 0.0
     """CPU seconds of the router's process per further streamed token: on a shared host, the
     simulation counts it as busy cores at the token rate of the moment (the decode batches
-    over their step times), so that it weighs while a burst streams. Measured:
-    the router's CPU over the calibration requests less ``router_cpu_s`` each, per token
-    beyond each first."""
+    over their step times), so that it weighs while a burst streams. Measured with
+    ``router_step_s``."""
+    router_step_s: float = 0.0
+    """CPU seconds of the router's process per decode step's message of tokens (a decode
+    worker sends the tokens of a step together), beyond ``router_token_s`` for each token
+    in it; counted as that at the step rate of the moment. Measured with
+    ``router_token_s``: the router's CPU over the lightly loaded requests (a token a step)
+    and over replayed trace traffic (several a step), less ``router_cpu_s`` a request,
+    fitted to their decode steps and further tokens."""
     request_s: float = 0.0
     """Per request, on its TTFT after the KV landed: the prefill call's trip and the first
     token's trip through the router to the client. Measured as what remains of the lightly
@@ -122,20 +137,31 @@ class Overheads:
     """Per request, on its first token and the stream behind it, for each other request
     still waiting for its first token when its prefill answers: the answers of a burst cross
     the same processes (the prefill worker's event loop, Ray, the router's loop, the client)
-    one after another. Measured as what remains of a burst's median TTFT once the
-    simulation with every other term accounts for the rest, per request waiting."""
+    one after another. Measured as what remains of replayed trace traffic's median TTFT
+    once the simulation with every other term accounts for the rest, per request
+    waiting."""
     prefill_step_s: float = 0.0
     """Per prefill step, beyond the engine's step: the worker's loop around it (KV writes,
     transfer polling, KV event pushes) and what else a step costs in a burst. Measured: the
     prefill workers' loop CPU seconds per step (``pdserve:engine_hook_cpu_seconds_total`` /
-    ``pdserve:engine_steps_total``), plus what remains of a burst's median prefill time
-    (router ``Timing.prefill_s``) once the simulation with every other term accounts for the
-    rest, per step."""
+    ``pdserve:engine_steps_total``), plus what remains of replayed trace traffic's median
+    prefill time (router ``Timing.prefill_s``) once the simulation with every other term
+    accounts for the rest, per step."""
+    decode_join_s: float = 0.0
+    """Per request joining a decode worker's batch: the worker's own work on it outside its
+    steps (its reservation, its KV landing, its stream's start), which holds up the batch's
+    next step. Measured as what remains of replayed trace traffic's median TPOT once the
+    simulation with every other term accounts for the rest, per request joining."""
     decode_step_s: float = 0.0
     """Per decode step, beyond the engine's step (token batches to the router, polling, the
     worker's other threads on its core): the decode workers' loop CPU seconds per step, as
     ``prefill_step_s``, plus what remains of the lightly loaded requests' median TPOT once
     the simulation with every other term accounts for the rest."""
+
+
+YIELD_FLOOR = 0.05
+"""Share of the cores low-priority workers keep however busy the others are (what the
+kernel's scheduler gives niceness 15 against 0, about 3.5%, rounded up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +182,15 @@ class Host:
     """CPU seconds per streamed token of what shares the cores outside the service (a load
     generator on the same machine reading the streams); added to the router's
     ``Overheads.router_token_s`` at the token rate of the moment."""
+    client_step_s: float = 0.0
+    """CPU seconds of what shares the cores outside the service per decode step whose
+    tokens it reads (one wake-up for the tokens of a step, however many streams they go
+    to); added to the router's ``Overheads.router_step_s`` at the step rate of the
+    moment."""
+    workers_yield: bool = False
+    """The workers run at a lower priority than the router and the clients (Ray starts its
+    worker processes at niceness 15, a driver keeps its own): the workers share the cores
+    the others leave, rather than all sharing them alike."""
 
     def stretch(self, busy_workers: int, active: bool, busy_threads: int = 0,
                 workers: int = 0, token_cores: float = 0.0) -> float:
@@ -165,6 +200,14 @@ class Host:
         decode steps would have alone (the rate, and so that load, falls by the stretch:
         ``s = demand / cores + token_cores / (s * cores)``, solved for ``s``)."""
         background = self.background_threads if active else 0.0
+        if self.workers_yield:
+            # The others take what they need first; the workers' steps, and the tokens they
+            # stream (whose work falls with their rate: s = (workers + token_cores) /
+            # left), share the rest.
+            left = max(self.cores - busy_threads - background, YIELD_FLOOR * self.cores)
+            demand = (busy_workers * self.threads_per_worker + workers * self.worker_background
+                      + token_cores)
+            return max(1.0, demand / left)
         background += workers * self.worker_background
         demand = busy_workers * self.threads_per_worker + busy_threads + background
         if token_cores <= 0.0:
@@ -264,12 +307,20 @@ def parse_costs(data: Mapping[str, Any], source: str = "") -> HardwareCosts:
     transfer = data.get("transfer", {})
     ov = data.get("overheads", {})
     overheads = Overheads(**{k: _num(ov, k, "overheads", default=0.0)
-                             for k in ("admission_s", "router_cpu_s", "router_token_s", "request_s",
-                                       "answer_wait_s", "prefill_step_s", "decode_step_s")},
+                             for k in ("admission_s", "router_cpu_s", "router_token_s",
+                                       "router_step_s", "request_s", "answer_wait_s",
+                                       "prefill_step_s", "decode_join_s",
+                                       "decode_step_s")},
                           router_admit_share=_num(ov, "router_admit_share", "overheads",
-                                                  default=1.0))
+                                                  default=1.0),
+                          router_receive_share=_num(ov, "router_receive_share", "overheads",
+                                                    default=0.0))
     if not 0.0 <= overheads.router_admit_share <= 1.0:
         raise ValueError("overheads.router_admit_share must be within [0, 1], got "
+                         f"{overheads.router_admit_share}")
+    if overheads.router_admit_share + overheads.router_receive_share > 1.0:
+        raise ValueError("overheads.router_receive_share + router_admit_share must be at "
+                         f"most 1, got {overheads.router_receive_share} + "
                          f"{overheads.router_admit_share}")
     host = None
     if data.get("host"):
@@ -278,7 +329,9 @@ def parse_costs(data: Mapping[str, Any], source: str = "") -> HardwareCosts:
                     threads_per_worker=_num(h, "threads_per_worker", "host", default=1.0),
                     background_threads=_num(h, "background_threads", "host", default=0.0),
                     worker_background=_num(h, "worker_background", "host", default=0.0),
-                    client_token_s=_num(h, "client_token_s", "host", default=0.0))
+                    client_token_s=_num(h, "client_token_s", "host", default=0.0),
+                    client_step_s=_num(h, "client_step_s", "host", default=0.0),
+                    workers_yield=bool(h.get("workers_yield", False)))
     return HardwareCosts(
         name=str(data.get("name", "unnamed")),
         prefill=fit_prefill(_points(data, "prefill_steps", ("tokens", "context", "ms"))),

@@ -32,7 +32,8 @@ from pdserve.planner.router_model import FastRouter, RouterSettings, SimRouter
 from pdserve.planner.workers import DecodeSim, PrefillSim, SimRequest
 from pdserve.planner.workload import Workload
 
-_RETRY, _STEP_END, _KV_LANDED, _BOUNDARY, _TICK, _ROUTER_IDLE = range(6)
+(_RETRY, _STEP_END, _KV_LANDED, _BOUNDARY, _TICK, _ROUTER_IDLE, _RECEIVED,
+ _RESERVED) = range(8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +107,21 @@ class Simulation:
         self._host = costs.host
         self._token_cpu = 0.0
         """CPU seconds per streamed token on the shared host (router and load generator)."""
+        self._step_cpu = 0.0
+        """CPU seconds of the router's per decode step's message of tokens (shared host)."""
         if self._host is not None:
             self._token_cpu = costs.overheads.router_token_s + self._host.client_token_s
+            self._step_cpu = costs.overheads.router_step_s + self._host.client_step_s
         self._token_cores = 0.0
         self._pre = costs.overheads.admission_s
         router_cpu = costs.overheads.router_cpu_s
         self._router_admit = router_cpu * costs.overheads.router_admit_share
-        self._router_reply = router_cpu - self._router_admit
+        self._router_receive = router_cpu * costs.overheads.router_receive_share
+        self._router_reply = router_cpu - self._router_admit - self._router_receive
+        # The reservation call's trip: what a lone admission takes beyond the router's work.
+        self._reserve_trip = max(0.0, self._pre - self._router_receive - self._router_admit)
         self._answer_wait = costs.overheads.answer_wait_s
+        self._join_s = costs.overheads.decode_join_s
         self._awaiting = 0
         """Requests in flight without their first token."""
         self._router_free = 0.0
@@ -192,6 +200,12 @@ class Simulation:
                     self._step_end(item[3])
             elif kind == _KV_LANDED:
                 self._landed(item[3])
+            elif kind == _RECEIVED:
+                # The reservation goes out once the router has taken in what came with it.
+                self._push(max(self.now, self._router_free) + self._reserve_trip, _RESERVED,
+                           item[3], item[4])
+            elif kind == _RESERVED:
+                self._reserved(item[3], item[4])
             elif kind == _RETRY:
                 self.router.waiting -= 1
                 self._admit(item[3])
@@ -227,12 +241,25 @@ class Simulation:
             return
         req.decode = worker
         prefill = router.choose_prefill(req, route)
+        if self._router_receive > 0:
+            # The router's process serves one piece of work at a time, what is ready in
+            # order: it takes in every request of a burst before their reservations go out,
+            # and admits each when its reservation answers.
+            start = self._router_work(self._router_receive)
+            self._push(start + self._router_receive, _RECEIVED, prefill, req)
+            return
         # Times that never decrease keep these in order: a queue, not the heap.
         # The router's process serves one piece of work at a time (a request's admission,
         # ``router_cpu_s`` times ``router_admit_share``); the prefill is sent
         # ``admission_s`` after the router took it up.
         start = self._router_work(self._router_admit)
         self._fifo.append((start + self._pre, prefill, req))
+
+    def _reserved(self, prefill: PrefillSim, req: SimRequest) -> None:
+        """The reservation answered: the router admits the request (its work in turn) and
+        sends the prefill."""
+        start = self._router_work(self._router_admit)
+        self._fifo.append((start + self._router_admit, prefill, req))
 
     def _router_work(self, seconds: float) -> float:
         """Queue ``seconds`` of the router process's CPU now; returns when it starts."""
@@ -333,6 +360,9 @@ class Simulation:
             d.join(req)
             if req.output <= 1:
                 self._complete(req)
+        if joins and self._join_s > 0:
+            # The worker's own work on the requests that joined holds up its next step.
+            d.anchor_t += self._join_s * len(joins) * d.stretch
         if finished:
             self.router.release(d)
         if finished or joins:
@@ -340,8 +370,9 @@ class Simulation:
         if d.batch > 0:
             self._schedule(d, d.finishing[0][0])
         busy = 0 if was_busy == (d.batch > 0) else (1 if d.batch > 0 else -1)
-        if self._token_cpu > 0 and (finished or joins):
-            self._token_cores = self._token_cpu * sum(w.token_rate() for w in self.decode)
+        if (self._token_cpu > 0 or self._step_cpu > 0) and (finished or joins):
+            self._token_cores = sum(self._token_cpu * w.token_rate()
+                                    + self._step_cpu * w.step_rate() for w in self.decode)
             self._set_busy(busy)
         elif busy:
             self._set_busy(busy)

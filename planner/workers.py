@@ -212,11 +212,16 @@ class DecodeSim:
 
     def token_rate(self) -> float:
         """Tokens a second the batch at the anchor streams, its steps unstretched."""
+        return self.batch * self.step_rate()
+
+    def step_rate(self) -> float:
+        """Steps a second of the batch at the anchor (each a message of tokens to the
+        router), unstretched."""
         if self.batch == 0:
             return 0.0
         d0, d1, d2 = self._d
         step = d0 + d1 * self.batch + d2 * (self.ctx_const + self.batch * self.anchor_k)
-        return self.batch / step if step > 0 else 0.0
+        return 1.0 / step if step > 0 else 0.0
 
     def set_stretch(self, stretch: float) -> None:
         """Steps from the anchor on run ``stretch`` times slower than alone."""

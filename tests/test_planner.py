@@ -93,6 +93,8 @@ def test_costs_file_is_fitted_on_load() -> None:
     ({"host": {"threads_per_worker": 1}}, "host: missing 'cores'"),
     ({"overheads": {"admission_s": -0.001}}, "overheads.admission_s must be >= 0"),
     ({"overheads": {"router_admit_share": 1.5}}, "router_admit_share must be within"),
+    ({"overheads": {"router_admit_share": 0.6, "router_receive_share": 0.5}},
+     "router_receive_share \\+ router_admit_share must be at most 1"),
     ({"host": {"cores": 2, "client_token_s": -1}}, "host.client_token_s must be >= 0"),
 ])
 def test_bad_costs_files_name_the_field(change: dict, message: str) -> None:
@@ -150,6 +152,22 @@ def test_the_routers_work_on_each_answer_queues_the_first_tokens_of_a_burst() ->
     assert sorted(res.sent_s) == pytest.approx([0.003 + 0.01 * i for i in range(4)])
 
 
+def test_a_burst_is_taken_in_whole_before_its_first_reservation_answer() -> None:
+    # 50 ms of router CPU a request: 10 taking it in, 10 admitting it once its reservation
+    # answers, 25 ms a lone admission in all (so the reservation's trip is 5 ms). Alone, the
+    # prefill goes out 25 ms after arrival; four arriving together are taken in by 40 ms,
+    # their reservations answer at 45 ms, and the four are admitted 10 ms apart from there:
+    # the first 30 ms later than alone, 10 ms for each other request of the burst.
+    costs = replace(TOY, overheads=Overheads(admission_s=0.025, router_cpu_s=0.05,
+                                             router_admit_share=0.2,
+                                             router_receive_share=0.2))
+    spec = ClusterSpec(1, 1, idle_poll_s=0.0)
+    lone = simulate(workload([0.0], [100], [1]), costs, spec)
+    assert lone.sent_s[0] == pytest.approx(0.025)
+    burst = simulate(workload([0.0] * 4, [100] * 4, [1] * 4), costs, spec)
+    assert sorted(burst.sent_s) == pytest.approx([0.055, 0.065, 0.075, 0.085])
+
+
 def test_each_answer_of_a_burst_waits_for_those_still_coming_and_its_stream_with_it() -> None:
     # Four prompts arriving together (the first prefilled alone, the other three in the next
     # step): each answer waits 10 ms for every request still without its first token, 30
@@ -187,12 +205,102 @@ def test_streamed_tokens_take_cores_at_the_rate_of_the_moment() -> None:
     assert res.tpot_s[1] == pytest.approx(res.tpot_s[0])
 
 
+def test_workers_of_lower_priority_share_what_the_router_leaves() -> None:
+    # Two cores, the router at work, two workers stepping: alike, 3 threads on 2 cores (1.5x);
+    # yielding, the workers share the one core the router leaves (2x).
+    assert Host(cores=2.0).stretch(2, True, 1) == pytest.approx(1.5)
+    host = Host(cores=2.0, workers_yield=True)
+    assert host.stretch(2, True, 1) == pytest.approx(2.0)
+    assert host.stretch(1, True, 0) == 1.0
+    # Tokens at 0.5 cores alone: they come s times slower, so the workers have 1 - 0.5 / s
+    # of the core: s = (2 + 0.5) / 1.
+    assert host.stretch(2, True, 1, token_cores=0.5) == pytest.approx(2.5)
+
+
+def test_the_router_works_per_decode_step_and_per_token() -> None:
+    # One decode worker on one core, two sequences: the router's work per step's message
+    # counts once a step, its work per token twice.
+    step = 0.002 + 2e-4 + 1e-6 * 202
+    wl = workload([0.0, 0.0], [100, 100], [3, 3])
+    spec = ClusterSpec(1, 1, idle_poll_s=0.0)
+    host = Host(cores=1.0)
+    per_step = simulate(wl, replace(TOY, host=host, overheads=Overheads(router_step_s=step)),
+                        spec)
+    per_token = simulate(wl, replace(TOY, host=host,
+                                     overheads=Overheads(router_token_s=step)), spec)
+    alone = simulate(wl, replace(TOY, host=host), spec)
+    assert np.nanmax(alone.tpot_s) < np.nanmax(per_step.tpot_s) < np.nanmax(per_token.tpot_s)
+
+
+def test_each_request_joining_a_decode_batch_holds_up_its_next_step() -> None:
+    # The worker's 5 ms on each request that joins its batch comes before its next step: a
+    # lone request's tokens come 5 ms later; with a second joining while the first decodes,
+    # the first's remaining tokens wait for both joins.
+    spec = ClusterSpec(1, 1, idle_poll_s=0.0)
+    held = replace(TOY, overheads=Overheads(decode_join_s=0.005))
+    wl = workload([0.0], [100], [4])
+    base, slow = simulate(wl, TOY, spec), simulate(wl, held, spec)
+    assert slow.ttft_s == pytest.approx(base.ttft_s)
+    assert slow.e2e_s - base.e2e_s == pytest.approx([0.005])
+    wl = workload([0.0, 0.0], [100, 100], [4, 4])
+    base, slow = simulate(wl, TOY, spec), simulate(wl, held, spec)
+    assert slow.ttft_s == pytest.approx(base.ttft_s)
+    assert slow.e2e_s[0] - base.e2e_s[0] >= 0.010
+
+
+def test_the_routers_stream_cpu_splits_into_steps_and_tokens() -> None:
+    from pdserve.bench.plan_check import BatchRun, router_stream_cpu
+    from pdserve.bench.serve_metrics import RequestResult
+
+    def run(requests: int, output: int, steps: int, step_s: float, token_s: float) -> BatchRun:
+        results = [RequestResult(prompt_len=100, output_len=output) for _ in range(requests)]
+        cpu = requests * 0.005 + steps * step_s + requests * (output - 1) * token_s
+        return BatchRun(results, [None] * requests, {"decode": {"steps": steps}}, cpu)
+
+    # 16 lone requests (a token a step), 96 in bursts (six tokens a step).
+    lone, burst = run(16, 41, 640, 3e-4, 1e-4), run(96, 41, 640, 3e-4, 1e-4)
+    step_s, token_s = router_stream_cpu(0.005, lone, burst)
+    assert step_s == pytest.approx(3e-4)
+    assert token_s == pytest.approx(1e-4)
+
+
 def test_a_bursts_admission_times_give_the_routers_time_per_admission() -> None:
     from pdserve.bench.plan_check import admission_slope
 
     assert admission_slope([0.033, 0.003, 0.023, 0.013]) == pytest.approx(0.01)
     assert admission_slope([0.004]) == 0.0
     assert admission_slope([0.004, 0.004, 0.004]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_workers_of_a_higher_niceness_than_the_router_are_seen_as_such() -> None:
+    import os
+    import subprocess
+    import time
+
+    from pdserve.bench.plan_check import workers_niced
+
+    if os.nice(0) >= 19:
+        pytest.skip("this process already runs at the lowest priority")
+    # A process titled as a pdserve worker, at a lower priority than this one (as Ray
+    # starts its workers).
+    worker = subprocess.Popen(["nice", "-n", "5", "bash", "-c",
+                               "exec -a ray::DecodeWorker sleep 30"])
+    try:
+        deadline = time.monotonic() + 10
+        while not workers_niced(os.getpid()):
+            assert time.monotonic() < deadline, "the niced worker was not found"
+            time.sleep(0.05)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_bursts_first_admission_gives_the_routers_time_to_take_each_request_in() -> None:
+    from pdserve.bench.plan_check import admission_line
+
+    first, slope, n = admission_line([0.033, 0.003, 0.023, 0.013])
+    assert (first, slope, n) == (pytest.approx(0.003), pytest.approx(0.01), 4)
+    assert admission_line([0.004]) == (0.004, 0.0, 1)
 
 
 def test_a_busy_router_takes_a_core_from_the_workers() -> None:

@@ -1,27 +1,24 @@
 """The planner's simulator against the real service on this machine (CPU, tiny model).
 
 The engine's step costs are measured first, here (``pdserve.bench.costs``, quick); the
-service overheads (``pdserve.planner.costs.Overheads``: the router's CPU per request and per
-token, admission, the workers' loops around their steps, the rest of a lone request's TTFT,
-what a burst adds) are measured on lightly loaded requests and on bursts of one-token
-requests served by the first configuration; then 1P1D, 2P1D
-and 1P2D each serve the same replayed trace for real (``pdserve serve`` on a local Ray head,
-``pdserve bench serve``'s trace replay), and the simulation of each must come within 20% of
-the measured TTFT and TPOT medians and order the configurations as the measurements do
-(pairs closer than ``RANK_MARGIN`` are not ranked). About 2.5 minutes on two idle cores;
-skipped, saying why, when other work keeps the machine's cores more than half busy.
+service overheads (``pdserve.planner.costs.Overheads``: the router's CPU per request, per
+decode step and per token, admission, the workers' loops around their steps and their work
+on each request, the rest of a lone request's TTFT, what traffic adds) are measured by the
+first configuration on other rows of the trace: lightly loaded requests, bursts of one-token
+requests, and requests replayed as the check's are; then 1P1D, 2P1D and 1P2D each serve
+the same replayed trace for real (``pdserve serve`` on a local Ray head, ``pdserve bench
+serve``'s trace replay), and the simulation of each must come within 20% of the measured
+TTFT and TPOT medians and order the configurations as the measurements do (pairs closer
+than ``RANK_MARGIN`` are not ranked). About 2 minutes on two idle cores; skipped, saying
+why, when other work keeps the machine's cores more than half busy.
 
 Not met reliably yet, so not part of ``make test`` (run it with ``pytest -m validation``).
-With the tokens streamed counted as load at the rate of the moment, the router's work on
-each prefill's answer, and the bursts' terms (a prefill step's cost in a burst, each answer
-waiting for those still coming) fitted on six bursts of one-token requests, three runs on an
-idle machine were off by TTFT +18% / +10% / -9%, +10% / -8% / -8% and +29% / +7% / +4%,
-TPOT +13% / +13% / -3%, +16% / +14% / -1% and +4% / +3% / -8% (1P1D / 2P1D / 1P2D), the
-configurations ordered alike in all three: two of three within 20% everywhere. The real
-medians themselves move by 5-15% between identical runs (1P1D TTFT 62-78 ms), and the
-fitted burst terms by up to 2x. Before these terms: TTFT -12% / -28% / -26%, TPOT -20% /
--30% / -22%. Earlier, with other jobs at load averages of 6-16 on the 2-core machine the
-simulator was 1.6-2.9x optimistic, and identical real runs differed by up to 2x.
+Nine runs on an idle machine (the README's table): seven within 20% on every median, every
+TPOT within 15%, the configurations ordered alike in eight; the misses are 1P2D's TTFT
+(-25%, -20.4%), whose prefills cost more CPU with three worker processes on two cores than
+the host model (cores shared by time) gives them. The real medians themselves move by
+5-15% between identical runs (1P2D TTFT 78-94 ms). With the earlier calibration (terms
+fitted on one-token bursts only) 1P1D's TTFT came out 10-29% high in six of six runs.
 """
 
 from __future__ import annotations
