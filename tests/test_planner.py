@@ -84,6 +84,21 @@ def test_costs_file_is_fitted_on_load() -> None:
     assert costs.decode_step_s(8, 8 * 1000) == pytest.approx(0.0108 + 0.0002)
 
 
+def test_every_measured_term_reads_back_from_a_costs_file() -> None:
+    # What ``plan_check --write-costs`` writes: every overhead and host field.
+    from dataclasses import asdict
+
+    over = Overheads(admission_s=0.005, router_cpu_s=0.005, router_admit_share=0.1,
+                     router_receive_share=0.12, router_token_s=5e-5, router_step_s=4e-4,
+                     request_s=0.001, answer_wait_s=0.004, prefill_step_s=0.001,
+                     decode_join_s=0.0015, decode_step_s=0.0006)
+    host = Host(cores=2.0, background_threads=0.01, worker_background=0.07,
+                client_token_s=5e-5, client_step_s=2e-4, workers_yield=True)
+    costs = parse_costs(toy_file(overheads=asdict(over), host=asdict(host)))
+    assert costs.overheads == over
+    assert costs.host == host
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"schema": "other/1"}, "schema"),
     ({"kv_bytes_per_token": -1}, "kv_bytes_per_token must be positive"),

@@ -96,7 +96,7 @@ def _reference_model(path: Path) -> torch.nn.Module:
         else:
             _, layer, rest = name.split(".", 2)
             hf = f"model.layers.{layer}.{next(k for k, v in _LAYER.items() if v == rest)}"
-        state[hf] = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+        state[hf] = torch.from_numpy(np.array(weights, dtype=np.float32))  # a writable copy
     model = LlamaForCausalLM(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
