@@ -160,18 +160,20 @@ def ray_head(num_cpus: int = 8) -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _pids_using(temp_dir: str) -> list[int]:
-    pids = []
+def _cmdlines() -> Iterator[tuple[int, bytes]]:
+    """(pid, command line) of each process of this machine (Linux ``/proc``), skipping
+    those that end meanwhile."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir in cmdline:
-            pids.append(int(entry.name))
-    return pids
+        if entry.name.isdigit():
+            try:
+                yield int(entry.name), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+
+
+def _pids_using(temp_dir: str) -> list[int]:
+    marker = temp_dir.encode()
+    return [pid for pid, cmdline in _cmdlines() if marker in cmdline]
 
 
 def _stop_head(temp_dir: str) -> None:
@@ -300,14 +302,12 @@ def workers_niced(router_pid: int) -> bool:
     at a higher niceness than the router process ``router_pid``."""
     router_nice = int(_stat_fields(router_pid)[16])
     nices = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "cmdline").read_bytes().startswith(WORKER_TITLES):
-                nices.append(int(_stat_fields(int(entry.name))[16]))
-        except (OSError, ValueError, IndexError):  # gone meanwhile
-            continue
+    for pid, cmdline in _cmdlines():
+        if cmdline.startswith(WORKER_TITLES):
+            try:
+                nices.append(int(_stat_fields(pid)[16]))
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
     return bool(nices) and min(nices) > router_nice
 
 
@@ -406,7 +406,7 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
     output token, ``one_token_items``) and on ``traffic`` served as ``traffic_run`` (trace
     requests replayed as the check replays its own): the router process's CPU seconds per
     request (from the one-token bursts), per decode step and per further token (from the
-    lone requests and the traffic, ``router_stream_cpu``), the shares of a request's spent
+    lone requests and the traffic, ``stream_cpu``), the shares of a request's spent
     taking it in and admitting it (from every burst's admission times, ``burst_lines``),
     each worker role's loop CPU seconds per step beyond the engine's (its counters over the
     run), the median admission time (router ``Timing.queue_s``), and what remains once the
@@ -425,7 +425,7 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
     if not queue or not burst_timings:
         raise RuntimeError("the calibration requests carried no router timing")
     router_s = one_token.router_cpu_s / len(one_token.results)
-    step_s, token_s = router_stream_cpu(router_s, run, traffic_run)
+    step_s, token_s = stream_cpu(router_s, run, traffic_run)
     lines = (burst_lines([it.arrival_s for it in one_token_items()], one_token.timings)
              + burst_lines(list(traffic.arrival_s), traffic_run.timings))
     lone = float(np.median(queue))
@@ -457,22 +457,21 @@ def fit_overheads(costs: HardwareCosts, workload: Workload, run: BatchRun,
     real = measured(run.results)
     terms = replace(terms, decode_step_s=per_step["decode"] + tpot_residual(
         costs, terms, workload, prefill, decode, real["tpot_s"]))
-    real_tpot = measured(traffic_run.results)["tpot_s"]
+    real_traffic = measured(traffic_run.results)
     terms = replace(terms, decode_join_s=fit_term(
         lambda x: float(np.nanmedian(sim(traffic, replace(terms, decode_join_s=x)).tpot_s)),
-        real_tpot, real_tpot * 50))
+        real_traffic["tpot_s"], real_traffic["tpot_s"] * 50))
     lone = predicted(workload, replace(costs, overheads=terms), prefill, decode)
     terms = replace(terms, request_s=max(0.0, real["ttft_s"] - lone["ttft_s"]))
-    real_traffic = measured(traffic_run.results)["ttft_s"]
     terms = replace(terms, answer_wait_s=fit_term(
         lambda x: float(np.nanmedian(sim(traffic, replace(terms, answer_wait_s=x)).ttft_s)),
-        real_traffic, real_traffic))
+        real_traffic["ttft_s"], real_traffic["ttft_s"]))
     return replace(costs, overheads=terms)
 
 
-def router_stream_cpu(request_s: float, *runs: BatchRun,
-                      cpu: Callable[[BatchRun], float] = lambda run: run.router_cpu_s
-                      ) -> tuple[float, float]:
+def stream_cpu(request_s: float, *runs: BatchRun,
+               cpu: Callable[[BatchRun], float] = lambda run: run.router_cpu_s
+               ) -> tuple[float, float]:
     """The router's CPU seconds per decode step's message of tokens and per further token
     (``Overheads.router_step_s``, ``router_token_s``), from probed runs streaming tokens at
     different batch sizes (a lone request's steps carry one token each, a burst's several):
@@ -549,7 +548,7 @@ class LoadGenerator:
         different batch sizes (as the router's ``router_cpu_s``, ``router_step_s`` and
         ``router_token_s``)."""
         request_s = one_token.client_cpu_s / len(one_token.results)
-        step_s, token_s = router_stream_cpu(request_s, *runs, cpu=lambda r: r.client_cpu_s)
+        step_s, token_s = stream_cpu(request_s, *runs, cpu=lambda r: r.client_cpu_s)
         return cls(request_s, token_s, step_s)
 
 
@@ -584,14 +583,9 @@ class CheckResult:
     sim: dict[str, dict[str, float]]
     overheads: Overheads
     seconds: float
-    worker_background: float = 0.0
-    """Cores each worker process kept busy besides its steps (``Host.worker_background``)."""
-    client_token_s: float = 0.0
-    """The load generator's CPU seconds per streamed token (``Host.client_token_s``)."""
-    client_step_s: float = 0.0
-    """The load generator's CPU seconds per decode step's tokens (``Host.client_step_s``)."""
-    workers_yield: bool = False
-    """The workers ran at a lower priority than the router (``Host.workers_yield``)."""
+    host: Host | None = None
+    """The shared host as measured: each worker's own background, the load generator's
+    CPU, whether the workers yield the cores to the router."""
 
     def errors(self) -> dict[str, dict[str, float]]:
         """Relative error sim / real - 1 of each median."""
@@ -637,12 +631,6 @@ TRAFFIC = CheckWorkload(offset=200)
 """Trace requests replayed as the check replays its own (other rows of the trace: bursts of
 3 to 16 at the trace's instants, outputs as the trace has them): what the service adds to
 the prefills and first tokens of such traffic beyond the simulated steps."""
-
-
-def admission_slope(queue_s: Sequence[float]) -> float:
-    """Seconds between one request's admission and the next in a burst: the least-squares
-    slope of the burst's sorted ``Timing.queue_s`` over their rank."""
-    return admission_line(queue_s)[1]
 
 
 def burst_lines(arrival_s: Sequence[float], timings: Sequence[Any]
@@ -719,9 +707,7 @@ def check(costs: HardwareCosts, configs: Sequence[str], spec: CheckWorkload,
             log(f"{label} simulated medians: queue {np.nanmedian(res.sent_s) * 1e3:.2f} ms, "
                 f"prefill {np.nanmedian(res.prefilled_s) * 1e3:.2f} ms, first token "
                 f"{np.nanmedian(res.ttft_s) * 1e3:.2f} ms")
-    return CheckResult(real, sim, costs.overheads, time.monotonic() - t0,
-                       host.worker_background, host.client_token_s, host.client_step_s,
-                       host.workers_yield)
+    return CheckResult(real, sim, costs.overheads, time.monotonic() - t0, costs.host)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -748,11 +734,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"overheads measured on the calibration requests: {result.overheads}")
     if args.write_costs:
         data["overheads"] = asdict(result.overheads)
-        if data.get("host"):
-            data["host"]["worker_background"] = result.worker_background
-            data["host"]["client_token_s"] = result.client_token_s
-            data["host"]["client_step_s"] = result.client_step_s
-            data["host"]["workers_yield"] = result.workers_yield
+        if data.get("host") and result.host is not None:
+            data["host"].update({k: getattr(result.host, k) for k in (
+                "worker_background", "client_token_s", "client_step_s", "workers_yield")})
         Path(args.write_costs).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(result.table())
     for key in ("ttft_s", "tpot_s"):

@@ -108,7 +108,8 @@ class Simulation:
         self._token_cpu = 0.0
         """CPU seconds per streamed token on the shared host (router and load generator)."""
         self._step_cpu = 0.0
-        """CPU seconds of the router's per decode step's message of tokens (shared host)."""
+        """CPU seconds per decode step's message of tokens on the shared host (router and
+        load generator)."""
         if self._host is not None:
             self._token_cpu = costs.overheads.router_token_s + self._host.client_token_s
             self._step_cpu = costs.overheads.router_step_s + self._host.client_step_s

@@ -264,7 +264,7 @@ def test_each_request_joining_a_decode_batch_holds_up_its_next_step() -> None:
 
 
 def test_the_routers_stream_cpu_splits_into_steps_and_tokens() -> None:
-    from pdserve.bench.plan_check import BatchRun, router_stream_cpu
+    from pdserve.bench.plan_check import BatchRun, stream_cpu
     from pdserve.bench.serve_metrics import RequestResult
 
     def run(requests: int, output: int, steps: int, step_s: float, token_s: float) -> BatchRun:
@@ -274,17 +274,17 @@ def test_the_routers_stream_cpu_splits_into_steps_and_tokens() -> None:
 
     # 16 lone requests (a token a step), 96 in bursts (six tokens a step).
     lone, burst = run(16, 41, 640, 3e-4, 1e-4), run(96, 41, 640, 3e-4, 1e-4)
-    step_s, token_s = router_stream_cpu(0.005, lone, burst)
+    step_s, token_s = stream_cpu(0.005, lone, burst)
     assert step_s == pytest.approx(3e-4)
     assert token_s == pytest.approx(1e-4)
 
 
 def test_a_bursts_admission_times_give_the_routers_time_per_admission() -> None:
-    from pdserve.bench.plan_check import admission_slope
+    from pdserve.bench.plan_check import admission_line
 
-    assert admission_slope([0.033, 0.003, 0.023, 0.013]) == pytest.approx(0.01)
-    assert admission_slope([0.004]) == 0.0
-    assert admission_slope([0.004, 0.004, 0.004]) == pytest.approx(0.0, abs=1e-12)
+    assert admission_line([0.033, 0.003, 0.023, 0.013])[1] == pytest.approx(0.01)
+    assert admission_line([0.004])[1] == 0.0
+    assert admission_line([0.004, 0.004, 0.004])[1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_workers_of_a_higher_niceness_than_the_router_are_seen_as_such() -> None:
