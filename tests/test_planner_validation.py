@@ -13,12 +13,13 @@ than ``RANK_MARGIN`` are not ranked). About 2 minutes on two idle cores; skipped
 why, when other work keeps the machine's cores more than half busy.
 
 Not met reliably yet, so not part of ``make test`` (run it with ``pytest -m validation``).
-Twelve runs on an idle machine (the README's table): ten within 20% on every median, the
+Thirteen runs on an idle machine (the README's table): ten within 20% on every median, the
 configurations ordered alike in eleven; the misses are 1P2D's TTFT (-25%, -20.4%), whose
 prefills cost more CPU with three worker processes on two cores than the host model (cores
-shared by time) gives them. The real medians themselves move by 5-15% between identical
-runs (1P2D TTFT 78-95 ms). With the earlier calibration (terms
-fitted on one-token bursts only) 1P1D's TTFT came out 10-29% high in six of six runs.
+shared by time) gives them, and 1P1D's (+21%) in a run slower throughout. The real
+medians themselves move by 5-15% between identical runs (1P2D TTFT 78-95 ms). With the
+earlier calibration (terms fitted on one-token bursts only) 1P1D's TTFT came out 10-29%
+high in six of six runs.
 """
 
 from __future__ import annotations
