@@ -53,6 +53,7 @@ from pdserve.engine.driver import EngineStoppedError
 from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey, Sealer
 from pdserve.worker.base import EngineWorker
+from pdserve.worker.idle_cores import CoreShare
 from pdserve.worker.protocol import (
     ReserveRequest,
     ReserveResult,
@@ -89,9 +90,10 @@ class DecodeWorker(EngineWorker):
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, kv_transport: str = "nixl",
                  channel_key: ChannelKey, cpus: Sequence[int] | None = None,
-                 **ranks: Any) -> None:
+                 share: CoreShare | None = None, **ranks: Any) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key, cpus=cpus, **ranks)  # ranks: tensor parallelism
+                         channel_key=channel_key, cpus=cpus, share=share,
+                         **ranks)  # ranks: tensor parallelism
         self._ctx = zmq.Context.instance()
         self._sockets: dict[str, tuple[zmq.Socket, Sealer]] = {}  # driver thread only
         self._reply_to: dict[str, str] = {}

@@ -6,7 +6,9 @@ work with ``call(fn)`` (``fn(engine)`` runs between two steps; the result comes 
 ``on_outputs``, and on every turn of the loop, busy or idle, it calls ``on_tick`` (where a
 worker polls its KV transfers). A busy turn whose ``hold`` hook answers True takes no step:
 the loop waits for calls as on an idle turn (``idle_wait_s`` at most) and ticks again (a
-decode worker yields the CPU to a better request's prefill that way). The hooks run on the
+decode worker yields the CPU to a better request's prefill that way). ``on_busy`` hears,
+on every turn, whether the loop is about to take a step (a worker's busy flag, with which it
+lends its cores while idle: ``pdserve.worker.idle_cores``). The hooks run on the
 driver's thread. An exception in a hook or a step is logged and stops the driver: ``error``
 then holds it and every pending and later ``call`` fails with it, so nothing waits forever
 on a dead loop, and ``on_stop`` is called (on the driver's thread, last) so that its owner
@@ -58,12 +60,14 @@ class EngineDriver:
         name: str = "engine-driver",
         on_stop: Callable[[BaseException | None], None] | None = None,
         hold: Callable[[], bool] | None = None,
+        on_busy: Callable[[bool], None] | None = None,
     ) -> None:
         self._engine = engine
         self._on_outputs = on_outputs
         self._on_tick = on_tick
         self._on_stop = on_stop
         self._hold = hold
+        self._on_busy = on_busy
         self._idle_wait_s = idle_wait_s
         self._calls: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]]] = (
             queue.SimpleQueue()
@@ -187,9 +191,14 @@ class EngineDriver:
                     c0 = cpu()
                 if held:
                     self.held_turns += 1
+                    if self._on_busy is not None:
+                        self._on_busy(False)
                     continue
                 # Calls may have brought work, or a reason to hold (a reservation granted).
-                if self.engine.has_unfinished() and not self._held():
+                stepping = self.engine.has_unfinished() and not self._held()
+                if self._on_busy is not None:
+                    self._on_busy(stepping)
+                if stepping:
                     c1 = cpu()
                     outputs = self.engine.step()
                     t2, c2 = clock(), cpu()

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -63,13 +63,22 @@ class PoolPinning:
     def __init__(self, device: torch.device, rank: int = 0, world: int = 1) -> None:
         self.enabled = device.type == "cpu" and os.environ.get(ENV, "1") != "0"
         self.rank, self.world = rank, world
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[int, int, tuple[int, ...]] | None = None
         self._allowed: list[int] | None = None
         self.cores: list[int] = []
+        self.cores_for_step: Callable[[], list[int]] | None = None
+        """Where set, the cores each step runs on (one torch thread each, the calling
+        thread's first): a worker that borrows its partner's idle cores."""
+        self._chosen: list[int] = []
 
     @contextlib.contextmanager
     def bound(self) -> Iterator[None]:
         """Run a step with the pool bound (the calling thread on the first core)."""
+        if self.cores_for_step is not None and self.enabled and self._can_pin():
+            chosen = self.cores_for_step()
+            if chosen != self._chosen:
+                self._chosen = chosen
+                torch.set_num_threads(len(chosen))
         self._ensure()
         if not self.cores:
             yield
@@ -80,10 +89,18 @@ class PoolPinning:
         finally:
             os.sched_setaffinity(0, self._allowed or self.cores)
 
+    def _can_pin(self) -> bool:
+        """The native op that binds the pool is there (else pinning turns itself off)."""
+        from pdserve.engine import cpu_kernels
+
+        if not cpu_kernels.available():
+            self.enabled = False
+        return self.enabled
+
     def _ensure(self) -> None:
         if not self.enabled:
             return
-        key = (threading.get_ident(), torch.get_num_threads())
+        key = (threading.get_ident(), torch.get_num_threads(), tuple(self._chosen))
         if key == self._key:
             return
         self._key = key
@@ -92,7 +109,9 @@ class PoolPinning:
             self._allowed = sorted(os.sched_getaffinity(0)) if hasattr(
                 os, "sched_getaffinity") else []
         allowed = self._allowed
-        if len(allowed) >= threads * self.world:  # shared by the ranks: this rank's slice
+        if self._chosen:  # chosen per step (own cores first)
+            cores = self._chosen[:threads]
+        elif len(allowed) >= threads * self.world:  # shared by the ranks: this rank's slice
             cores = spread(allowed, threads * self.world)[self.rank * threads:][:threads]
         elif len(allowed) == threads:  # this process's own cores (a worker pinned to them)
             cores = spread(allowed, threads)
@@ -101,11 +120,9 @@ class PoolPinning:
         if threads < 2 or not cores:
             self.cores = []
             return
-        from pdserve.engine import cpu_kernels
-
-        if not cpu_kernels.available():
-            self.enabled = False
+        if not self._can_pin():
             return
         bound = torch.ops.pdserve_cpu.pin_threads(cores, allowed)
         self.cores = cores if bound == threads else []
-        logger.info("torch's %d threads bound to cores %s (%d bound)", threads, cores, bound)
+        (logger.debug if self._chosen else logger.info)(
+            "torch's %d threads bound to cores %s (%d bound)", threads, cores, bound)

@@ -231,6 +231,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
         kv_host=args.kv_host, kv_transport=args.kv_transport, lease_s=args.lease,
         prefill_tp=args.prefill_tp, decode_tp=args.decode_tp,
         pin_cpus={"auto": None, "on": True, "off": False}[args.pin_cpus],
+        share_idle_cores=args.share_idle_cores == "on",
         keep_pool=args.keep_pool,
     )
     tls_cert = _read(args.tls_cert)
@@ -555,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--pin-cpus", choices=["auto", "on", "off"], default="auto",
                      help="give each worker its own cores of this host ('auto': when "
                           "pdserve starts its own local Ray)")
+    srv.add_argument("--share-idle-cores", choices=["on", "off"], default="on",
+                     help="with pinned workers, a worker runs its steps on its partner's "
+                          "cores too while the partner is idle (a prefill worker with a "
+                          "decode worker's, and the other way round)")
     srv.add_argument("--keep-pool", action="store_true", help=KEEP_POOL_HELP)
     srv.set_defaults(func=_cmd_serve)
 

@@ -38,6 +38,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.prefill_worker.pull import Puller
 from pdserve.worker.base import EngineWorker
+from pdserve.worker.idle_cores import CoreShare
 from pdserve.worker.prefill_rate import PrefillRate
 from pdserve.worker.protocol import (
     LendRequest,
@@ -85,9 +86,11 @@ class PrefillWorker(EngineWorker):
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, *, stream_kv: bool = True,
                  kv_transport: str = "nixl", channel_key: ChannelKey,
-                 cpus: Sequence[int] | None = None, **ranks: Any) -> None:
+                 cpus: Sequence[int] | None = None, share: CoreShare | None = None,
+                 **ranks: Any) -> None:
         super().__init__(worker_id, config, host, lease_s, kv_transport,
-                         channel_key=channel_key, cpus=cpus, **ranks)  # ranks: tensor parallelism
+                         channel_key=channel_key, cpus=cpus, share=share,
+                         **ranks)  # ranks: tensor parallelism
         self.stream_kv = stream_kv
         self._jobs: dict[str, _Job] = {}
         self.puller = Puller(worker_id, self.engine, self.connector)

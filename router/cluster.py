@@ -40,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -53,6 +55,7 @@ from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.pool_config import PoolConfig, plan_worker_cpus
 from pdserve.worker.base import LOG_LEVEL_ENV
+from pdserve.worker.idle_cores import CoreShare, make_flag, plan_lending
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,8 @@ class Cluster:
         self._follower: asyncio.Task[None] | None = None
         self.instance = uuid.uuid4().hex[:6]  # keeps actor names unique per router
         self._cpu_sets: dict[str, tuple[int, ...]] = {}
+        self._sharing: dict[str, CoreShare] = {}
+        self._flag_dir: str | None = None
         self.restarts = 0
         """Workers replaced since start (each death counts once)."""
 
@@ -164,6 +169,8 @@ class Cluster:
         if cfg.pin_cpus or (cfg.pin_cpus is None and self._started_ray):
             self._cpu_sets = plan_worker_cpus(sorted(os.sched_getaffinity(0)), cfg)
             logger.info("worker cores: %s", self._cpu_sets or "shared (fewer cores than workers)")
+            if cfg.share_idle_cores and self._cpu_sets:
+                self._share_idle_cores()
         handles = [self._create("prefill", i) for i in range(self.config.num_prefill)]
         handles += [self._create("decode", i) for i in range(self.config.num_decode)]
         await asyncio.gather(*(self._wait_ready(h) for h in handles))
@@ -292,6 +299,8 @@ class Cluster:
             extra["stream_kv"] = cfg.stream_kv
         if worker_id in self._cpu_sets:
             extra["cpus"] = self._cpu_sets[worker_id]
+        if worker_id in self._sharing:
+            extra["share"] = self._sharing[worker_id]
         actor = actor_cls.remote(worker_id, cfg.engine, cfg.kv_host, cfg.lease_s,
                                  channel_key=self.channel_key, **extra)
         handle = WorkerHandle(worker_id, role, actor, generation)
@@ -385,8 +394,26 @@ class Cluster:
             handle.alive = False
 
         await asyncio.gather(*(stop(h) for h in self.workers.values()))
+        if self._flag_dir is not None:
+            shutil.rmtree(self._flag_dir, ignore_errors=True)
         if self._started_ray:
             ray.shutdown()
+
+    def _share_idle_cores(self) -> None:
+        """Plan the pinned workers' lending of idle cores and make their busy flags."""
+        cfg = self.config
+        prefill = [f"prefill-{i}" for i in range(cfg.num_prefill) if cfg.tp("prefill", i) == 1]
+        decode = [f"decode-{i}" for i in range(cfg.num_decode) if cfg.tp("decode", i) == 1]
+        shm = "/dev/shm"
+        self._flag_dir = tempfile.mkdtemp(
+            prefix=f"pdserve-{self.instance}-cores-",
+            dir=shm if os.access(shm, os.W_OK) else None)
+        self._sharing = plan_lending(self._cpu_sets, prefill, decode, self._flag_dir)
+        for share in self._sharing.values():
+            if share.flag is not None:
+                make_flag(share.flag)
+        logger.info("idle cores lent: %s", {w: [c for _, cores in s.borrow for c in cores]
+                                            for w, s in self._sharing.items()})
 
     # ------------------------------------------------------------------ queries
 

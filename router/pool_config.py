@@ -46,6 +46,9 @@ class PoolConfig:
     # Pin each worker to its own cores (pdserve.worker.affinity): None = only when this
     # router starts a local Ray, i.e. every worker runs on this host.
     pin_cpus: bool | None = None
+    share_idle_cores: bool = True
+    """Pinned workers of one host lend their cores to a partner while idle
+    (``pdserve.worker.idle_cores``)."""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:

@@ -37,7 +37,7 @@ class ServiceThread:
                  http: bool = False, served_model_names: tuple[str, ...] = (),
                  kv_transport: str = "nixl", ping_interval_s: float = 0.2,
                  prefill_tp: int | tuple[int, ...] = 1,
-                 decode_tp: int | tuple[int, ...] = 1,
+                 decode_tp: int | tuple[int, ...] = 1, pin_cpus: bool | None = None,
                  **router_options: Any) -> None:
         if not ray.is_initialized():
             # address="local": this process's own Ray, whatever else runs on the machine.
@@ -55,7 +55,7 @@ class ServiceThread:
             pools=PoolConfig(engine=engine, num_prefill=prefill, num_decode=decode,
                              lease_s=lease_s, ping_interval_s=ping_interval_s,
                              kv_transport=kv_transport, prefill_tp=prefill_tp,
-                             decode_tp=decode_tp),
+                             decode_tp=decode_tp, pin_cpus=pin_cpus),
             port=0, api_key=api_key, http_port=0 if http else None,
             served_model_names=served_model_names,
             flow=FlowConfig(lease_s=lease_s, admission_timeout_s=admission_timeout_s,

@@ -4,7 +4,8 @@ Prefill and decode workers on one machine otherwise run their torch thread pools
 same cores: each pool's parallel regions wait for threads the other pool has descheduled,
 and both slow down far more than their share. ``plan_cpu_sets`` splits the cores (pure
 logic: the router calls it without loading torch); each worker calls ``pin_process`` with
-its set before it builds its engine.
+its set before it builds its engine. A worker with nothing to do lends its cores to a
+partner of the other role (``pdserve.worker.idle_cores``).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.worker.affinity import pin_process, split_cpus
 from pdserve.worker.events import LOAD_FIELDS, EventPublisher
+from pdserve.worker.idle_cores import CoreBorrower, CoreShare, open_flag
 from pdserve.worker.lending import Lender
 from pdserve.worker.protocol import LendRequest, resolve_host
 
@@ -76,8 +77,8 @@ class EngineWorker:
     def __init__(self, worker_id: str, config: EngineConfig, host: str = "127.0.0.1",
                  lease_s: float = 30.0, kv_transport: str = "nixl", *,
                  channel_key: ChannelKey, cpus: Sequence[int] | None = None,
-                 tensor_parallel_size: int = 1, cpus_per_rank: float = 1.0,
-                 gpus_per_rank: float = 0.0) -> None:
+                 share: CoreShare | None = None, tensor_parallel_size: int = 1,
+                 cpus_per_rank: float = 1.0, gpus_per_rank: float = 0.0) -> None:
         # Imported here, in the worker's process: the router imports this module to create
         # the actors and must not load torch or NIXL.
         from pdserve.engine.engine import Engine
@@ -97,10 +98,14 @@ class EngineWorker:
               "lease_s": lease_s, "channel_key": channel_key}
         self.ranks: RankGroup | None = None
         self._ranks_checked = 0.0
+        # Idle cores lent and borrowed (pdserve.worker.idle_cores): pinned single-rank workers.
+        share = share if rank_cpus and tensor_parallel_size == 1 else None
+        self.busy_flag = open_flag(share.flag) if share and share.flag else None
         # The engine is made on the thread that will step it (see pdserve.engine.driver).
         self.driver = EngineDriver(None, self._outputs_then_publish, self._tick_then_publish,
                                    name=f"{worker_id}-loop", on_stop=self._on_stop,
-                                   hold=self._hold)
+                                   hold=self._hold,
+                                   on_busy=self.busy_flag.set if self.busy_flag else None)
         """Steps the engine from ``start_driver`` on (the role's own state is set up by then)."""
 
         def make() -> Engine:
@@ -111,6 +116,10 @@ class EngineWorker:
             return engine
 
         self.engine = self.driver.build(make)
+        self.borrower: CoreBorrower | None = None
+        if share and share.borrow and rank_cpus:
+            self.borrower = CoreBorrower(rank_cpus[0], share.borrow)
+            self.engine.runner.pinning.cores_for_step = self.borrower.cores
         local = rank_connector(self.engine, rank=0, **kv)
         self.connector: KVConnector = RankedConnector(
             local, tensor_parallel_size,
@@ -256,7 +265,10 @@ class EngineWorker:
                 "max_model_len": self.engine.max_model_len,
                 "events_endpoint": self.events.endpoint, "incarnation": self.agent_name,
                 "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else None}
+                else None,
+                "lends_cores": self.busy_flag is not None,
+                "borrows": [c for _, cores in self.borrower.lenders for c in cores]
+                if self.borrower else []}
 
     async def lend(self, req: LendRequest) -> str:
         """Prefix pool: write this worker's cached blocks of a prompt into a puller's
@@ -295,6 +307,7 @@ class EngineWorker:
                 "hook_seconds": self.driver.hook_seconds,
                 "hook_cpu_seconds": self.driver.hook_cpu_seconds,
                 "held_turns": self.driver.held_turns,
+                "borrowed_core_steps": self.borrower.borrowed_steps if self.borrower else 0,
                 "process_cpu_seconds": time.process_time(),
                 "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,
                 **kv, **self._extra_stats(), **asdict(s)}
