@@ -189,15 +189,13 @@ class EngineDriver:
                     self._run_calls(block=True)
                     t0 = t1 = clock()
                     c0 = cpu()
-                if held:
-                    self.held_turns += 1
-                    if self._on_busy is not None:
-                        self._on_busy(False)
-                    continue
                 # Calls may have brought work, or a reason to hold (a reservation granted).
-                stepping = self.engine.has_unfinished() and not self._held()
+                stepping = not held and self.engine.has_unfinished() and not self._held()
                 if self._on_busy is not None:
                     self._on_busy(stepping)
+                if held:
+                    self.held_turns += 1
+                    continue
                 if stepping:
                     c1 = cpu()
                     outputs = self.engine.step()
