@@ -44,7 +44,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ import numpy as np
 from pdserve.bench.serve import GrpcBackend, run_load
 from pdserve.bench.serve_metrics import RequestResult
 from pdserve.bench.serve_workload import WorkItem, read_trace, replay, trace_prompts
+from pdserve.engine.ports import free_port
 from pdserve.planner.costs import (
     HardwareCosts,
     Host,
@@ -131,17 +131,11 @@ def parse_config(label: str) -> tuple[int, int]:
         raise ValueError(f"bad configuration {label!r}; use e.g. 2P1D") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def ray_head(num_cpus: int = 8) -> Iterator[tuple[str, dict[str, str]]]:
     """A local Ray head for the run: (its address, the environment that reaches it)."""
     temp_dir = tempfile.mkdtemp(prefix="pdplan-", dir="/tmp")  # short: unix socket paths
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
@@ -347,7 +341,7 @@ def run_service(prefill: int, decode: int, batches: Sequence[list[WorkItem]], ad
     """Serve with ``pdserve serve`` on the Ray head, replay each batch of requests in turn
     (after ``warmup`` requests sent at once), stop the service. The batches whose indices
     are in ``probe`` also read the workers' loop counters before and after."""
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     cmd = [str(BIN / "pdserve"), "serve", "--ray-address", address, "--port", str(port),
            "--http-port", "0", "--model", "tiny", "--device", "cpu", "--dtype", "float32",

@@ -17,7 +17,6 @@ import datetime
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,13 +42,6 @@ class TPAddress:
     world: int
     timeout_s: float = 60.0
     join_timeout_s: float = 300.0  # ranks start processes and load weights: slower than ops
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (for the rendezvous store of a new group)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:

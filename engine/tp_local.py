@@ -18,7 +18,8 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.tp_group import TPAddress, TPGroup, free_port
+from pdserve.engine.ports import free_port
+from pdserve.engine.tp_group import TPAddress, TPGroup
 
 logger = logging.getLogger(__name__)
 

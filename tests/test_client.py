@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import pdserve_client as pc
+from pdserve.engine.ports import free_port
 from pdserve.protos.pdserve.v1 import generation_pb2 as pb
 from pdserve.protos.pdserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -175,12 +175,6 @@ def client(peer: Peer) -> Iterator[pc.Client]:
         yield c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- typed results ------------------------------------------------------------------------
 
 
@@ -261,7 +255,7 @@ def test_list_models_tokenize_and_stats_return_typed_values(client: pc.Client) -
 
 def test_health_is_true_when_serving_and_false_when_unreachable(client: pc.Client) -> None:
     assert client.health() is True
-    with pc.Client(f"127.0.0.1:{_free_port()}", retries=0, timeout=2) as down:
+    with pc.Client(f"127.0.0.1:{free_port()}", retries=0, timeout=2) as down:
         assert down.health() is False
 
 

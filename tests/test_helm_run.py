@@ -50,8 +50,9 @@ import yaml
 
 from pdserve.engine.cpu_kernels import KernelBuildError, build, cache_dir
 from pdserve.engine.model.builtin import builtin_checkpoint, default_root
+from pdserve.engine.ports import free_ports
 from pdserve_client import Client
-from tests.procs import Lines, free_ports, stop_pids_using
+from tests.procs import Lines, stop_pids_using
 from tests.test_helm_chart import CHART, merged, render
 
 BIN = Path(sys.executable).parent
@@ -144,16 +145,32 @@ class Pod:
 
     def supervise(self, max_restarts: int = 6) -> None:
         """What the kubelet does (restartPolicy Always): a container that exited is started
-        again, a few times. On this shared 2-core machine Ray's 30 s node start-up deadline
-        is sometimes missed."""
+        again, in a fresh container, a few times. On this shared 2-core machine Ray's 30 s
+        node start-up deadline is sometimes missed."""
         assert self.proc is not None and self.logs is not None
         if self.proc.poll() is None:
             return
         self.history.append(self.logs.text(30))
         assert self.restarts < max_restarts, (
-            f"{self.name} exited {self.restarts + 1} times; last:\n{self.history[-1]}")
+            f"{self.name} exited {self.restarts + 1} times; first:\n{self.history[0]}\n"
+            f"last:\n{self.history[-1]}")
         self.restarts += 1
+        self.clear()
         self.launch()
+
+    def clear(self) -> None:
+        """What a container restart leaves behind: nothing. Every process the last one
+        started (the background ``ray start`` and Ray's daemons) is stopped, and /tmp and
+        $HOME are empty again."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stop_pids_using(str(self.tmp.parent))
+        for folder in (self.tmp, self.home):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
 
 
 def _local_values(values: dict[str, Any], grpc: int, http: int, metrics: int) -> dict[str, Any]:

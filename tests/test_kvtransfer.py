@@ -12,13 +12,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 from typing import Any
 
 import numpy as np
 import pytest
 
+from pdserve.engine.ports import free_port
 from pdserve.kvtransfer.auth import ChannelKey
 
 pytest.importorskip("zmq")
@@ -171,12 +171,6 @@ class Peer:
         self.kill()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     if request.param == "nixl":
@@ -236,7 +230,7 @@ def test_random_block_subsets_land_bit_exact_in_chunks(sender: Peer, receiver: P
 @pytest.mark.timeout(180)
 def test_write_to_unreachable_peer_fails_the_request(sender: Peer, receiver: Peer) -> None:
     bogus = receiver.target.__class__(
-        **{**_fields(receiver.target), "agent_name": "kv-gone", "port": _free_port()}
+        **{**_fields(receiver.target), "agent_name": "kv-gone", "port": free_port()}
     )
     sender.call("write", bogus, "req-unreachable", [0], [0], True)
     outcome = sender.wait(["req-unreachable"], 10)["req-unreachable"]
@@ -290,7 +284,7 @@ def test_killed_sender_fails_the_receiver_request_at_its_lease(receiver: Peer) -
 
 @pytest.mark.timeout(180)
 def test_restarted_receiver_is_rehandshaked(sender: Peer) -> None:
-    port = _free_port()
+    port = free_port()
     first = Peer(sender.transport, num_blocks=64, seed=5, port=port)
     try:
         first.call("expect", "req-r1", [1, 2], 10.0)

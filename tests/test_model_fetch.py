@@ -17,7 +17,7 @@ import pytest
 
 from pdserve.engine.model import smollm2
 from pdserve.engine.model.smollm2 import SmolLM2Unavailable, smollm2_file
-from tests.procs import free_ports
+from pdserve.engine.ports import free_ports
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64  # stands for the model file inside the wheel
 

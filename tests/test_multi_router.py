@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 import ray
 
 from pdserve.engine.llm import LLM
+from pdserve.engine.ports import free_port
 from pdserve.engine.sampling import SamplingParams
 from pdserve.router.balancer import WorkerLoad
 from pdserve.router.validation import SamplingArgs
@@ -131,17 +131,11 @@ def test_the_decode_worker_refuses_a_double_booking(routers, ref_llm) -> None:
     assert all(s["num_used_blocks"] == 0 for s in stats.values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_killing_a_router(routers, ref_llm) -> None:
     """A `pdserve router` process killed mid-stream: its stream fails UNAVAILABLE, the other
     routers keep serving, and what it held on the workers is freed within the lease."""
     a, b = routers
-    port = _free_port()
+    port = free_port()
     gcs = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdserve.cli", "router", "--ray-address", gcs, "--port",

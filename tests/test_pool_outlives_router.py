@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import pytest
 
 from pdserve.engine.llm import LLM
+from pdserve.engine.ports import free_ports
 from pdserve.engine.sampling import SamplingParams
 from pdserve_client import Client, Unavailable
-from tests.procs import Lines, free_ports, stop_pids_using
+from tests.procs import Lines, stop_pids_using
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.engine.ports import free_ports
 from pdserve_client import Client
 from tests.procs import Lines
 
@@ -44,17 +44,6 @@ class Head:
     gcs: str  # host:port, for drivers
     dashboard: str  # http://host:port, for `ray job ...`
     env: dict[str, str]  # RAY_AUTH_MODE=token and the cluster's token
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _pids_using(temp_dir: str) -> list[int]:
@@ -88,7 +77,7 @@ def _stop_head(temp_dir: str) -> None:
 def head() -> Iterator[Head]:
     # A short temp dir: Ray's unix socket paths must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="pdray-", dir="/tmp")
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = _free_ports(7)
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = free_ports(7)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(
@@ -138,7 +127,7 @@ def _cluster_state(head: Head) -> dict:
 
 
 def test_ray_job_serves_streams_and_stops_without_leftover_actors(head: Head) -> None:
-    port, http_port = _free_ports(2)
+    port, http_port = free_ports(2)
     job_id = f"pdserve-test-{secrets.token_hex(4)}"
     submit = subprocess.Popen(
         [str(RAY), "job", "submit", "--address", head.dashboard,

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.engine.ports import free_ports
 from pdserve_client import Client
-from tests.procs import free_ports, stop_pids_using
+from tests.procs import stop_pids_using
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"

@@ -37,10 +37,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdserve.bench.structured_cases import CHOICES, REGEX, json_cases
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.model.builtin import builtin_checkpoint
+from pdserve.engine.ports import free_ports
 from pdserve.engine.structured.spec import StructuredSpec
 from pdserve_client import Client, NotFound
 from tests.gguf_files import _GLOBAL, _LAYER
-from tests.procs import Lines, free_ports, stop_pids_using
+from tests.procs import Lines, stop_pids_using
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

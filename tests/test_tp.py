@@ -16,7 +16,8 @@ from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.model.loader import load_model
 from pdserve.engine.model.parallel import load_parallel_model
-from pdserve.engine.tp_group import TPAddress, TPGroup, free_port
+from pdserve.engine.ports import free_port
+from pdserve.engine.tp_group import TPAddress, TPGroup
 from pdserve.engine.tp_layout import TPLayout, check_tp
 from pdserve.kvtransfer.heads import shard_range
 from tests.checkpoints import hf_classes, make_hf_checkpoint

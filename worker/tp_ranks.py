@@ -126,7 +126,8 @@ class RankGroup:
         """``kv``: ``rank_connector``'s keyword arguments (the worker's KV transport), for
         a connector on every rank; None: no KV transfer (an engine alone). ``cpus``: the
         cores of ranks 1..N-1 (each pins itself to its own); None: not pinned."""
-        from pdserve.engine.tp_group import TPAddress, free_port
+        from pdserve.engine.ports import free_port
+        from pdserve.engine.tp_group import TPAddress
 
         self.world = world
         bundle: dict[str, float] = {"CPU": cpus_per_rank}
