@@ -3,7 +3,7 @@ cache level they fit in, or memory.
 
     python -m pdserve.bench.attention_kernel [--model smollm2|small|PATH] [--dtype bfloat16]
         [--batches 4 64] [--context 512] [--block-sizes 16] [--threads 1 2]
-        [--layers 30] [--json PATH]
+        [--layers 30] [--huge-pages on|off] [--json PATH]
 
 One decode step's attention of ``batch`` sequences of ``context`` tokens, blocks of each
 sequence drawn in random order from the cache, timed two ways:
@@ -17,7 +17,8 @@ sequence drawn in random order from the cache, timed two ways:
 Printed per row: milliseconds a layer (median), GB/s of keys and values read, and
 nanoseconds per key and KV head (one query token's keys and values of one KV head, the
 unit of the kernel's inner loop). A streaming ``sum()`` of 1 GiB with the same threads
-gives the bandwidth to compare with.
+gives the bandwidth to compare with. The caches are in transparent huge pages, as the
+engine's (``--huge-pages off``: small pages).
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def decode_attention(model: str, dtype: str, batch: int, context: int, block_size: int,
-                     layers: int, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+                     layers: int, repeats: int = 5, seed: int = 0,
+                     huge: bool = True) -> dict[str, Any]:
     """Times of one decode attention (one query token per sequence), ``cached`` and
     ``memory`` (see the module docstring), on torch's threads as set."""
     from pdserve.bench.compile_eval import model_shape
-    from pdserve.engine import cpu_kernels
+    from pdserve.engine import cpu_kernels, huge_pages
 
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are not built (python -m pdserve.engine.cpu_kernels)")
@@ -50,8 +52,10 @@ def decode_attention(model: str, dtype: str, batch: int, context: int, block_siz
     per_seq = -(-context // block_size)
     num_blocks = batch * per_seq
     tdtype = DTYPES[dtype]
-    caches = [torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, generator=gen).to(tdtype)
-              for _ in range(layers)]
+    shape = (num_blocks, 2, block_size, kv_heads, head_dim)
+    cpu = torch.device("cpu")
+    caches = [(huge_pages.zeros(shape, tdtype, cpu) if huge else torch.zeros(shape, dtype=tdtype))
+              .copy_(torch.randn(shape, generator=gen)) for _ in range(layers)]
     tables = torch.randperm(num_blocks, generator=gen).view(batch, per_seq).to(torch.int32)
     query = torch.randn(batch, heads, head_dim, generator=gen).to(tdtype)
     out = torch.empty_like(query)
@@ -100,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--huge-pages", choices=["on", "off"], default="on")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from pdserve.bench.roofline import read_bandwidth_gbs
@@ -114,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for block_size in args.block_sizes:
             for batch in args.batches:
                 r = decode_attention(args.model, args.dtype, batch, args.context, block_size,
-                                     args.layers)
+                                     args.layers, huge=args.huge_pages == "on")
                 r["sum_gbs"] = stream
                 rows.append(r)
                 print(f"| {threads} | {batch} | {block_size} | {r['cached_ms']:.3f} | "

@@ -171,6 +171,10 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     cpu_cache_bytes: int = 2 << 30
     memory_fraction: float = 0.85
+    huge_pages: bool = True
+    """CPU: the cache in transparent huge pages where Linux grants them on advice
+    (``pdserve.engine.huge_pages``): decode reads it faster, and the first cache allocated
+    on a host may take a second or two longer to zero."""
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)

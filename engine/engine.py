@@ -184,12 +184,14 @@ class Engine(HandoffMixin):
             from pdserve.engine.tp_runner import ParallelRunner
 
             self.runner: ModelRunner = ParallelRunner(self.model, self.kv_spec, num_blocks,
-                                                      self.device, backend, self.tp)
+                                                      self.device, backend, self.tp,
+                                                      huge_pages=config.cache.huge_pages)
         else:
             self.runner = ModelRunner(self.model, self.kv_spec, num_blocks, self.device,
                                       backend, cuda_graphs=config.cuda_graphs,
                                       max_num_seqs=sched.max_num_seqs,
-                                      max_model_len=self.max_model_len)
+                                      max_model_len=self.max_model_len,
+                                      huge_pages=config.cache.huge_pages)
         self.sampler = Sampler()
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

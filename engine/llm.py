@@ -28,7 +28,7 @@ class LLM:
     def __init__(self, model: str = "tiny", dtype: str = "auto", device: str = "auto",
                  tensor_parallel_size: int = 1, **engine_kwargs: object) -> None:
         cache_keys = {"block_size", "num_blocks", "enable_prefix_caching", "cpu_cache_bytes",
-                      "memory_fraction"}
+                      "memory_fraction", "huge_pages"}
         sched_keys = {"max_num_batched_tokens", "max_num_seqs", "max_model_len"}
         unknown = (set(engine_kwargs) - cache_keys - sched_keys
                    - {"attention_backend", "detokenize"})

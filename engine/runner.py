@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine import huge_pages as pages
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.cuda_graphs import DecodeGraphRunner, capture_decode_graphs, graphs_supported
@@ -60,16 +61,18 @@ class ModelRunner:
         cuda_graphs: bool = True,
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
+        huge_pages: bool = True,
     ) -> None:
         self.model = model
         self.spec = spec
         self.device = device
         self.backend = backend
         use_graphs = cuda_graphs and graphs_supported(device, backend)
-        storage = torch.zeros(
-            spec.shape(num_blocks + int(use_graphs)),
-            dtype=TORCH_DTYPES[spec.dtype],
-            device=device,
+        shape, dtype = spec.shape(num_blocks + int(use_graphs)), TORCH_DTYPES[spec.dtype]
+        storage = (
+            pages.zeros(shape, dtype, device)
+            if huge_pages
+            else torch.zeros(shape, dtype=dtype, device=device)
         )
         self.kv_cache = storage[:num_blocks] if use_graphs else storage
         self.pinning = PoolPinning(device)

@@ -72,8 +72,10 @@ class ParallelRunner(ModelRunner):
     ``execute``; the other ranks call ``follow``. No CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int,
-                 device: torch.device, backend: AttentionBackend, group: TPGroup) -> None:
-        super().__init__(model, spec, num_blocks, device, backend, cuda_graphs=False)
+                 device: torch.device, backend: AttentionBackend, group: TPGroup, *,
+                 huge_pages: bool = True) -> None:
+        super().__init__(model, spec, num_blocks, device, backend, cuda_graphs=False,
+                         huge_pages=huge_pages)
         self.group = group
         self.pinning = PoolPinning(device, group.rank, group.world)
 

@@ -217,7 +217,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     engine = EngineConfig(
         model=args.model, dtype=args.dtype, device=device,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                          cpu_cache_bytes=args.cpu_cache_mb << 20),
+                          cpu_cache_bytes=args.cpu_cache_mb << 20,
+                          huge_pages=args.huge_pages == "on"),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs,
                                   policy=args.scheduling_policy),
@@ -513,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")
     srv.add_argument("--cpu-cache-mb", type=int, default=512,
                      help="KV cache size per CPU worker when --num-blocks is not given")
+    srv.add_argument("--huge-pages", choices=["on", "off"], default="on",
+                     help="CPU workers: the KV cache in transparent huge pages where Linux "
+                          "grants them (faster decode reads; the first cache on a host "
+                          "may take a second or two longer to zero)")
     srv.add_argument("--max-num-seqs", type=int, default=128)
     srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                      help="'priority': requests with a LOWER 'priority' value are admitted "
