@@ -41,7 +41,6 @@ import asyncio
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,7 +54,7 @@ from pdserve.kvtransfer.auth import ChannelKey
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.pool_config import PoolConfig, plan_worker_cpus
 from pdserve.worker.base import LOG_LEVEL_ENV
-from pdserve.worker.idle_cores import CoreShare, make_flag, plan_lending
+from pdserve.worker.idle_cores import CoreShare, make_flag, make_flag_dir, plan_lending
 
 logger = logging.getLogger(__name__)
 
@@ -404,10 +403,7 @@ class Cluster:
         cfg = self.config
         prefill = [f"prefill-{i}" for i in range(cfg.num_prefill) if cfg.tp("prefill", i) == 1]
         decode = [f"decode-{i}" for i in range(cfg.num_decode) if cfg.tp("decode", i) == 1]
-        shm = "/dev/shm"
-        self._flag_dir = tempfile.mkdtemp(
-            prefix=f"pdserve-{self.instance}-cores-",
-            dir=shm if os.access(shm, os.W_OK) else None)
+        self._flag_dir = make_flag_dir()
         self._sharing = plan_lending(self._cpu_sets, prefill, decode, self._flag_dir)
         for share in self._sharing.values():
             if share.flag is not None:

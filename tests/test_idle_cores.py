@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.worker.idle_cores import BusyFlag, CoreBorrower, make_flag, plan_lending
+from pdserve.worker.idle_cores import (
+    FLAG_DIR_PREFIX,
+    BusyFlag,
+    CoreBorrower,
+    make_flag,
+    make_flag_dir,
+    plan_lending,
+)
 
 TWO_CORES = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -204,6 +211,11 @@ def test_a_pinned_cluster_lends_idle_cores_and_serves_exact_tokens() -> None:
         assert info["decode-0"]["borrows"] == cpus["prefill-0"]
         assert info["prefill-0"]["borrows"] == cpus["decode-0"]
         assert info["decode-0"]["lends_cores"] and info["prefill-0"]["lends_cores"]
+        flag_dir = service.router.cluster._flag_dir
+        assert flag_dir is not None and Path(flag_dir).name.startswith(
+            f"{FLAG_DIR_PREFIX}{os.getpid()}-")
+        assert sorted(p.name for p in Path(flag_dir).iterdir()) == [
+            "decode-0.busy", "prefill-0.busy"]
 
         prompts = [[3 + i, 7, 11 + 2 * i, 13, 17, 19 + i] * 4 for i in range(3)]
         with Client(service.target) as client:
@@ -212,6 +224,7 @@ def test_a_pinned_cluster_lends_idle_cores_and_serves_exact_tokens() -> None:
         stats = service.wait_idle()
     finally:
         service.stop()
+    assert not Path(flag_dir).exists()
     want = LLM("tiny", dtype="float32", device="cpu", num_blocks=128).generate(
         prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     assert got == [list(o.token_ids) for o in want]
@@ -228,3 +241,21 @@ def test_serve_shares_idle_cores_unless_told_not_to() -> None:
     assert _router_config(build_parser().parse_args(base)).pools.share_idle_cores
     off = build_parser().parse_args([*base, "--share-idle-cores", "off"])
     assert not _router_config(off).pools.share_idle_cores
+
+
+def test_a_new_router_removes_the_flags_of_routers_that_are_gone(tmp_path: Path) -> None:
+    """A router killed with SIGKILL cannot remove its flags' folder; the next one does,
+    and leaves alone those of routers still running and anything else."""
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    stale = tmp_path / f"{FLAG_DIR_PREFIX}{killed.pid}-x1"
+    running = tmp_path / f"{FLAG_DIR_PREFIX}{os.getppid()}-x2"
+    other = tmp_path / "pdserve-other"
+    for folder in (stale, running, other):
+        folder.mkdir()
+        make_flag(folder / "decode-0.busy")
+    made = Path(make_flag_dir(tmp_path))
+    assert made.parent == tmp_path and made.name.startswith(f"{FLAG_DIR_PREFIX}{os.getpid()}-")
+    assert not stale.exists()
+    assert running.exists() and other.exists()

@@ -11,7 +11,10 @@ takes its core back at the borrower's next step: until then (one step at most) t
 it.
 
 The router plans who lends to whom (``plan_lending``) when it pins the workers of one
-host, and makes the flags' files; the workers only open them.
+host, and makes the flags' files in a folder of its own (``make_flag_dir``), which it
+removes when it stops; the workers only open them. A router killed before it could remove
+its folder leaves a few bytes behind: the next router on the host removes the folders of
+routers whose process is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,39 @@ logger = logging.getLogger(__name__)
 
 FLAG_SIZE = 8
 IDLE, BUSY = 0, 1
+FLAG_DIR_PREFIX = "pdserve-cores-"
+"""Then the making router's process id, a dash and a random suffix."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_flag_dirs(parent: str | Path) -> list[str]:
+    """Remove the flag folders in ``parent`` whose router process is gone; returns them."""
+    removed = []
+    for entry in Path(parent).glob(FLAG_DIR_PREFIX + "*"):
+        pid = entry.name.removeprefix(FLAG_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+    return removed
+
+
+def make_flag_dir(parent: str | Path | None = None) -> str:
+    """A new folder for this router's flags: in shared memory (``/dev/shm``) where it can be
+    written, else the temp folder; stale folders there are removed first."""
+    if parent is None:
+        parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for gone in remove_stale_flag_dirs(parent):
+        logger.info("removed %s, left by a router that is gone", gone)
+    return tempfile.mkdtemp(prefix=f"{FLAG_DIR_PREFIX}{os.getpid()}-", dir=parent)
 
 
 def make_flag(path: str | Path) -> None:
