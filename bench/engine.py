@@ -127,6 +127,8 @@ class BenchOptions:
     scale: float = 1.0
     seed: int = 0
     block_size: int = 16
+    huge_pages: bool = True
+    """The KV cache in huge pages, as ``pdserve serve``'s workers have it."""
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -150,7 +152,8 @@ def make_engine(opts: BenchOptions, dtype: str, prefix_caching: bool = True) -> 
 
     return Engine(EngineConfig(
         model=opts.model, dtype=dtype, device="cpu",
-        cache=CacheConfig(block_size=opts.block_size, enable_prefix_caching=prefix_caching),
+        cache=CacheConfig(block_size=opts.block_size, enable_prefix_caching=prefix_caching,
+                          huge_pages=opts.huge_pages),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=opts.max_num_batched_tokens, max_num_seqs=opts.max_num_seqs
         ),
@@ -645,6 +648,9 @@ def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--huge-pages", choices=["on", "off"], default="on",
+                   help="pdserve's KV cache in transparent huge pages, as `pdserve serve` "
+                        "runs it")
     p.add_argument("--json", default=str(RESULTS_DIR / "engine.json"),
                    help="results file (default bench/results/engine.json)")
     p.add_argument("--report", metavar="PATH",
@@ -670,7 +676,7 @@ def main(argv: Sequence[str] | None = None, sizes: Sizes | None = None) -> int:
         model=args.model, dtypes=tuple(args.dtype), workloads=workloads, systems=systems,
         scale=args.scale, seed=args.seed, repeats=args.repeats, vllm_python=python,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        threads=args.threads, sizes=sizes or Sizes(),
+        threads=args.threads, sizes=sizes or Sizes(), huge_pages=args.huge_pages == "on",
         results_dir=str(Path(args.json).resolve().parent),
     )
     result = run_benchmark(opts, json_path=args.json)

@@ -171,10 +171,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     cpu_cache_bytes: int = 2 << 30
     memory_fraction: float = 0.85
-    huge_pages: bool = True
+    huge_pages: bool = False
     """CPU: the cache in transparent huge pages where Linux grants them on advice
-    (``pdserve.engine.huge_pages``): decode reads it faster, and the first cache allocated
-    on a host may take a second or two longer to zero."""
+    (``pdserve.engine.huge_pages``): decode reads it faster, but the first such cache a
+    process touches can take seconds per GiB on a VM (measured: 12 s for 2 GiB against
+    0.4 s on small pages; later ones 0.2 s). Off here, for short-lived processes (scripts,
+    tests); ``pdserve serve``'s long-running workers take it (``--huge-pages``)."""
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)

@@ -61,7 +61,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
-        huge_pages: bool = True,
+        huge_pages: bool = False,
     ) -> None:
         self.model = model
         self.spec = spec

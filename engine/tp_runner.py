@@ -73,7 +73,7 @@ class ParallelRunner(ModelRunner):
 
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int,
                  device: torch.device, backend: AttentionBackend, group: TPGroup, *,
-                 huge_pages: bool = True) -> None:
+                 huge_pages: bool = False) -> None:
         super().__init__(model, spec, num_blocks, device, backend, cuda_graphs=False,
                          huge_pages=huge_pages)
         self.group = group

@@ -516,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache size per CPU worker when --num-blocks is not given")
     srv.add_argument("--huge-pages", choices=["on", "off"], default="on",
                      help="CPU workers: the KV cache in transparent huge pages where Linux "
-                          "grants them (faster decode reads; the first cache on a host "
-                          "may take a second or two longer to zero)")
+                          "grants them (faster decode reads; on a VM the first touch of "
+                          "such a cache can take seconds per GiB at start-up)")
     srv.add_argument("--max-num-seqs", type=int, default=128)
     srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                      help="'priority': requests with a LOWER 'priority' value are admitted "

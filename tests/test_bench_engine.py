@@ -37,7 +37,7 @@ def test_min_prefill_tokens_counts_first_prompt_then_unique_suffixes() -> None:
 
 def test_bench_engine_tiny_run_reports_every_figure() -> None:
     opts = BenchOptions(model="tiny", dtypes=("float32",), sizes=TINY_SIZES,
-                        max_num_batched_tokens=64, threads=1)
+                        max_num_batched_tokens=64, threads=1, huge_pages=False)
     result = run_benchmark(opts, Progress("test", enabled=False))
     res = result["results"]["float32"]
     assert res["matmul_peak_gflops"] > 0
@@ -80,7 +80,7 @@ def test_bench_engine_tiny_run_reports_every_figure() -> None:
 def test_repeats_interleave_systems_and_keep_per_run_ratios() -> None:
     opts = BenchOptions(model="tiny", dtypes=("float32",), workloads=("a",),
                         systems=("pdserve", "hf-static"), sizes=TINY_SIZES, repeats=2,
-                        max_num_batched_tokens=64, threads=1)
+                        max_num_batched_tokens=64, threads=1, huge_pages=False)
     a = run_benchmark(opts, Progress("test", enabled=False))["results"]["float32"]["a"]
     assert [(r["system"], r["run"]) for r in a["runs"]] == [
         ("pdserve", 0), ("hf-static", 0), ("pdserve", 1), ("hf-static", 1)]

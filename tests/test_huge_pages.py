@@ -65,28 +65,32 @@ def test_small_tensors_and_other_devices_are_left_alone() -> None:
 
 
 @needs_thp
-def test_the_runners_kv_cache_is_in_huge_pages() -> None:
+def test_the_runners_kv_cache_is_in_huge_pages_when_asked() -> None:
     model = load_model(builtin_checkpoint("tiny"), "float32", CPU)
     c = model.config
     spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16, "float32")
     num_blocks = 32 * 2**20 // spec.block_bytes
-    runner = ModelRunner(model, spec, num_blocks, CPU, get_attention_backend("torch", CPU))
+    runner = ModelRunner(model, spec, num_blocks, CPU, get_attention_backend("torch", CPU),
+                         huge_pages=True)
     nbytes = runner.kv_cache.untyped_storage().nbytes()
     assert nbytes >= 16 * 2**20
     assert huge_kib(runner.kv_cache) * 1024 >= nbytes - 2 * huge_pages.HUGE_PAGE
 
 
 @needs_thp
-def test_the_engine_takes_huge_pages_unless_told_not_to() -> None:
+def test_the_engine_takes_huge_pages_when_asked_and_the_benchmark_by_default() -> None:
     def cache(**options: object) -> torch.Tensor:
         config = EngineConfig(model="tiny", dtype="float32", device="cpu",
                               cache=CacheConfig(num_blocks=2048, **options))
         return Engine(config).runner.kv_cache
 
-    on = cache()
+    on = cache(huge_pages=True)
     assert on.untyped_storage().nbytes() >= 16 * 2**20
     assert huge_kib(on) * 1024 >= on.untyped_storage().nbytes() - 2 * huge_pages.HUGE_PAGE
-    assert huge_kib(cache(huge_pages=False)) == 0
+    assert huge_kib(cache()) == 0
+    from pdserve.bench.engine import BenchOptions
+
+    assert BenchOptions().huge_pages
 
 
 def test_serve_takes_huge_pages_unless_told_not_to() -> None:
