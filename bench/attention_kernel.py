@@ -54,7 +54,7 @@ def decode_attention(model: str, dtype: str, batch: int, context: int, block_siz
     tdtype = DTYPES[dtype]
     shape = (num_blocks, 2, block_size, kv_heads, head_dim)
     cpu = torch.device("cpu")
-    caches = [(huge_pages.zeros(shape, tdtype, cpu) if huge else torch.zeros(shape, dtype=tdtype))
+    caches = [huge_pages.zeros(shape, tdtype, cpu, huge=huge)
               .copy_(torch.randn(shape, generator=gen)) for _ in range(layers)]
     tables = torch.randperm(num_blocks, generator=gen).view(batch, per_seq).to(torch.int32)
     query = torch.randn(batch, heads, head_dim, generator=gen).to(tdtype)

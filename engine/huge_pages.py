@@ -53,8 +53,11 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     return last > first and _madvise(first, last - first)
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.zeros``, in huge pages where that applies (see the module docstring)."""
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+          huge: bool = True) -> torch.Tensor:
+    """``torch.zeros``, in huge pages where that applies (see the module docstring) unless
+    ``huge`` is false."""
     tensor = torch.empty(shape, dtype=dtype, device=device)
-    advise_huge_pages(tensor)
+    if huge:
+        advise_huge_pages(tensor)
     return tensor.zero_()

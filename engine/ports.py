@@ -30,9 +30,12 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError:
@@ -53,9 +56,8 @@ def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> i
                 continue
             if ":" in host or _bindable("0.0.0.0", port):  # a wildcard listener too
                 return port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while True:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port not in avoid:

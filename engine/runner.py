@@ -68,11 +68,9 @@ class ModelRunner:
         self.device = device
         self.backend = backend
         use_graphs = cuda_graphs and graphs_supported(device, backend)
-        shape, dtype = spec.shape(num_blocks + int(use_graphs)), TORCH_DTYPES[spec.dtype]
-        storage = (
-            pages.zeros(shape, dtype, device)
-            if huge_pages
-            else torch.zeros(shape, dtype=dtype, device=device)
+        storage = pages.zeros(
+            spec.shape(num_blocks + int(use_graphs)), TORCH_DTYPES[spec.dtype], device,
+            huge=huge_pages,
         )
         self.kv_cache = storage[:num_blocks] if use_graphs else storage
         self.pinning = PoolPinning(device)

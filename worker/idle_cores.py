@@ -93,9 +93,6 @@ class BusyFlag:
     def busy(self) -> bool:
         return self._map[0] != IDLE
 
-    def close(self) -> None:
-        self._map.close()
-
 
 def open_flag(path: str) -> BusyFlag | None:
     """``path``'s flag, or None (logged) when it cannot be opened: the router that made it
@@ -128,10 +125,6 @@ class CoreBorrower:
         if len(cores) > len(self.own):
             self.borrowed_steps += 1
         return cores
-
-    def close(self) -> None:
-        for flag, _ in self.lenders:
-            flag.close()
 
 
 @dataclass(frozen=True)
