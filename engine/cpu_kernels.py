@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "threads.cpp")
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "linear_f32.cpp", "threads.cpp")
 HEADERS = ("simd.h",)
 LIBRARY = "pdserve_cpu"
 # -ffp-contract=off: a * b - c * d stays two roundings, as torch's elementwise ops round.

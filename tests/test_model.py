@@ -210,6 +210,40 @@ def test_bf16_packed_weights_give_the_same_logits(checkpoints: dict[str, Path], 
     assert torch.equal(model.compute_logits(rows), plain_rows)
 
 
+@pytest.mark.skipif(not packing_supported(torch.float32, torch.device("cpu")),
+                    reason="no float32 linear kernel here (CPU kernels not built, or no AVX-512)")
+@pytest.mark.parametrize("case", ["llama-llama3-rope", "llama-tied", "llama-attention-bias"])
+@torch.no_grad()
+def test_fp32_packed_weights_give_the_references_logits(checkpoints: dict[str, Path],
+                                                        case: str) -> None:
+    """float32 weights packed for the engine's kernel: logits within float32 rounding of the
+    plain weights' and transformers', at a prefill and a decode-sized row count, tied and
+    untied output projections alike (the embedding stays plain for the lookup)."""
+    from pdserve.engine.model.cpu_linear import PackedF32
+
+    model = load_model(checkpoints[case], "float32", "cpu")
+    n = 40
+    ids = prompt(n, model.config.vocab_size)
+    backend = TorchAttentionBackend()
+    plain = model.compute_logits(model(ids, torch.arange(n), new_cache(model), prefill_meta(n),
+                                       backend))
+    rows = torch.randn(3, model.config.hidden_size)
+    plain_rows = model.compute_logits(rows)
+    assert pack_model(model)
+    assert all(isinstance(getattr(layer, name), PackedF32)
+               for layer in model.layers for name in PACKED)
+    assert isinstance(model.head_weight(), PackedF32)
+    assert not isinstance(model.embed_tokens, PackedF32)
+    packed = model.compute_logits(model(ids, torch.arange(n), new_cache(model),
+                                        prefill_meta(n), backend))
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.compute_logits(rows), plain_rows, rtol=1e-5, atol=1e-5)
+    arch = CASES[case][0]
+    ref = hf_reference(checkpoints[case], arch)(ids[None]).logits[0]
+    torch.testing.assert_close(packed, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(packed.argmax(-1), ref.argmax(-1))
+
+
 def test_sharded_checkpoint_loads_like_single_file(
     tmp_path: Path, checkpoints: dict[str, Path]
 ) -> None:
