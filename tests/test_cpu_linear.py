@@ -6,6 +6,9 @@ beside it and however many threads run; bad arguments refused."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +103,16 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(RuntimeError, match="2-D float32"):
         ops.pack_linear_f32(w.double())
 
+
+
+def test_the_benchmark_times_a_models_projections_three_ways(tmp_path: Path) -> None:
+    from pdserve.bench import linear_kernel
+
+    assert linear_kernel.projection_shapes("smollm2") == [(960, 576), (576, 576), (3072, 576),
+                                                          (576, 1536)]
+    out = tmp_path / "linear.json"
+    assert linear_kernel.main(["--layers", "2", "--rows", "1", "9", "--repeats", "1",
+                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["rows"] for r in rows] == [1, 9]
+    assert all(r[k] > 0 for r in rows for k in ("mkl_ms", "mkl_packed_ms", "engine_ms"))
