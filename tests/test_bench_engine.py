@@ -107,7 +107,7 @@ def test_cli_refuses_vllm_without_its_python(monkeypatch: pytest.MonkeyPatch,
 def test_bench_engine_cli_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
     argv = ["--dtype", "float32", "--workloads", "a", "--systems", "pdserve",
-            "--model", "tiny", "--threads", "1", "--json", str(out)]
+            "--model", "tiny", "--threads", "1", "--huge-pages", "off", "--json", str(out)]
     assert main(argv, sizes=TINY_SIZES) == 0
     data = json.loads(out.read_text())
     assert data["results"]["float32"]["a"]["systems"]["pdserve"]["tokens_per_s"] > 0
