@@ -21,9 +21,10 @@ only and falls back to the unpacked call at any other. The engine's kernel
 (``csrc/linear_f32.cpp``, loaded with the CPU kernels on a CPU with AVX-512) takes a weight
 packed once into 48-column panels and requests the next panel while it multiplies one.
 SmolLM2-135M's four layer projections over all 30 layers, two threads, weights cycled as in
-a forward pass: 32 rows 47 -> 31 ms, 64 rows 67 -> 50 ms, 8 rows 35 -> 18 ms; one row and
-prefill sizes (544, 2,048 rows) the same as MKL; the 49,152-row vocabulary projection 3.1 ->
-2.3 ms at one row and 18.6 -> 12.8 ms at 64. Each output is one float32 FMA chain over the
+a forward pass (``python -m pdserve.bench.linear_kernel``): 8 rows 35-37 -> 18-19 ms, 32 rows
+48-50 -> 32-33 ms, 64 rows 74 -> 52-54 ms; one row the same as MKL, 544 rows level with it
+to 5% slower; the 49,152-row vocabulary projection 3.1 -> 2.3 ms at one row and 18.6 -> 12.8
+ms at 64. Each output is one float32 FMA chain over the
 input features in order, so a row's result does not depend on the rows beside it (MKL's
 does: one row takes a different path). A packed float32 weight is a ``PackedF32``: its
 storage holds the panels, its ``out_features`` the width.
@@ -113,5 +114,6 @@ def pack_model(model: nn.Module) -> bool:
         model.lm_head = _parameter(pack(model.lm_head))
     else:
         model.packed_head = pack(model.embed_tokens)
-    logger.info("linear weights packed for oneDNN (%s)", model.dtype)
+    logger.info("linear weights packed for %s (%s)", "the engine's float32 kernel"
+                if model.dtype == torch.float32 else "oneDNN", model.dtype)
     return True
