@@ -47,7 +47,8 @@ def model_shape(model: str) -> tuple[int, int, int, int, int]:
             cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["intermediate_size"])
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls, after three untimed ones."""
     for _ in range(3):
         fn()
     times = []
@@ -147,7 +148,7 @@ def evaluate(model: str, dtype_name: str, rows: Sequence[int], threads: int,
             t0 = time.perf_counter()
             compiled(*args)
             compile_s = time.perf_counter() - t0
-            timed = {name: _time(lambda f=f, a=args: f(*a), repeats) * 1e6
+            timed = {name: median_seconds(lambda f=f, a=args: f(*a), repeats) * 1e6
                      for name, f in (("engine_us", engine_layer),
                                      ("reference_us", reference_layer),
                                      ("compiled_us", compiled))}

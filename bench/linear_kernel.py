@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,24 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pdserve.bench.compile_eval import median_seconds, model_shape
+
 
 def projection_shapes(model: str) -> list[tuple[int, int]]:
     """(out, in) of one decoder layer's four projections."""
-    from pdserve.bench.compile_eval import model_shape
-
     hidden, heads, kv_heads, head_dim, inter = model_shape(model)
     return [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim),
             (2 * inter, hidden), (hidden, inter)]
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _plain(xs: list[torch.Tensor], weights: list[list[torch.Tensor]]) -> None:
@@ -81,15 +69,19 @@ def measure(model: str, layers: int, rows: Sequence[int], repeats: int,
     weights = [[torch.randn(n, k, generator=gen) * 0.02 for n, k in shapes]
                for _ in range(layers)]
     packed = [[pack(w) for w in layer] for layer in weights] if engine_kernel else None
+
+    def ms(fn: partial[None]) -> float:
+        return median_seconds(fn, repeats) * 1e3
+
     out = []
     for m in rows:
         xs = [torch.randn(m, k, generator=gen) for _, k in shapes]
         mkl = [[torch.ops.mkl._mkl_reorder_linear_weight(w, m) for w in layer]
                for layer in weights]
         flops = 2 * m * layers * sum(n * k for n, k in shapes)
-        engine_ms = _median_ms(partial(_engine, xs, packed), repeats) if packed else None
-        out.append({"rows": m, "mkl_ms": _median_ms(partial(_plain, xs, weights), repeats),
-                    "mkl_packed_ms": _median_ms(partial(_mkl_packed, xs, weights, mkl), repeats),
+        engine_ms = ms(partial(_engine, xs, packed)) if packed else None
+        out.append({"rows": m, "mkl_ms": ms(partial(_plain, xs, weights)),
+                    "mkl_packed_ms": ms(partial(_mkl_packed, xs, weights, mkl)),
                     "engine_ms": engine_ms,
                     "engine_gflops": flops / engine_ms / 1e6 if engine_ms else None})
         del mkl

@@ -186,33 +186,47 @@ def test_bf16_loads_and_runs(checkpoints: dict[str, Path]) -> None:
     assert agree > 0.8
 
 
+PACKING_CASES = pytest.mark.parametrize(
+    "case", ["llama-llama3-rope", "llama-tied", "llama-attention-bias"])
+
+
+def logits_before_and_after_packing(
+    model: torch.nn.Module,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A 40-token prompt, and (prefill logits, logits of 3 decode-sized rows) with the plain
+    weights and then with the weights packed by ``pack_model``."""
+    n = 40
+    ids = prompt(n, model.config.vocab_size)
+    backend = TorchAttentionBackend()
+    rows = torch.randn(3, model.config.hidden_size, dtype=model.dtype)
+
+    def logits() -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = model(ids, torch.arange(n), new_cache(model), prefill_meta(n), backend)
+        return model.compute_logits(hidden), model.compute_logits(rows)
+
+    plain = logits()
+    assert pack_model(model)
+    return ids, plain, logits()
+
+
 @pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU has no native oneDNN bfloat16 kernels")
-@pytest.mark.parametrize("case", ["llama-llama3-rope", "llama-tied", "llama-attention-bias"])
+@PACKING_CASES
 @torch.no_grad()
 def test_bf16_packed_weights_give_the_same_logits(checkpoints: dict[str, Path], case: str) -> None:
     """Weights packed once for oneDNN: the same bits as the plain weights' ``F.linear``, at a
     prefill and a decode-sized row count, tied and untied output projections alike."""
     model = load_model(checkpoints[case], "bf16", "cpu")
-    n = 40
-    ids = prompt(n, model.config.vocab_size)
-    backend = TorchAttentionBackend()
-    plain = model.compute_logits(model(ids, torch.arange(n), new_cache(model), prefill_meta(n),
-                                       backend))
-    rows = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
-    plain_rows = model.compute_logits(rows)
-    assert pack_model(model)
+    _, (plain, plain_rows), (packed, packed_rows) = logits_before_and_after_packing(model)
     assert all(getattr(layer, name).is_mkldnn for layer in model.layers for name in PACKED)
     assert model.head_weight().is_mkldnn and not model.embed_tokens.is_mkldnn
-    packed = model.compute_logits(model(ids, torch.arange(n), new_cache(model),
-                                        prefill_meta(n), backend))
     assert torch.equal(packed, plain)
-    assert torch.equal(model.compute_logits(rows), plain_rows)
+    assert torch.equal(packed_rows, plain_rows)
 
 
 @pytest.mark.skipif(not packing_supported(torch.float32, torch.device("cpu")),
                     reason="no float32 linear kernel here (CPU kernels not built, or no AVX-512)")
-@pytest.mark.parametrize("case", ["llama-llama3-rope", "llama-tied", "llama-attention-bias"])
+@PACKING_CASES
 @torch.no_grad()
 def test_fp32_packed_weights_give_the_references_logits(checkpoints: dict[str, Path],
                                                         case: str) -> None:
@@ -222,24 +236,14 @@ def test_fp32_packed_weights_give_the_references_logits(checkpoints: dict[str, P
     from pdserve.engine.model.cpu_linear import PackedF32
 
     model = load_model(checkpoints[case], "float32", "cpu")
-    n = 40
-    ids = prompt(n, model.config.vocab_size)
-    backend = TorchAttentionBackend()
-    plain = model.compute_logits(model(ids, torch.arange(n), new_cache(model), prefill_meta(n),
-                                       backend))
-    rows = torch.randn(3, model.config.hidden_size)
-    plain_rows = model.compute_logits(rows)
-    assert pack_model(model)
+    ids, (plain, plain_rows), (packed, packed_rows) = logits_before_and_after_packing(model)
     assert all(isinstance(getattr(layer, name), PackedF32)
                for layer in model.layers for name in PACKED)
     assert isinstance(model.head_weight(), PackedF32)
     assert not isinstance(model.embed_tokens, PackedF32)
-    packed = model.compute_logits(model(ids, torch.arange(n), new_cache(model),
-                                        prefill_meta(n), backend))
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(model.compute_logits(rows), plain_rows, rtol=1e-5, atol=1e-5)
-    arch = CASES[case][0]
-    ref = hf_reference(checkpoints[case], arch)(ids[None]).logits[0]
+    torch.testing.assert_close(packed_rows, plain_rows, rtol=1e-5, atol=1e-5)
+    ref = hf_reference(checkpoints[case], CASES[case][0])(ids[None]).logits[0]
     torch.testing.assert_close(packed, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(packed.argmax(-1), ref.argmax(-1))
 
