@@ -281,6 +281,10 @@ class DecodeWorker(EngineWorker):
         others = [s for s in (*sched.running, *sched.waiting) if s.request_id != rid]
         return bool(others) and all(sched.effective_priority(s, now) > priority for s in others)
 
+    def _role_quiet(self) -> bool:
+        return not (self._reply_to or self._kept or self._deferred_free or self._aborted
+                    or any(self._outbox.values()))
+
     def _hold(self) -> bool:
         """Yield: no step while a reservation that outranks every request here waits for
         its KV (for ``priority_yield_s`` at most; see ``SchedulerConfig``)."""

@@ -426,6 +426,11 @@ class Engine(HandoffMixin):
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._awaiting_grammar)
 
+    def holds_requests(self) -> bool:
+        """Whether any request is still here, whatever its state (waiting for its KV,
+        prefilled and waiting to be released, running)."""
+        return bool(self._requests) or bool(self._awaiting_grammar)
+
     # ------------------------------------------------------------------ step loop
 
     def step(self) -> list[RequestOutput]:

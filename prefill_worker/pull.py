@@ -78,6 +78,10 @@ class Puller:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._open
 
+    def idle(self) -> bool:
+        """No pull open, landed or waiting to release its blocks."""
+        return not (self._open or self._landed or self._deferred)
+
     def begin(self, req: PrefillRequest) -> LendRequest | None:
         """Reserve and expect ``req``'s pulled prefix; the lend to ask the holder for, or
         None when there is nothing to pull (already cached here, no room, too short)."""

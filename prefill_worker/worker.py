@@ -134,6 +134,9 @@ class PrefillWorker(EngineWorker):
         if refusal:
             self.driver.call(lambda e: self.puller.fail(rid, refusal, writes_done))
 
+    def _role_quiet(self) -> bool:
+        return not self._jobs and self.puller.idle()
+
     def _extra_stats(self) -> dict[str, Any]:
         pending = sum(len(j.req.prompt_token_ids) - j.pulled_tokens
                       for j in list(self._jobs.values()) if j.first_token < 0)

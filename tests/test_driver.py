@@ -130,3 +130,62 @@ def test_a_failed_build_raises_and_stopping_before_start_steps_nothing() -> None
                                            cache=CacheConfig(block_size=16, num_blocks=16))))
     idle.stop(timeout=5)  # never started: the thread ends without a turn
     assert not idle._thread.is_alive() and idle.steps == 0
+
+
+def _count_ticks(quiet: bool, seconds: float) -> tuple[int, float]:
+    """Ticks of an idle driver over ``seconds`` (its owner quiet or not), and how long a call
+    made at the end of them took to be answered."""
+    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+    ticks = 0
+
+    def on_tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    driver = EngineDriver(engine, on_tick=on_tick, quiet=lambda: quiet)
+    driver.start()
+    try:
+        time.sleep(seconds)
+        counted = ticks
+        sent = time.monotonic()
+        driver.call(lambda e: e.has_unfinished()).result(10)
+        answered = time.monotonic() - sent
+    finally:
+        driver.stop()
+    return counted, answered
+
+
+def test_an_idle_loop_with_nothing_in_flight_ticks_rarely_and_still_answers_calls_at_once() -> None:
+    quiet_ticks, quiet_answer = _count_ticks(quiet=True, seconds=0.5)
+    busy_ticks, _ = _count_ticks(quiet=False, seconds=0.5)
+    # The wait doubles from 2 ms to 50 ms: about 10 ticks in 0.5 s, against up to 250 while
+    # something is in flight (fewer on a loaded machine, but many more than at rest).
+    assert quiet_ticks <= 20, quiet_ticks
+    assert busy_ticks > 3 * quiet_ticks, (busy_ticks, quiet_ticks)
+    assert quiet_answer < 0.03  # a call wakes the 50 ms wait at once
+
+
+def test_a_request_in_the_engine_keeps_the_loop_ticking_fast_whatever_its_owner_says() -> None:
+    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+    ticks = 0
+
+    def on_tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    hold = threading.Event()
+    hold.set()  # the request stays in the engine, unstepped (as one awaiting its KV would)
+    driver = EngineDriver(engine, on_tick=on_tick, quiet=lambda: True, hold=hold.is_set)
+    driver.start()
+    try:
+        time.sleep(0.3)  # at rest first: the wait grows to its cap
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        driver.call(lambda e: e.add_request("r", list(range(3, 40)), params)).result(10)
+        before = ticks
+        time.sleep(0.3)
+        during = ticks - before
+    finally:
+        driver.stop()
+    assert during > 30, during  # 2 ms turns: ~150, where the capped wait would give 6

@@ -104,7 +104,7 @@ class EngineWorker:
         # The engine is made on the thread that will step it (see pdserve.engine.driver).
         self.driver = EngineDriver(None, self._outputs_then_publish, self._tick_then_publish,
                                    name=f"{worker_id}-loop", on_stop=self._on_stop,
-                                   hold=self._hold,
+                                   hold=self._hold, quiet=self._quiet,
                                    on_busy=self.busy_flag.set if self.busy_flag else None)
         """Steps the engine from ``start_driver`` on (the role's own state is set up by then)."""
 
@@ -215,6 +215,15 @@ class EngineWorker:
     def _extra_stats(self) -> dict[str, Any]:
         return {}
 
+    def _quiet(self) -> bool:
+        """Whether nothing this worker started is in flight: no blocks lent, and nothing
+        of the role's own (driver thread; the engine's requests are checked apart). The
+        loop ticks less often while idle and quiet (see ``EngineDriver``)."""
+        return self.lender.idle() and self._role_quiet()
+
+    def _role_quiet(self) -> bool:
+        raise NotImplementedError
+
     def _hold(self) -> bool:
         """Whether the loop skips this busy turn's step (driver thread; see
         ``EngineDriver``)."""
@@ -306,7 +315,7 @@ class EngineWorker:
                 "step_cpu_seconds": self.driver.step_cpu_seconds,
                 "hook_seconds": self.driver.hook_seconds,
                 "hook_cpu_seconds": self.driver.hook_cpu_seconds,
-                "held_turns": self.driver.held_turns,
+                "held_turns": self.driver.held_turns, "loop_turns": self.driver.turns,
                 "borrowed_core_steps": self.borrower.borrowed_steps if self.borrower else 0,
                 "process_cpu_seconds": time.process_time(),
                 "kv_transport": self.kv_transport, "tensor_parallel_size": self.tp_size,

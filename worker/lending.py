@@ -39,6 +39,10 @@ class Lender:
         self.lends_failed = 0
         self._tokens: dict[str, int] = {}  # pull id -> tokens being sent
 
+    def idle(self) -> bool:
+        """No lent blocks are being written."""
+        return not self._tokens
+
     def lend(self, req: LendRequest) -> str:
         """Start writing ``req``'s blocks; "" once the writes are posted, else why not
         (nothing was pinned nor written: the puller may reuse its blocks at once)."""
