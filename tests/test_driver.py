@@ -20,9 +20,23 @@ def _spin(seconds: float) -> None:
         pass
 
 
+def _tiny_engine() -> Engine:
+    return Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
+                               cache=CacheConfig(block_size=16, num_blocks=64)))
+
+
+class _Ticks:
+    """An ``on_tick`` hook that counts."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
 def test_driver_counts_steps_and_splits_their_cpu_from_the_loop_around_them() -> None:
-    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
-                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+    engine = _tiny_engine()
     done = threading.Event()
     hook_calls = 0
 
@@ -52,23 +66,17 @@ def test_driver_counts_steps_and_splits_their_cpu_from_the_loop_around_them() ->
 
 
 def test_a_held_turn_takes_no_step_but_still_ticks_and_answers_calls() -> None:
-    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
-                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+    engine = _tiny_engine()
     hold = threading.Event()
     hold.set()
-    ticks = 0
-
-    def on_tick() -> None:
-        nonlocal ticks
-        ticks += 1
-
-    driver = EngineDriver(engine, on_tick=on_tick, hold=hold.is_set)
+    ticks = _Ticks()
+    driver = EngineDriver(engine, on_tick=ticks, hold=hold.is_set)
     driver.start()
     try:
         params = SamplingParams(max_tokens=4, ignore_eos=True)
         driver.call(lambda e: e.add_request("r", list(range(3, 40)), params)).result(10)
         time.sleep(0.1)
-        ticks_held = ticks
+        ticks_held = ticks.count
         assert driver.steps == 0 and driver.held_turns > 0 and ticks_held > 0
         assert driver.call(lambda e: e.request_status("r")).result(10) == "waiting"
         hold.clear()
@@ -87,8 +95,7 @@ def test_an_engine_built_by_the_driver_is_made_and_stepped_on_the_drivers_thread
 
     def make() -> Engine:
         made_on.append(threading.get_ident())
-        return Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
-                                   cache=CacheConfig(block_size=16, num_blocks=64)))
+        return _tiny_engine()
 
     done = threading.Event()
 
@@ -135,19 +142,13 @@ def test_a_failed_build_raises_and_stopping_before_start_steps_nothing() -> None
 def _count_ticks(quiet: bool, seconds: float) -> tuple[int, float]:
     """Ticks of an idle driver over ``seconds`` (its owner quiet or not), and how long a call
     made at the end of them took to be answered."""
-    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
-                                 cache=CacheConfig(block_size=16, num_blocks=64)))
-    ticks = 0
-
-    def on_tick() -> None:
-        nonlocal ticks
-        ticks += 1
-
-    driver = EngineDriver(engine, on_tick=on_tick, quiet=lambda: quiet)
+    engine = _tiny_engine()
+    ticks = _Ticks()
+    driver = EngineDriver(engine, on_tick=ticks, quiet=lambda: quiet)
     driver.start()
     try:
         time.sleep(seconds)
-        counted = ticks
+        counted = ticks.count
         sent = time.monotonic()
         driver.call(lambda e: e.has_unfinished()).result(10)
         answered = time.monotonic() - sent
@@ -167,25 +168,19 @@ def test_an_idle_loop_with_nothing_in_flight_ticks_rarely_and_still_answers_call
 
 
 def test_a_request_in_the_engine_keeps_the_loop_ticking_fast_whatever_its_owner_says() -> None:
-    engine = Engine(EngineConfig(model="tiny", dtype="float32", device="cpu",
-                                 cache=CacheConfig(block_size=16, num_blocks=64)))
-    ticks = 0
-
-    def on_tick() -> None:
-        nonlocal ticks
-        ticks += 1
-
+    engine = _tiny_engine()
+    ticks = _Ticks()
     hold = threading.Event()
     hold.set()  # the request stays in the engine, unstepped (as one awaiting its KV would)
-    driver = EngineDriver(engine, on_tick=on_tick, quiet=lambda: True, hold=hold.is_set)
+    driver = EngineDriver(engine, on_tick=ticks, quiet=lambda: True, hold=hold.is_set)
     driver.start()
     try:
         time.sleep(0.3)  # at rest first: the wait grows to its cap
         params = SamplingParams(max_tokens=4, ignore_eos=True)
         driver.call(lambda e: e.add_request("r", list(range(3, 40)), params)).result(10)
-        before = ticks
+        before = ticks.count
         time.sleep(0.3)
-        during = ticks - before
+        during = ticks.count - before
     finally:
         driver.stop()
     assert during > 30, during  # 2 ms turns: ~150, where the capped wait would give 6
