@@ -217,6 +217,10 @@ class EngineDriver:
                     outputs = self.engine.step()
                     t2, c2 = clock(), cpu()
                     self.steps += 1
+                    if self._on_busy is not None and not self.engine.has_unfinished():
+                        # Idle from this step on: say so before its last outputs go out, so
+                        # that the next request (sent when they arrive) finds it idle.
+                        self._on_busy(False)
                     if outputs and self._on_outputs is not None:
                         self._on_outputs(outputs)
                     self.step_seconds += t2 - t1
