@@ -613,10 +613,10 @@ class NixlConnector(KVConnector):
         """Progress UCX (and collect notifications) while the owner thread is elsewhere."""
         fast, idle = self.config.progress_interval_s, self.config.idle_progress_interval_s
         interval = idle
-        while not self._stop.is_set():
+        while True:
             if self._wake.wait(interval):
                 self._wake.clear()
-            if self._stop.is_set():
+            if self._stop.is_set():  # close() sets both: the wait ends at once
                 return
             # Reading the owner's containers' sizes is safe under the GIL; a stale answer
             # only delays the switch by one tick.
