@@ -13,18 +13,35 @@ the model's raw distribution (before processing, temperature and filters).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pdserve.engine.logits_processing import TokenContext, process_logits
 from pdserve.engine.sampling import SamplingParams, TokenLogprobs
 
 
+@functools.cache
+def _cpu_argmax() -> bool:
+    from pdserve.engine import cpu_kernels
+
+    return cpu_kernels.available()
+
+
+CPU_ARGMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=-1)`` of a 2-D tensor: the index of each row's first maximum (NaN
-    counting as the maximum). On the CPU ``max(dim=-1)`` gives the same indices several
-    times faster: measured on two Xeon cores for 16 x 49,152 float32 logits (a decode step
-    of SmolLM2), argmax took 0.6-4 ms and max 0.18 ms."""
+    counting as the maximum). On the CPU the C++ kernel (``argmax_rows``) reads the rows at
+    memory speed; without it ``max(dim=-1)`` gives the same indices several times faster
+    than ``argmax``. Measured on two cores for 64 x 49,152 float32 logits (a batch-64
+    decode step of SmolLM2): argmax 2.4-2.7 ms, max(dim=-1) the same on an AMD EPYC (0.7 ms
+    for 16 rows on a Xeon, against argmax's 0.6-4 ms), the kernel 0.2-0.3 ms."""
     if x.device.type == "cpu":
+        if (x.dim() == 2 and x.shape[1] and x.stride(-1) == 1 and x.dtype in CPU_ARGMAX_DTYPES
+                and _cpu_argmax()):
+            return torch.ops.pdserve_cpu.argmax_rows(x)
         return x.max(dim=-1).indices
     return x.argmax(dim=-1)
 

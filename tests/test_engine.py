@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pdserve.engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams, cpu_kernels
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.model.loader import CheckpointError
@@ -283,16 +283,36 @@ def test_sampler_argmax_takes_each_rows_first_maximum_like_torch_argmax() -> Non
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for rows, vocab in ((1, 7), (16, 49152), (5, 1000)):
+            for rows, vocab in ((1, 7), (16, 49152), (5, 1000), (3, 37)):
                 ties = torch.randint(-2, 3, (rows, vocab), generator=gen).float()  # many ties
                 nans = torch.randn(rows, vocab, generator=gen)
                 nans[torch.rand(rows, vocab, generator=gen) < 0.01] = float("nan")
+                nan_last = torch.randn(rows, vocab, generator=gen)
+                nan_last[:, -1] = float("nan")  # past the last full SIMD vector (vocab 7, 37)
                 flat = torch.full((rows, vocab), float("-inf"))
-                for x in (ties, nans, flat, ties[::2], ties.to(torch.bfloat16)):
+                zeros = torch.zeros(rows, vocab)
+                zeros[:, ::3] = -0.0
+                for x in (ties, nans, nan_last, flat, zeros, ties[::2], ties.t().contiguous().t(),
+                          ties.to(torch.bfloat16), nans.to(torch.bfloat16),
+                          ties.to(torch.float16), nan_last.to(torch.float16)):
                     assert torch.equal(argmax(x), x.argmax(dim=-1))
     finally:
         torch.set_num_threads(threads_before)
     assert argmax(torch.tensor([[1.0, 3.0, 3.0, 0.0]])).tolist() == [1]
+    assert argmax(torch.tensor([[float("nan"), 3.0, float("nan")]])).tolist() == [0]
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels did not build")
+def test_cpu_argmax_kernel_checks_its_input() -> None:
+    op = torch.ops.pdserve_cpu.argmax_rows
+    x = torch.randn(4, 100)
+    assert torch.equal(op(x), x.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        op(x.t())
+    with pytest.raises(RuntimeError, match="at least one column"):
+        op(torch.empty(4, 0))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        op(torch.zeros(2, 3, dtype=torch.int32))
 
 
 def test_builtin_tiny_text_generation_matches_transformers() -> None:

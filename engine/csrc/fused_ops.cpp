@@ -1,5 +1,6 @@
 // The decoder's elementwise stages as one CPU op each: the CPU twin of
-// engine/model/triton_ops.py (same contracts, same roundings).
+// engine/model/triton_ops.py (same contracts, same roundings). And the greedy sampler's
+// row argmax.
 //
 // In eager torch each stage is a chain of small ops (RMSNorm alone is eight), and every op
 // costs microseconds of dispatch whatever its size: at decode batch sizes, hundreds per step.
@@ -16,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -242,6 +244,71 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Index of the first maximum of x[0 .. n) (n > 0), NaN counting as the maximum: what
+// torch's max(dim=-1).indices returns. One pass for the maximum (and whether a NaN is
+// there), one for where it first occurs; the row stays in L2 between them.
+template <typename T>
+int64_t first_nan(const T* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(static_cast<float>(x[j]))) return j;
+  return -1;
+}
+
+template <typename T>
+int64_t first_max(const T* x, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t d = 0;
+#ifdef PDSERVE_AVX512
+  if (n >= 16) {
+    __m512 vmax = _mm512_set1_ps(best);
+    __mmask16 nan = 0;
+    for (; d + 16 <= n; d += 16) {
+      const __m512 v = load16(x + d);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vmax = _mm512_max_ps(vmax, v);
+    }
+    if (nan) return first_nan(x, n);
+    best = _mm512_reduce_max_ps(vmax);
+  }
+#endif
+  for (int64_t i = d; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (std::isnan(v)) return first_nan(x, n);
+    best = std::max(best, v);
+  }
+  int64_t i = 0;
+#ifdef PDSERVE_AVX512
+  const __m512 vbest = _mm512_set1_ps(best);
+  for (; i + 16 <= n; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + i), vbest, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+#endif
+  for (; i < n; ++i)
+    if (static_cast<float>(x[i]) == best) return i;
+  return 0;  // unreachable: best is one of the row's values
+}
+
+// Each row's first maximum of a [rows, n] tensor (contiguous rows) -> int64 [rows]: the
+// greedy sampler's argmax. torch's max(dim=-1) keeps an index beside every comparison and
+// took 2.4-2.7 ms for the 64 x 49,152 float32 logits of a SmolLM2 decode step on two
+// cores; this reads them at memory speed.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.size(1) > 0, "x must have at least one column");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1), sx = x.stride(0);
+  by_dtype(x.scalar_type(), "argmax_rows", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    at::parallel_for(0, x.size(0), grain(n), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) op[r] = first_max<T>(xp + r * sx, n);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
@@ -249,6 +316,7 @@ TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotate(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
@@ -256,6 +324,7 @@ TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotate", &rotate);
   m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }
 
 }  // namespace pdserve_cpu
