@@ -15,6 +15,7 @@ from pdserve.engine import huge_pages as pages
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.config import KVCacheSpec
 from pdserve.engine.cuda_graphs import DecodeGraphRunner, capture_decode_graphs, graphs_supported
+from pdserve.engine.sampler import compares_only
 from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.thread_pinning import PoolPinning
@@ -24,7 +25,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 @dataclass(slots=True)
 class RunResult:
-    """Logits ``[len(sampled), vocab]`` (float32) for the sequences whose token is due;
+    """Logits ``[len(sampled), vocab]`` for the sequences whose token is due (float32, or
+    the model's dtype when every one of them only compares its logits: ``compares_only``);
     ``prompt_logits``: for prefill chunks of sequences that asked for prompt logprobs,
     (sequence, first position of the chunk, the chunk's logits ``[n, vocab]``)."""
 
@@ -161,7 +163,8 @@ class ModelRunner:
         if self.graphs is not None and not batch.prefills and self.graphs.can_run(batch.decodes):
             # Logits of the padding rows too: every matmul of the step sees the padded row
             # count, as in the graph (the LM head's weight read costs the same either way).
-            logits = self.model.compute_logits(self.graphs.run(batch.decodes))
+            logits = self.model.compute_logits(self.graphs.run(batch.decodes),
+                                               as_float=not compares_only(batch.decodes))
             return RunResult(list(batch.decodes), logits[: len(batch.decodes)])
         input_ids, positions, meta, rows, sampled = self.build_inputs(batch)
         step = self.backend.plan_step(meta)
@@ -178,4 +181,5 @@ class ModelRunner:
             return RunResult([], hidden.new_empty((0, 0), dtype=torch.float32), prompt_logits)
         if len(rows) != hidden.shape[0]:
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        return RunResult(sampled, self.model.compute_logits(hidden), prompt_logits)
+        return RunResult(sampled, self.model.compute_logits(
+            hidden, as_float=not compares_only(sampled)), prompt_logits)

@@ -399,3 +399,41 @@ def test_broken_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="safetensors"):
         Engine(EngineConfig(model=str(path), device="cpu"))
+
+
+def test_plain_greedy_rows_take_logits_in_the_model_dtype_and_pick_the_same_tokens() -> None:
+    """A batch whose rows only compare their logits (greedy, no logprobs, no processing)
+    skips their float32 conversion; its tokens equal those of the same requests asking for
+    logprobs, which take float32 logits, alone or mixed in one batch."""
+    engine = Engine(EngineConfig(model="tiny", dtype="bfloat16", device="cpu",
+                                 detokenize=False))
+    dtypes: list[torch.dtype] = []
+    execute = engine.runner.execute
+
+    def execute_and_record(batch):
+        result = execute(batch)
+        if result.sampled:
+            dtypes.append(result.logits.dtype)
+        return result
+
+    engine.runner.execute = execute_and_record
+    prompts = make_prompts(engine.model_config.vocab_size, seed=3)[:6]
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with_logprobs = replace(plain, logprobs=0)
+
+    def run(params: list[SamplingParams]) -> list[list[int]]:
+        dtypes.clear()
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(f"q{i}", prompt, p)
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        return [done[f"q{i}"] for i in range(len(prompts))]
+
+    raw = run([plain] * len(prompts))
+    assert set(dtypes) == {torch.bfloat16}
+    assert run([with_logprobs] * len(prompts)) == raw
+    assert set(dtypes) == {torch.float32}
+    mixed = [plain if i % 2 else with_logprobs for i in range(len(prompts))]
+    assert run(mixed) == raw
+    assert set(dtypes) == {torch.float32}

@@ -295,9 +295,12 @@ class CausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, cos, sin, kv_layer, meta, backend)
         return add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` final hidden states -> ``[n, vocab]`` float32 logits."""
-        return linear(hidden, self.head_weight()).float()
+    def compute_logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
+        """``[n, hidden]`` final hidden states -> ``[n, vocab]`` float32 logits; in the
+        model's dtype when ``as_float`` is false, for a sampler that only compares them
+        (``pdserve.engine.sampler.compares_only``)."""
+        logits = linear(hidden, self.head_weight())
+        return logits.float() if as_float else logits
 
     def head_weight(self) -> torch.Tensor:
         """The output projection's weight: a packed copy of the tied embedding where

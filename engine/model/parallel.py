@@ -112,7 +112,9 @@ class ParallelCausalLM(CausalLM):
             hidden, residual = layer(hidden, residual, cos, sin, kv_layer, meta, backend)
         return add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
+        # Always float32: the vocabulary shards are gathered in one dtype whatever the
+        # sampler needs (``as_float`` is the single-rank model's option).
         local = linear(hidden, self.head_weight()).float()
         return torch.cat(self.group.all_gather(local), dim=-1)[:, : self.full_config.vocab_size]
 
