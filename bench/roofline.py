@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,11 +24,18 @@ from pdserve.engine import huge_pages
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def read_bandwidth_gbs(mib: int = 1024, min_seconds: float = 1.0) -> float:
-    """Best GB/s of summing a ``mib``-MiB float32 tensor (a streaming read), with torch's
-    threads as set. The tensor is in huge pages where the KV cache is (as the engine's
-    runner allocates it): the best read the machine gives."""
-    data = huge_pages.zeros((mib * 2**20 // 4,), torch.float32, torch.device("cpu")).fill_(1.0)
+def read_buffer(mib: int = 1024) -> torch.Tensor:
+    """``read_bandwidth_gbs``' tensor, to measure again without allocating it again."""
+    return huge_pages.zeros((mib * 2**20 // 4,), torch.float32, torch.device("cpu")).fill_(1.0)
+
+
+def read_bandwidth_gbs(mib: int = 1024, min_seconds: float = 1.0,
+                       data: torch.Tensor | None = None) -> float:
+    """Best GB/s of summing a ``mib``-MiB float32 tensor (a streaming read; ``data``: one
+    from ``read_buffer``), with torch's threads as set. The tensor is in huge pages where
+    the KV cache is (as the engine's runner allocates it): the best read the machine
+    gives."""
+    data = read_buffer(mib) if data is None else data
     data.sum()
     best, spent, reps = float("inf"), 0.0, 0
     while spent < min_seconds or reps < 3:
@@ -107,16 +115,30 @@ def measure_decode_step(engine: Any, batch: int, context: int, steps: int = 8,
 
 
 def decode_roofline(engine: Any, dtype: str, batches: tuple[int, ...], context: int,
-                    bandwidth_gbs: float, peak_gflops: float,
-                    steps: int = 8) -> list[dict[str, Any]]:
-    """For each batch size: the measured step, its roofline, and their ratio."""
-    rows = []
+                    bandwidth_gbs: float, peak_gflops: float, steps: int = 8,
+                    remeasure: Callable[[], tuple[float, float]] | None = None
+                    ) -> list[dict[str, Any]]:
+    """For each batch size: the measured step, its roofline, and their ratio.
+
+    ``remeasure`` (read GB/s, matmul GFLOP/s), when given, is called after each batch's
+    steps, and every row's roofline takes the best bandwidth and peak of the run: a machine
+    whose speed drifts (a shared host) otherwise steps faster than a peak measured in one
+    of its slow moments says it can (fractions above 1 were seen so: an fp32 peak of 86
+    GFLOP/s measured at the start of one run, 110-158 at the start of the others of the
+    same hour)."""
+    measured = []
     for batch in batches:
         cost = decode_cost(engine.model_config, dtype, batch, context)
-        step = measure_decode_step(engine, batch, context, steps)
+        measured.append((cost, measure_decode_step(engine, batch, context, steps)))
+        if remeasure is not None:
+            bandwidth, peak = remeasure()
+            bandwidth_gbs, peak_gflops = max(bandwidth_gbs, bandwidth), max(peak_gflops, peak)
+    rows = []
+    for cost, step in measured:
         roof = cost.roofline_s(bandwidth_gbs, peak_gflops)
         rows.append({**asdict(cost), "step_s": step, "roofline_s": roof,
-                     "fraction": roof / step, "tokens_per_s": batch / step,
+                     "fraction": roof / step, "tokens_per_s": cost.batch / step,
+                     "bandwidth_gbs": bandwidth_gbs, "peak_gflops": peak_gflops,
                      "bound": "memory" if cost.bytes / (bandwidth_gbs * 1e9)
                      >= cost.flops / (peak_gflops * 1e9) else "compute"})
     return rows

@@ -70,6 +70,14 @@ def test_bench_engine_tiny_run_reports_every_figure() -> None:
     for row in d["rows"]:
         assert row["step_s"] > 0 and 0 < row["fraction"] and row["bound"] in ("memory", "compute")
         assert row["kv_bytes"] == row["batch"] * 40 * 2 * 2 * 2 * 32 * 4  # tiny, fp32
+        # Every row against the run's best bandwidth and peak (measured again after each
+        # batch's steps), the ones reported.
+        assert (row["bandwidth_gbs"], row["peak_gflops"]) == (d["bandwidth_gbs"],
+                                                              d["peak_gflops"])
+        assert row["roofline_s"] == pytest.approx(max(
+            (row["weight_bytes"] + row["kv_bytes"]) / (d["bandwidth_gbs"] * 1e9),
+            row["flops"] / (d["peak_gflops"] * 1e9)))
+    assert res["prefill"]["peak_gflops"] == res["matmul_peak_gflops"]
     assert set(d["targets"]) == set()  # batch 64 was not measured
     text = report(result)
     assert "pdserve / hf-static" in text and "prefill MFU" in text
