@@ -244,9 +244,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-// Index of the first maximum of x[0 .. n) (n > 0), NaN counting as the maximum: what
-// torch's max(dim=-1).indices returns. One pass for the maximum (and whether a NaN is
-// there), one for where it first occurs; the row stays in L2 between them.
+// Index of the first NaN of x[0 .. n), -1 if there is none.
 template <typename T>
 int64_t first_nan(const T* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j)
@@ -254,6 +252,9 @@ int64_t first_nan(const T* x, int64_t n) {
   return -1;
 }
 
+// Index of the first maximum of x[0 .. n) (n > 0), NaN counting as the maximum: what
+// torch's max(dim=-1).indices returns. One pass for the maximum (and whether a NaN is
+// there), one for where it first occurs; the row stays in L2 between them.
 template <typename T>
 int64_t first_max(const T* x, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
