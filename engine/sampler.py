@@ -41,8 +41,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     counting as the maximum). On the CPU the C++ kernel (``argmax_rows``) reads the rows at
     memory speed; without it ``max(dim=-1)`` gives the same indices several times faster
     than ``argmax``. Measured on two cores for 64 x 49,152 float32 logits (a batch-64
-    decode step of SmolLM2): argmax 2.4-2.7 ms, max(dim=-1) the same on an AMD EPYC (0.7 ms
-    for 16 rows on a Xeon, against argmax's 0.6-4 ms), the kernel 0.2-0.3 ms."""
+    decode step of SmolLM2): argmax 2.4-2.7 ms, max(dim=-1) the same on an AMD EPYC (0.18 ms
+    for 16 rows on a Xeon, against argmax's 0.6-4 ms), the kernel 0.15-0.16 ms."""
     if x.device.type == "cpu":
         if (x.dim() == 2 and x.shape[1] and x.stride(-1) == 1 and x.dtype in CPU_ARGMAX_DTYPES
                 and _cpu_argmax()):
